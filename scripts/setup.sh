@@ -18,8 +18,7 @@ stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip show torch >/dev/null 2>&1 || \
-        .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}" \
-            --extra-index-url https://download.pytorch.org/whl/cpu
+        .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
     .venv/bin/python -m pip install -q -e ".[train,dev]"
     rm -f .venv/.mowe-setup-*
     touch "$stamp"
