@@ -1,0 +1,682 @@
+"""A synthetic multi-task speech benchmark made on the spot (DESIGN.md section 6).
+
+Speech comes from the ``espeak-ng`` command-line synthesiser (22.05 kHz, resampled to 16 kHz with ``soxr``);
+sounds are generated with numpy. Nothing is downloaded. Five tasks, one instruction each:
+
+========  ======================================  ==================================================
+task      prompt                                  answers
+========  ======================================  ==================================================
+asr       "Transcribe the audio."                 the English sentence, lowercase, no punctuation
+gender    "Is the speaker male or female?"        ``male`` | ``female``
+language  "Which language is spoken?"             ``english`` | ``german`` | ``french`` | ``spanish`` |
+                                                  ``italian`` | ``dutch``
+rate      "Is the speech slow, normal or fast?"   ``slow`` | ``normal`` | ``fast``
+count     "How many beeps do you hear?"           ``one`` | ``two`` | ``three`` | ``four`` | ``five``
+========  ======================================  ==================================================
+
+Splits. ``train`` and ``validation`` share the training conditions (voices, rate values, beep frequencies);
+``test`` is held out: its voice variants, its speaking-rate values (odd wpm; training uses even), its beep
+frequency bands and its sentences never occur in ``train``. Sentences are assigned to a split by a stable hash of
+their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosses splits, for every task.
+:func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`.
+
+This module belongs to the tooling wing: it imports no other ``modeling_mowe`` module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+GENERATOR_VERSION = "1"
+
+SPLITS = ("train", "validation", "test")
+TASKS = ("asr", "gender", "language", "rate", "count")
+
+TASK_PROMPTS = {
+    "asr": "Transcribe the audio.",
+    "gender": "Is the speaker male or female?",
+    "language": "Which language is spoken?",
+    "rate": "Is the speech slow, normal or fast?",
+    "count": "How many beeps do you hear?",
+}
+
+COUNT_WORDS = ("one", "two", "three", "four", "five")
+
+TASK_LABELS: dict[str, tuple[str, ...] | None] = {
+    "asr": None,
+    "gender": ("male", "female"),
+    "language": ("english", "german", "french", "spanish", "italian", "dutch"),
+    "rate": ("slow", "normal", "fast"),
+    "count": COUNT_WORDS,
+}
+"""The closed answer vocabulary of each classification task (``None``: free text)."""
+
+ESPEAK_LANGUAGE = {
+    "english": "en",
+    "german": "de",
+    "french": "fr",
+    "spanish": "es",
+    "italian": "it",
+    "dutch": "nl",
+}
+
+VOICE_VARIANTS = {
+    "train": {
+        "male": ("m1", "m2", "m3", "m5", "m6", "adam", "john", "max", "robert"),
+        "female": ("f1", "f2", "f3", "Annie", "belinda", "steph", "Alicia"),
+    },
+    "test": {
+        "male": ("m4", "m7", "paul", "david"),
+        "female": ("f4", "f5", "Andrea", "linda"),
+    },
+}
+"""espeak-ng voice variants (``<lang>+<variant>``) by split group and gender; ``validation`` uses ``train``'s."""
+
+RATE_RANGES = {"slow": (90, 120), "normal": (160, 190), "fast": (260, 320)}
+"""Words per minute (espeak-ng ``-s``), inclusive. Train/validation draw even values, test odd ones."""
+
+NEUTRAL_RATE_RANGE = (140, 200)
+"""Speaking rate of the tasks that are not about rate."""
+
+BEEP_BANDS = {
+    "train": ((300.0, 700.0), (1100.0, 1500.0), (1900.0, 2300.0)),
+    "test": ((700.0, 1100.0), (1500.0, 1900.0)),
+}
+"""Beep frequency bands in Hz by split group; the test bands lie between the training ones."""
+
+ASR_WORDS = {
+    "det": ("the", "a", "my", "your"),
+    "adj": ("big", "small", "tall", "red", "green", "happy", "little", "new"),
+    "agent": ("dog", "cat", "man", "girl", "boy", "bird", "horse", "child"),
+    "thing": ("ball", "book", "kite", "box", "cup", "hat", "tree"),
+    "vt": ("sees", "likes", "finds", "wants", "takes", "has"),
+    "vi": ("runs", "sleeps", "sings", "jumps", "walks", "waits"),
+    "adv": ("today", "now", "here", "again"),
+}
+"""The English ASR vocabulary (43 words) and its grammar's word classes."""
+
+LANGUAGE_PHRASES = {
+    "english": {
+        "subj": ("the dog", "the cat", "the man", "the woman", "the child", "the bird", "the teacher", "my friend"),
+        "verb": ("sees", "likes", "has", "wants", "finds", "buys"),
+        "obj": ("the house", "the ball", "the book", "the car", "the apple", "the door", "the flower", "the table"),
+        "adv": ("today", "now"),
+    },
+    "german": {
+        "subj": (
+            "der hund",
+            "die katze",
+            "der mann",
+            "die frau",
+            "das kind",
+            "der vogel",
+            "der lehrer",
+            "mein freund",
+        ),
+        "verb": ("sieht", "mag", "hat", "will", "findet", "kauft"),
+        "obj": ("das haus", "den ball", "das buch", "das auto", "den apfel", "die tür", "die blume", "den tisch"),
+        "adv": ("heute", "jetzt"),
+    },
+    "french": {
+        "subj": ("le chien", "le chat", "l'homme", "la femme", "l'enfant", "l'oiseau", "le professeur", "mon ami"),
+        "verb": ("voit", "aime", "a", "veut", "trouve", "achète"),
+        "obj": ("la maison", "le ballon", "le livre", "la voiture", "la pomme", "la porte", "la fleur", "la table"),
+        "adv": ("aujourd'hui", "maintenant"),
+    },
+    "spanish": {
+        "subj": ("el perro", "el gato", "el hombre", "la mujer", "el niño", "el pájaro", "el profesor", "mi amigo"),
+        "verb": ("ve", "quiere", "tiene", "busca", "encuentra", "compra"),
+        "obj": ("la casa", "la pelota", "el libro", "el coche", "la manzana", "la puerta", "la flor", "la mesa"),
+        "adv": ("hoy", "ahora"),
+    },
+    "italian": {
+        "subj": ("il cane", "il gatto", "l'uomo", "la donna", "il bambino", "l'uccello", "il maestro", "il mio amico"),
+        "verb": ("vede", "ama", "ha", "vuole", "trova", "compra"),
+        "obj": ("la casa", "la palla", "il libro", "la macchina", "la mela", "la porta", "il fiore", "il tavolo"),
+        "adv": ("oggi", "adesso"),
+    },
+    "dutch": {
+        "subj": ("de hond", "de kat", "de man", "de vrouw", "het kind", "de vogel", "de leraar", "mijn vriend"),
+        "verb": ("ziet", "heeft", "wil", "vindt", "koopt", "zoekt"),
+        "obj": ("het huis", "de bal", "het boek", "de auto", "de appel", "de deur", "de bloem", "de tafel"),
+        "adv": ("vandaag", "nu"),
+    },
+}
+"""Subject-verb-object(-adverb) phrases per language for the language-identification task."""
+
+_SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
+_TASK_INDEX = {name: i for i, name in enumerate(TASKS)}
+
+
+@dataclass
+class BenchmarkConfig:
+    """Settings of :func:`build_benchmark`; every field changes the data and hence :meth:`fingerprint`.
+
+    Args:
+        seed: Seed of every random choice (sentences, voices, rates, beeps, noise, padding).
+        train_per_task, validation_per_task, test_per_task: Rows per task in each split, before ``scale``.
+        scale: Multiplier of the three counts (rounded, at least 1 row per task and split when the count is > 0).
+        sampling_rate: Output sampling rate in Hz (the wav bytes' rate).
+        tasks: Which tasks to build, a subset of :data:`TASKS`.
+        languages: Languages of the ``language`` task, a subset of :data:`ESPEAK_LANGUAGE`'s keys.
+    """
+
+    seed: int = 0
+    train_per_task: int = 300
+    validation_per_task: int = 40
+    test_per_task: int = 40
+    scale: float = 1.0
+    sampling_rate: int = 16000
+    tasks: tuple[str, ...] = TASKS
+    languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.languages = tuple(self.languages)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        unknown = [lang for lang in self.languages if lang not in ESPEAK_LANGUAGE]
+        if unknown or len(self.languages) < 2:
+            raise ValueError(f"languages must be 2 or more of {tuple(ESPEAK_LANGUAGE)}, got {self.languages}")
+        for name in ("train_per_task", "validation_per_task", "test_per_task"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if int(self.sampling_rate) <= 0:
+            raise ValueError(f"sampling_rate must be a positive number of Hz, got {self.sampling_rate}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> BenchmarkConfig:
+        """A config of a handful of rows (4 train, 2 validation, 2 test per task) that builds in about a second."""
+        settings = {"train_per_task": 4, "validation_per_task": 2, "test_per_task": 2, **overrides}
+        return cls(**settings)
+
+    def num_rows(self, split: str) -> int:
+        """Rows per task in ``split`` after ``scale``."""
+        count = int(getattr(self, f"{split}_per_task"))
+        return 0 if count == 0 else max(1, round(count * self.scale))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict."""
+        out = dataclasses.asdict(self)
+        out["tasks"] = list(self.tasks)
+        out["languages"] = list(self.languages)
+        return out
+
+    def fingerprint(self) -> str:
+        """A 16-hex-digit hash of the settings, :data:`GENERATOR_VERSION` and the espeak-ng version.
+
+        Two configs with the same fingerprint produce the same bytes, so a cache under this name can be reused.
+        """
+        payload = {"settings": self.to_dict(), "generator": GENERATOR_VERSION, "espeak": espeak_version()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- synthesis
+
+
+def _espeak_binary() -> str:
+    binary = shutil.which("espeak-ng") or shutil.which("espeak")
+    if binary is None:
+        raise RuntimeError(
+            "The synthetic benchmark needs the espeak-ng speech synthesiser, which is not on PATH. "
+            "Install it (Debian/Ubuntu: `apt-get install espeak-ng`; macOS: `brew install espeak-ng`)."
+        )
+    return binary
+
+
+@functools.lru_cache(maxsize=1)
+def espeak_version() -> str:
+    """The first line of ``espeak-ng --version`` (part of the cache fingerprint), or ``"missing"``."""
+    try:
+        out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    except (RuntimeError, OSError, subprocess.CalledProcessError):
+        return "missing"
+    return " ".join(out.split("Data at:")[0].split())
+
+
+def synthesize(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
+    """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en+m3"``) at ``rate`` words per minute.
+
+    Returns:
+        ``(waveform, sampling_rate)``: float32 mono samples in [-1, 1], shape ``[num_samples]``, and espeak-ng's
+        native rate (22050 Hz).
+    """
+    cmd = [_espeak_binary(), "-v", voice, "-s", str(int(rate)), "--stdout", text]
+    proc = subprocess.run(cmd, capture_output=True, check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        raise RuntimeError(f"espeak-ng failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace').strip()}")
+    wave, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    if wave.ndim == 2:
+        wave = wave.mean(axis=1)
+    return wave, int(sr)
+
+
+def _trim(wave: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(wave) > threshold * max(float(np.abs(wave).max()), 1e-8))
+    return wave[loud[0] : loud[-1] + 1] if loud.size else wave
+
+
+def _finish(wave: np.ndarray, sr: int, rng: np.random.Generator, noise: tuple[float, float]) -> np.ndarray:
+    """Pad with 50-250 ms of silence each side, normalise the peak to 0.3-0.9, add white noise."""
+    lead, tail = (int(rng.uniform(0.05, 0.25) * sr) for _ in range(2))
+    wave = np.concatenate([np.zeros(lead, np.float32), wave.astype(np.float32), np.zeros(tail, np.float32)])
+    wave *= rng.uniform(0.3, 0.9) / max(float(np.abs(wave).max()), 1e-8)
+    wave += rng.normal(0.0, rng.uniform(*noise), size=wave.shape).astype(np.float32)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def make_speech(text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A speech clip: espeak-ng, silences trimmed, resampled to ``sampling_rate``, padded, peak-normalised, noisy.
+
+    Returns:
+        float32 samples, shape ``[num_samples]``.
+    """
+    wave, sr = synthesize(text, voice, rate)
+    wave = _trim(wave)
+    if sr != sampling_rate:
+        wave = soxr.resample(wave, sr, sampling_rate, quality="HQ").astype(np.float32)
+    return _finish(wave, sampling_rate, rng, noise=(0.0005, 0.003))
+
+
+def make_beeps(
+    num_beeps: int, frequency: float, sampling_rate: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``num_beeps`` sine beeps around ``frequency`` Hz (+-3 % per beep) in white noise.
+
+    Each beep lasts 80-200 ms with 10 ms raised-cosine edges; gaps are 120-350 ms; 100-400 ms of noise lead and
+    trail. Amplitudes 0.3-0.8, noise standard deviation 0.003-0.02.
+
+    Returns:
+        ``(waveform, spans)``: float32 samples of shape ``[num_samples]`` and the ``(start, end)`` sample index of
+        each beep.
+    """
+    sr = sampling_rate
+    pieces, spans, pos = [], [], 0
+
+    def silence(seconds: float):
+        nonlocal pos
+        n = int(seconds * sr)
+        pieces.append(np.zeros(n, np.float32))
+        pos += n
+
+    silence(rng.uniform(0.1, 0.4))
+    for i in range(num_beeps):
+        if i:
+            silence(rng.uniform(0.12, 0.35))
+        n = int(rng.uniform(0.08, 0.2) * sr)
+        t = np.arange(n) / sr
+        hz = frequency * rng.uniform(0.97, 1.03)
+        tone = np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi)) * rng.uniform(0.3, 0.8)
+        edge = min(int(0.01 * sr), n // 2)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
+        tone[:edge] *= ramp
+        tone[n - edge :] *= ramp[::-1]
+        pieces.append(tone.astype(np.float32))
+        spans.append((pos, pos + n))
+        pos += n
+    silence(rng.uniform(0.1, 0.4))
+    wave = np.concatenate(pieces)
+    wave += rng.normal(0.0, rng.uniform(0.003, 0.02), size=wave.shape).astype(np.float32)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32), spans
+
+
+def to_wav_bytes(wave: np.ndarray, sampling_rate: int) -> bytes:
+    """16-bit PCM wav file bytes of a mono float waveform."""
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, sampling_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def load_audio(example_audio: Any) -> tuple[np.ndarray, int]:
+    """Read one cell of a ``datasets`` Audio column, decoded or not.
+
+    Accepted forms: ``{"array": ..., "sampling_rate": ...}`` (decoded); ``{"bytes": ..., "path": ...}``
+    (``Audio(decode=False)``; the bytes are read from memory, or the file at ``path`` when ``bytes`` is None);
+    a torchcodec ``AudioDecoder`` (what ``datasets`` >= 4 decodes to).
+
+    Returns:
+        ``(waveform, sampling_rate)``: float32 mono samples of shape ``[num_samples]`` (channels are averaged) and
+        the rate in Hz.
+
+    Raises:
+        ValueError: for anything else, or a cell with neither bytes nor path.
+    """
+    if hasattr(example_audio, "get_all_samples"):
+        samples = example_audio.get_all_samples()
+        wave = np.asarray(samples.data, dtype=np.float32)
+        return (wave.mean(axis=0) if wave.ndim == 2 else wave), int(samples.sample_rate)
+    if isinstance(example_audio, Mapping):
+        if "array" in example_audio and "sampling_rate" in example_audio:
+            wave = np.asarray(example_audio["array"], dtype=np.float32)
+            if wave.ndim == 2:
+                wave = wave.mean(axis=0 if wave.shape[0] < wave.shape[1] else 1)
+            return wave, int(example_audio["sampling_rate"])
+        if "bytes" in example_audio or "path" in example_audio:
+            data, path = example_audio.get("bytes"), example_audio.get("path")
+            if data is not None:
+                source = io.BytesIO(data)
+            elif path:
+                source = path
+            else:
+                raise ValueError("Audio cell has neither bytes nor a path: nothing to read.")
+            wave, sr = sf.read(source, dtype="float32", always_2d=True)
+            return wave.mean(axis=1), int(sr)
+    raise ValueError(
+        "Expected a datasets Audio cell: {'array', 'sampling_rate'} (decoded), {'bytes', 'path'} "
+        f"(Audio(decode=False)) or an AudioDecoder; got {type(example_audio).__name__}: {example_audio!r:.100}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- row specs
+
+
+def sentence_pool(sentence: str) -> str:
+    """The split (``"train"``, ``"validation"`` or ``"test"``) that owns ``sentence``: a stable hash, 70/10/20 %."""
+    bucket = int(hashlib.sha1(sentence.encode()).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 70 else "validation" if bucket < 80 else "test"
+
+
+def _asr_sentence(rng: np.random.Generator) -> str:
+    def pick(kind: str) -> str:
+        return ASR_WORDS[kind][rng.integers(len(ASR_WORDS[kind]))]
+
+    if rng.random() < 0.4:
+        words = [pick("det")] + ([pick("adj")] if rng.random() < 0.5 else []) + [pick("agent"), pick("vi")]
+        words += [pick("adv")] if rng.random() < 0.5 else []
+    else:
+        adjective_on = rng.integers(3)  # 0: none, 1: subject, 2: object; keeps 5-6 words
+        words = [pick("det")] + ([pick("adj")] if adjective_on == 1 else []) + [pick("agent"), pick("vt")]
+        words += [pick("det")] + ([pick("adj")] if adjective_on == 2 else []) + [pick("thing")]
+    return " ".join(words)
+
+
+def _language_sentence(language: str, rng: np.random.Generator) -> str:
+    p = LANGUAGE_PHRASES[language]
+    words = [p[k][rng.integers(len(p[k]))] for k in ("subj", "verb", "obj")]
+    if rng.random() < 0.3:
+        words.append(p["adv"][rng.integers(len(p["adv"]))])
+    return " ".join(words)
+
+
+def _draw_sentence(make, split: str, rng: np.random.Generator) -> str:
+    while True:
+        sentence = make(rng)
+        if sentence_pool(sentence) == split:
+            return sentence
+
+
+def _voice_group(split: str) -> str:
+    return "test" if split == "test" else "train"
+
+
+def _draw_rate(low: int, high: int, split: str, rng: np.random.Generator) -> int:
+    parity = 1 if split == "test" else 0
+    values = [v for v in range(low, high + 1) if v % 2 == parity]
+    return int(values[rng.integers(len(values))])
+
+
+def _balanced_labels(labels: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
+    out = [labels[i % len(labels)] for i in range(n)]
+    return [out[i] for i in rng.permutation(n)]
+
+
+def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str, Any]]:
+    """Every random choice of the rows of one (split, task), except the per-row rendering noise."""
+    rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task]])
+    n = config.num_rows(split)
+    group = _voice_group(split)
+    voices = VOICE_VARIANTS[group]
+    all_voices = voices["male"] + voices["female"]
+    labels = TASK_LABELS[task]
+    if task == "language":
+        labels = config.languages
+    answers = _balanced_labels(labels, n, rng) if labels else [None] * n
+    specs = []
+    for i, answer in enumerate(answers):
+        spec = {
+            "id": f"{split}-{task}-{i:05d}",
+            "task": task,
+            "voice": "",
+            "language": "",
+            "rate": -1,
+            "sentence": "",
+            "num_beeps": -1,
+            "beep_hz": -1.0,
+            "render_seed": [config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], i],
+        }
+        if task == "count":
+            bands = BEEP_BANDS[group]
+            low, high = bands[rng.integers(len(bands))]
+            spec.update(num_beeps=COUNT_WORDS.index(answer) + 1, beep_hz=round(float(rng.uniform(low, high)), 1))
+        else:
+            language = answer if task == "language" else "english"
+            if task == "gender":
+                pool = voices[answer]
+            else:
+                pool = all_voices
+            variant = pool[rng.integers(len(pool))]
+            if task == "rate":
+                rate = _draw_rate(*RATE_RANGES[answer], split, rng)
+            else:
+                rate = _draw_rate(*NEUTRAL_RATE_RANGE, split, rng)
+            if task == "language":
+                sentence = _draw_sentence(functools.partial(_language_sentence, language), split, rng)
+            else:
+                sentence = _draw_sentence(_asr_sentence, split, rng)
+            spec.update(
+                voice=f"{ESPEAK_LANGUAGE[language]}+{variant}", language=language, rate=rate, sentence=sentence
+            )
+            if task == "asr":
+                answer = sentence
+        spec["answer"] = answer
+        specs.append(spec)
+    return specs
+
+
+def _render(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
+    """The finished row of one spec: audio bytes, prompt, chat messages and metadata."""
+    rng = np.random.default_rng(spec["render_seed"])
+    if spec["task"] == "count":
+        wave, _ = make_beeps(spec["num_beeps"], spec["beep_hz"], sampling_rate, rng)
+    else:
+        wave = make_speech(spec["sentence"], spec["voice"], spec["rate"], sampling_rate, rng)
+    prompt = TASK_PROMPTS[spec["task"]]
+    row = {k: v for k, v in spec.items() if k != "render_seed"}
+    row.update(
+        audio={"bytes": to_wav_bytes(wave, sampling_rate), "path": f"{spec['id']}.wav"},
+        prompt=prompt,
+        messages=chat_messages(prompt, spec["answer"]),
+        duration=round(len(wave) / sampling_rate, 3),
+    )
+    return row
+
+
+def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, Any]]:
+    """The chat form of one example: a user turn (audio, then the prompt) and, when given, the assistant's answer.
+
+    Stored in a dataset, the audio part reads back as ``{"type": "audio", "text": None}`` (Arrow structs share keys).
+    """
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def benchmark_features(sampling_rate: int = 16000):
+    """The :class:`datasets.Features` of every split (the audio column is not decoded; see :func:`load_audio`)."""
+    import datasets
+
+    text = datasets.Value("string")
+    return datasets.Features(
+        {
+            "id": text,
+            "audio": datasets.Audio(sampling_rate=sampling_rate, decode=False),
+            "task": text,
+            "prompt": text,
+            "answer": text,
+            "messages": datasets.List(
+                {"role": text, "content": datasets.List({"type": text, "text": datasets.Value("string")})}
+            ),
+            "voice": text,
+            "language": text,
+            "rate": datasets.Value("int32"),
+            "sentence": text,
+            "num_beeps": datasets.Value("int32"),
+            "beep_hz": datasets.Value("float32"),
+            "duration": datasets.Value("float32"),
+        }
+    )
+
+
+def generate_rows(
+    config: BenchmarkConfig | None = None, num_proc: int | None = None, progress: bool = True
+) -> dict[str, list[dict[str, Any]]]:
+    """Synthesise every row, in memory: ``{split: [row, ...]}``, rows ordered by task then index.
+
+    espeak-ng runs in a thread pool of ``num_proc`` workers (default: the CPU count); the output does not depend on
+    the number of workers.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or BenchmarkConfig()
+    specs = {split: [s for task in config.tasks for s in _row_specs(config, split, task)] for split in SPLITS}
+    total = sum(len(v) for v in specs.values())
+    workers = max(1, num_proc or os.cpu_count() or 1)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=total, desc="Synthesising MoWE benchmark", unit="clip", disable=not progress) as bar,
+    ):
+        for split in SPLITS:
+            rows[split] = []
+            for row in pool.map(functools.partial(_render, sampling_rate=config.sampling_rate), specs[split]):
+                rows[split].append(row)
+                bar.update(1)
+    return rows
+
+
+def build_benchmark(
+    cache_dir: str | os.PathLike,
+    config: BenchmarkConfig | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+):
+    """The benchmark as a :class:`datasets.DatasetDict` with splits ``train``, ``validation`` and ``test``.
+
+    Built once and cached with ``save_to_disk`` under ``cache_dir/<config.fingerprint()>/``; a later call with the
+    same settings loads it (``load_from_disk``), any changed setting builds a new one. The build is deterministic:
+    the same config gives the same audio bytes.
+
+    Columns: ``id``, ``audio`` (``Audio(decode=False)``: ``{"bytes": <16-bit wav>, "path": "<id>.wav"}``, mono, at
+    ``config.sampling_rate``; read with :func:`load_audio`, or ``cast_column("audio", Audio())`` where decoding
+    works), ``task``, ``prompt``, ``answer``, ``messages`` (user: audio + prompt; assistant: answer), and metadata:
+    ``voice`` (espeak-ng voice, ``""`` for beeps), ``language`` (``""`` for beeps), ``rate`` (wpm, -1 for beeps),
+    ``sentence`` (``""`` for beeps), ``num_beeps`` and ``beep_hz`` (-1 for speech), ``duration`` (seconds).
+    """
+    import datasets
+
+    config = config or BenchmarkConfig()
+    target = Path(cache_dir) / config.fingerprint()
+    marker = target / "benchmark_config.json"
+    if marker.is_file():
+        return datasets.load_from_disk(str(target))
+    rows = generate_rows(config, num_proc=num_proc, progress=progress)
+    silence = (
+        not progress
+        and datasets.is_progress_bar_enabled()
+        and os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is None
+    )
+    if silence:
+        datasets.disable_progress_bars()
+    try:
+        return _assemble_and_save(rows, config, target)
+    finally:
+        if silence:
+            datasets.enable_progress_bars()
+
+
+def _assemble_and_save(rows: dict[str, list[dict[str, Any]]], config: BenchmarkConfig, target: Path):
+    import datasets
+
+    marker = target / "benchmark_config.json"
+    features = benchmark_features(config.sampling_rate)
+    # datasets' Audio.encode_example needs torchcodec even for wav bytes; a plain struct cast to Audio does not.
+    raw_features = datasets.Features(features)
+    raw_features["audio"] = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    dataset = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {name: [row[name] for row in rows[split]] for name in features}, features=raw_features
+            ).cast(features)
+            for split in SPLITS
+        }
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        dataset.save_to_disk(str(staging))
+        (staging / "benchmark_config.json").write_text(
+            json.dumps({"config": config.to_dict(), "fingerprint": target.name, "generator": GENERATOR_VERSION})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError:
+        if not marker.is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def split_overlap(dataset_dict) -> dict[str, dict[str, list]]:
+    """What ``test`` (and ``validation``) share with ``train``, per held-out property.
+
+    Returns:
+        ``{"test": {...}, "validation": {...}}``, each with sorted lists: ``sentences`` (any task's sentences also in
+        train), ``gender_voices`` (voice variants of the gender task also in train), ``voices`` (any speech voice
+        variant also in train), ``rates`` (rate-task wpm values also in train), ``beep_hz_bands`` (test beep
+        frequencies inside a training band). Everything is empty for ``test`` on a correct build; ``validation``
+        shares voices, rates and bands with train by design but no sentences.
+    """
+
+    def variants(ds, task=None):
+        return {v.split("+", 1)[1] for v, t in zip(ds["voice"], ds["task"]) if v and (task is None or t == task)}
+
+    train = dataset_dict["train"]
+    train_sentences = {s for s in train["sentence"] if s}
+    train_rates = {r for r, t in zip(train["rate"], train["task"]) if t == "rate"}
+    report = {}
+    for split in ("validation", "test"):
+        if split not in dataset_dict:
+            continue
+        ds = dataset_dict[split]
+        hz = [h for h, t in zip(ds["beep_hz"], ds["task"]) if t == "count"]
+        report[split] = {
+            "sentences": sorted({s for s in ds["sentence"] if s} & train_sentences),
+            "gender_voices": sorted(variants(ds, "gender") & variants(train, "gender")),
+            "voices": sorted(variants(ds) & variants(train)),
+            "rates": sorted({r for r, t in zip(ds["rate"], ds["task"]) if t == "rate"} & train_rates),
+            "beep_hz_bands": sorted({round(h, 1) for h in hz if any(lo <= h <= hi for lo, hi in BEEP_BANDS["train"])}),
+        }
+    return report
