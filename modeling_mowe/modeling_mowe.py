@@ -1,0 +1,495 @@
+"""MoWE audio LLM: base encoder + routed weak encoders -> projector -> any causal LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_mowe import MoWEConfig
+from .encoders import (
+    align_to_frames,
+    encoder_family,
+    mel_channel_offsets,
+    n_audio_tokens,
+    num_frames,
+)
+from .routing import (
+    AddAuxiliaryLoss,
+    DataDependentRouter,
+    DataIndependentRouter,
+    load_balancing_loss,
+    top_k_gates,
+)
+
+
+@dataclass
+class MoWEAudioTowerOutput(ModelOutput):
+    """
+    last_hidden_state (`torch.FloatTensor` of shape `(num_windows, num_frames, d_b + num_routers * d_w)`):
+        Base features concatenated with one mixed weak-feature block per active router.
+    valid_frames (`torch.LongTensor` of shape `(num_windows,)`): real (non-padding) frames per window.
+    router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
+        Logits of the active routers, in `config.active_routers` order.
+    router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    valid_frames: torch.LongTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoWEModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    audio_hidden_states (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`, *optional*):
+        Projected audio embeddings that replaced the `<|audio|>` placeholders.
+    router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
+    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    """
+
+    audio_hidden_states: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
+    """
+    loss: LM loss + `router_aux_loss_coef * router_aux_loss`.
+    router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
+    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    """
+
+    router_logits: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+class MoWEAudioTower(nn.Module):
+    """The strong base encoder plus the routed pool of weak encoders.
+
+    Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
+    no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
+    the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
+    `AddAuxiliaryLoss`. In training, encoders that got no window still join the graph with a zero-weighted term so
+    that DDP with `find_unused_parameters=False` sees a gradient for every parameter in every step.
+    """
+
+    def __init__(self, config: MoWEConfig):
+        super().__init__()
+        self.config = config
+        self.front_ends = config.audio_front_ends
+        self.mel_offsets = mel_channel_offsets(self.front_ends)
+        base_family = encoder_family(config.base_encoder_config)
+        self.base_spec = base_family.frame_spec(config.base_encoder_config)
+        self.base_encoder = base_family.build(config.base_encoder_config)
+        self.base_hidden_size = base_family.hidden_size(config.base_encoder_config)
+
+        self.routers = config.active_routers
+        weak_configs = config.weak_encoder_configs if self.routers else []
+        self.weak_specs = [encoder_family(c).frame_spec(c) for c in weak_configs]
+        self.weak_encoders = nn.ModuleList(encoder_family(c).build(c) for c in weak_configs)
+        self.weak_projections = nn.ModuleList(
+            nn.Linear(encoder_family(c).hidden_size(c), config.weak_hidden_size) for c in weak_configs
+        )
+        num_weak = len(weak_configs)
+        self.router_independent = DataIndependentRouter(num_weak) if "data_independent" in self.routers else None
+        self.router_dependent = (
+            DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
+        )
+        # How many windows each router sent to each weak encoder since the last reset (read by training callbacks).
+        self.register_buffer("routing_counts", torch.zeros(len(self.routers), num_weak), persistent=False)
+
+    @property
+    def output_size(self) -> int:
+        return self.base_hidden_size + len(self.routers) * self.config.weak_hidden_size
+
+    def encoder_inputs(
+        self, config, input_features: torch.Tensor | None, input_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The slice of the model inputs that the encoder of `config` reads."""
+        front_end = encoder_family(config).front_end(config)
+        if front_end["kind"] == "log_mel":
+            if input_features is None:
+                raise ValueError(
+                    f"An encoder needs log-mel `input_features` ({front_end['n_mels']} bins) but none were given; "
+                    "prepare the audio with MoWEProcessor."
+                )
+            start = self.mel_offsets[front_end["n_mels"]]
+            return input_features[:, start : start + front_end["n_mels"]]
+        if input_values is None:
+            raise ValueError("A waveform encoder needs `input_values` but none were given; use MoWEProcessor.")
+        return input_values
+
+    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        family = encoder_family(config)
+        dtype = next(encoder.parameters()).dtype
+        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None,
+        input_values: torch.Tensor | None,
+        audio_lengths: torch.Tensor,
+    ) -> MoWEAudioTowerOutput:
+        """
+        Args:
+            input_features: `(num_windows, sum of distinct n_mels, 3000)` stacked log-mel spectrograms.
+            input_values: `(num_windows, num_samples)` 16 kHz waveforms, zero-padded.
+            audio_lengths: `(num_windows,)` real samples per window.
+        """
+        config = self.config
+        base_inputs = self.encoder_inputs(config.base_encoder_config, input_features, input_values)
+        base_hidden = self.run_encoder(config.base_encoder_config, self.base_encoder, base_inputs, audio_lengths)
+        num_windows, num_base_frames = base_hidden.shape[:2]
+        valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
+        if not self.routers:
+            return MoWEAudioTowerOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
+
+        router_logits, selections = [], []
+        for router in self.routers:
+            if router == "data_independent":
+                logits = self.router_independent(num_windows)
+            else:
+                logits = self.router_dependent(base_hidden, valid_frames)
+            probs, index, gates = top_k_gates(logits, config.router_top_k)
+            router_logits.append(logits)
+            selections.append((probs, index, gates))
+
+        blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
+        for expert, (weak_config, encoder, projection) in enumerate(
+            zip(config.weak_encoder_configs, self.weak_encoders, self.weak_projections)
+        ):
+            window_gates = [(index == expert).to(gates.dtype).mul(gates).sum(-1) for _, index, gates in selections]
+            chosen = torch.stack([(index == expert).any(-1) for _, index, _ in selections]).any(0)
+            rows = chosen.nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                if self.training and torch.is_grad_enabled():
+                    blocks[0] = blocks[0] + 0.0 * sum(p.view(-1)[0] for p in (*encoder.parameters(), *projection.parameters()))
+                continue
+            lengths = audio_lengths[rows]
+            inputs = self.encoder_inputs(weak_config, input_features, input_values)[rows]
+            if inputs.ndim == 2:
+                inputs = inputs[:, : int(lengths.max())]
+            hidden = self.run_encoder(weak_config, encoder, inputs, lengths)
+            weak_valid = num_frames(lengths, self.weak_specs[expert]).clamp(max=hidden.shape[1])
+            hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
+            hidden = projection(hidden.to(projection.weight.dtype))
+            for r, gate in enumerate(window_gates):
+                blocks[r] = blocks[r].index_add(0, rows, hidden * gate[rows, None, None].to(hidden.dtype))
+            with torch.no_grad():
+                for r, (_, index, _) in enumerate(selections):
+                    self.routing_counts[r, expert] += (index == expert).any(-1).sum()
+
+        aux_loss = None
+        if "data_dependent" in self.routers:
+            probs, index, _ = selections[self.routers.index("data_dependent")]
+            aux_loss = load_balancing_loss(probs, index)
+        hidden = torch.cat([base_hidden, *[b.to(base_hidden.dtype) for b in blocks]], dim=-1)
+        return MoWEAudioTowerOutput(
+            last_hidden_state=hidden,
+            valid_frames=valid_frames,
+            router_logits=torch.stack(router_logits, dim=1),
+            router_aux_loss=aux_loss,
+        )
+
+
+class MoWEProjector(nn.Module):
+    """Stack `stack_factor` consecutive frames, then Linear -> activation -> Linear into the LLM's hidden size."""
+
+    def __init__(self, config: MoWEConfig, input_size: int):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.stack_factor = config.stack_factor
+        self.linear_1 = nn.Linear(input_size * config.stack_factor, hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: torch.Tensor, valid_frames: torch.Tensor) -> torch.Tensor:
+        """Frames [N, T, D] with `valid_frames` [N] real frames -> the valid audio tokens of all windows, in order,
+        [sum_n ceil(valid_frames[n] / stack_factor), hidden_size]. Padded frames are zeroed before stacking, so a
+        window's tokens never depend on the batch it came in."""
+        num_windows, num_frames_, dim = hidden.shape
+        frame_valid = torch.arange(num_frames_, device=hidden.device)[None, :] < valid_frames[:, None]
+        hidden = hidden * frame_valid[..., None].to(hidden.dtype)
+        pad = -num_frames_ % self.stack_factor
+        hidden = nn.functional.pad(hidden, (0, 0, 0, pad))
+        stacked = hidden.reshape(num_windows, -1, dim * self.stack_factor)
+        tokens_per_window = -(-valid_frames // self.stack_factor)
+        token_valid = torch.arange(stacked.shape[1], device=hidden.device)[None, :] < tokens_per_window[:, None]
+        stacked = stacked[token_valid].to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+class MoWEPreTrainedModel(PreTrainedModel):
+    config_class = MoWEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["MoWEAudioTower", "MoWEProjector"]
+    _skip_keys_device_placement = "past_key_values"
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Every Auto class a user may load this folder with, so `trust_remote_code` finds the code for each.
+        self.config.auto_map = {
+            "AutoConfig": "configuration_mowe.MoWEConfig",
+            "AutoModel": "modeling_mowe.MoWEForConditionalGeneration",
+            "AutoModelForMultimodalLM": "modeling_mowe.MoWEForConditionalGeneration",
+        }
+        if self._auto_class is None:
+            self.register_for_auto_class("AutoModel")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        from transformers import initialization as init
+
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, DataIndependentRouter):
+            init.zeros_(module.logits)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class MoWEModel(MoWEPreTrainedModel):
+    """Audio tower + projector + the LLM's base model (no LM head); returns `last_hidden_state`."""
+
+    def __init__(self, config: MoWEConfig):
+        super().__init__(config)
+        self.audio_tower = MoWEAudioTower(config)
+        self.multi_modal_projector = MoWEProjector(config, self.audio_tower.output_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+    ) -> MoWEAudioTowerOutput:
+        """Encode and project audio windows. `pooler_output`-style result: `audio_embeds` [num_tokens, hidden]
+        holds every window's valid audio tokens, in window order, as the `<|audio|>` placeholders expect them."""
+        if audio_lengths is None:
+            raise ValueError("`audio_lengths` (real samples per audio window) is required with audio inputs.")
+        tower = self.audio_tower(input_features, input_values, audio_lengths)
+        embeds = self.multi_modal_projector(tower.last_hidden_state, tower.valid_frames)
+        tower["audio_embeds"] = embeds
+        return tower
+
+    def get_placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, num_audio_tokens: int
+    ) -> torch.Tensor:
+        """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count."""
+        if input_ids is None:
+            audio_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.audio_token_id, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == audio_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.audio_token_id
+        if int(mask.sum()) != num_audio_tokens:
+            raise ValueError(
+                f"The text has {int(mask.sum())} audio placeholder tokens but the audio gives {num_audio_tokens} "
+                "audio embeddings. Build the inputs with MoWEProcessor, which expands each <|audio|> to its clip's "
+                "length (and check that truncation did not cut audio tokens)."
+            )
+        return mask[..., None].expand_as(inputs_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_lengths: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> MoWEModelOutputWithPast:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(num_windows, sum of distinct n_mels, 3000)`, *optional*):
+            Log-mel spectrograms of every distinct mel size the encoders need, stacked on the channel axis.
+        input_values (`torch.FloatTensor` of shape `(num_windows, num_samples)`, *optional*):
+            16 kHz waveforms for waveform encoders (HuBERT, wav2vec2, ...).
+        audio_lengths (`torch.LongTensor` of shape `(num_windows,)`, *optional*): real samples per window.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        audio_embeds = router_logits = router_aux_loss = None
+        if input_features is not None or input_values is not None:
+            audio = self.get_audio_features(input_features, input_values, audio_lengths)
+            audio_embeds, router_logits, router_aux_loss = audio.audio_embeds, audio.router_logits, audio.router_aux_loss
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
+            coef = self.config.router_aux_loss_coef
+            if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
+                audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
+
+        outputs = self.language_model(attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        return MoWEModelOutputWithPast(
+            **outputs,
+            audio_hidden_states=audio_embeds,
+            router_logits=router_logits,
+            router_aux_loss=None if router_aux_loss is None else router_aux_loss.detach(),
+        )
+
+
+class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
+    """MoWE audio LLM with a language-modelling head: `generate()` answers about audio."""
+
+    def __init__(self, config: MoWEConfig):
+        super().__init__(config)
+        self.model = MoWEModel(config)
+        text_config = config.text_config
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        embeddings = self.model.get_input_embeddings()
+        embedding_name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}.weight"}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_audio_features(self, *args, **kwargs) -> MoWEAudioTowerOutput:
+        return self.model.get_audio_features(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        audio_lengths: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoWECausalLMOutputWithPast:
+        r"""
+        input_features, input_values, audio_lengths: see [`MoWEModel.forward`] (what `MoWEProcessor` returns).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels; -100 is ignored. The returned loss adds `router_aux_loss_coef * router_aux_loss`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            input_features=input_features,
+            input_values=input_values,
+            audio_lengths=audio_lengths,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            if outputs.router_aux_loss is not None:
+                # The value only: the gradient was injected where the audio entered the LLM (AddAuxiliaryLoss).
+                loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss.to(loss.dtype)
+
+        llm_outputs = {k: v for k, v in outputs.items() if k not in ("last_hidden_state", "audio_hidden_states")}
+        return MoWECausalLMOutputWithPast(loss=loss, logits=logits, **llm_outputs)
+
+    @classmethod
+    def from_components(
+        cls,
+        base_encoder: str | Path | PreTrainedModel,
+        weak_encoders: list[str | Path | PreTrainedModel] = (),
+        text_model: str | Path | PreTrainedModel | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        **config_kwargs,
+    ) -> MoWEForConditionalGeneration:
+        """Compose a MoWE model from pretrained parts (Hub ids, local folders or loaded models).
+
+        The encoders and the LLM keep their pretrained weights; routers, weak projections and the projector are
+        freshly initialised. `config_kwargs` go to [`MoWEConfig`] (`router_type`, `top_k`, `audio_token_id`, ...).
+        Without `audio_token_id`, one embedding row is appended for `<|audio|>`; pass
+        `audio_token_id=processor.audio_token_id` when the processor was built with `MoWEProcessor.from_components`.
+
+        Example:
+            model = MoWEForConditionalGeneration.from_components(
+                "openai/whisper-large-v3", ["openai/whisper-tiny"] * 4, "meta-llama/Meta-Llama-3-8B-Instruct",
+                dtype=torch.bfloat16)
+        """
+        if text_model is None:
+            raise ValueError("from_components needs `text_model` (an AutoModelForCausalLM id, folder or model).")
+
+        def load(part, auto_class):
+            if isinstance(part, PreTrainedModel):
+                return part
+            return auto_class.from_pretrained(part, dtype=dtype)
+
+        encoders = []
+        for part in [base_encoder, *weak_encoders]:
+            loaded = load(part, AutoModel)
+            encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
+        llm = load(text_model, AutoModelForCausalLM)
+        config = MoWEConfig(
+            base_encoder_config=encoders[0].config,
+            weak_encoder_configs=[e.config for e in encoders[1:]],
+            text_config=llm.config,
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        tower = model.model.audio_tower
+        tower.base_encoder = encoders[0]
+        if tower.routers:
+            tower.weak_encoders = nn.ModuleList(encoders[1:])
+        model.model.language_model = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
+        model.lm_head = llm.get_output_embeddings()
+        device = llm.get_output_embeddings().weight.device
+        for module in model.modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                module.to_empty(device=device, recurse=False)
+                model._init_weights(module)
+        if tower.routing_counts.is_meta:
+            tower.routing_counts = torch.zeros(tower.routing_counts.shape, device=device)
+        model.to(llm.dtype)
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        if config.audio_token_id >= vocab_size:
+            model.resize_token_embeddings(config.audio_token_id + 1)
+        config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        model.tie_weights()
+        return model
+
+
+__all__ = ["MoWEPreTrainedModel", "MoWEModel", "MoWEForConditionalGeneration"]
