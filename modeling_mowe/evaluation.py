@@ -1,0 +1,232 @@
+"""Scoring of the multi-task benchmark: normalisation, per-task metrics, comparison tables, result files.
+
+No model code lives here: callers generate the predictions and pass strings in. The metrics are the local
+``evaluate`` modules ``metric_wer.py`` and ``metric_accuracy.py`` next to this file, loaded by path (no Hub access).
+
+Result dict of one system, as returned by :func:`score_predictions`::
+
+    {
+        "tasks": {
+            "asr":    {"metric": "wer", "value": 0.12, "n": 40, "wer": 0.12, "substitutions": 3, ...},
+            "gender": {"metric": "accuracy", "value": 0.95, "n": 40, "accuracy": 0.95, "correct": 38, "total": 40},
+            ...
+        },
+        "summary": {"asr_wer": 0.12, "mean_accuracy": 0.9, "average_score": 0.896, "n": 200},
+    }
+
+This module belongs to the tooling wing: it imports no other ``modeling_mowe`` module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+WER_TASKS = frozenset({"asr"})
+"""Tasks scored by word error rate; every other task is scored by exact-match accuracy."""
+
+METRIC_FILES = {"wer": "metric_wer.py", "accuracy": "metric_accuracy.py"}
+
+_APOSTROPHES = "'\u2019\u2018\u02bc`"
+
+
+def normalize_answer(text: str | None) -> str:
+    """The canonical form of an answer or transcript, applied to predictions and references alike.
+
+    Rule: Unicode NFKC; lowercase; apostrophes (``' ’ ‘ ʼ```) deleted (``"don't"`` -> ``"dont"``); every other
+    punctuation or symbol character (Unicode categories P* and S*) replaced by a space; whitespace runs collapsed to
+    one space; leading/trailing space stripped. Letters with accents and digits are kept (``"Four."`` ->
+    ``"four"``, ``"the  Cat, sat!"`` -> ``"the cat sat"``). ``None`` gives ``""``.
+    """
+    if text is None:
+        return ""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = "".join("" if ch in _APOSTROPHES else " " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@functools.cache
+def load_metric(name: str):
+    """The local ``evaluate`` module ``name`` (``"wer"`` or ``"accuracy"``), loaded by file path, cached.
+
+    Raises:
+        ValueError: for another name.
+    """
+    import evaluate
+
+    if name not in METRIC_FILES:
+        raise ValueError(f"Unknown metric {name!r}; the local metrics are {sorted(METRIC_FILES)}.")
+    return evaluate.load(str(Path(__file__).resolve().parent / METRIC_FILES[name]))
+
+
+def metric_for_task(task: str) -> str:
+    """``"wer"`` for tasks in :data:`WER_TASKS`, ``"accuracy"`` otherwise."""
+    return "wer" if task in WER_TASKS else "accuracy"
+
+
+def task_score(task_result: Mapping[str, Any]) -> float:
+    """A task's result as a higher-is-better number in [0, 1]: accuracy, or ``max(0, 1 - WER)`` for WER tasks."""
+    value = float(task_result["value"])
+    return max(0.0, 1.0 - value) if task_result["metric"] == "wer" else value
+
+
+def score_predictions(
+    tasks: Sequence[str],
+    predictions: Sequence[str],
+    references: Sequence[str],
+    normalize: bool = True,
+) -> dict[str, Any]:
+    """Score one system's predictions, per task and overall.
+
+    Args:
+        tasks, predictions, references: parallel lists, one entry per example (the ``task`` and ``answer`` columns
+            of the benchmark and the generated text).
+        normalize: apply :func:`normalize_answer` to predictions and references first.
+
+    Returns:
+        ``{"tasks": {task: {...}}, "summary": {...}}`` (tasks in order of first appearance). Each task entry has
+        ``metric`` (``"wer"`` or ``"accuracy"``), ``value`` (that metric), ``n`` (examples) and the metric module's
+        own outputs. The summary has:
+
+        - ``asr_wer``: the ``asr`` task's corpus WER (``None`` without ASR examples);
+        - ``mean_accuracy``: the unweighted mean of the accuracy tasks' accuracies (``None`` if there are none);
+        - ``average_score``: the unweighted mean over all tasks of :func:`task_score` (accuracy, or
+          ``max(0, 1 - WER)``), so every task counts once whatever its size;
+        - ``n``: the number of examples.
+
+    Raises:
+        ValueError: when the three lists differ in length or are empty.
+    """
+    if not (len(tasks) == len(predictions) == len(references)):
+        raise ValueError(
+            f"tasks, predictions and references must have one entry per example; got lengths "
+            f"{len(tasks)}, {len(predictions)}, {len(references)}."
+        )
+    if not tasks:
+        raise ValueError("Nothing to score: no examples.")
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    for task, prediction, reference in zip(tasks, predictions, references):
+        if normalize:
+            prediction, reference = normalize_answer(prediction), normalize_answer(reference)
+        preds, refs = grouped.setdefault(str(task), ([], []))
+        preds.append("" if prediction is None else str(prediction))
+        refs.append("" if reference is None else str(reference))
+
+    per_task = {}
+    for task, (preds, refs) in grouped.items():
+        metric = metric_for_task(task)
+        out = load_metric(metric).compute(predictions=preds, references=refs)
+        per_task[task] = {"metric": metric, "value": float(out[metric]), "n": len(refs), **out}
+
+    accuracies = [r["value"] for r in per_task.values() if r["metric"] == "accuracy"]
+    summary = {
+        "asr_wer": per_task["asr"]["value"] if "asr" in per_task else None,
+        "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+        "average_score": sum(task_score(r) for r in per_task.values()) / len(per_task),
+        "n": len(tasks),
+    }
+    return {"tasks": per_task, "summary": summary}
+
+
+_SUMMARY_ROWS = (
+    ("mean_accuracy", "mean accuracy (↑)", True),
+    ("average_score", "average score (↑)", True),
+)
+
+
+def _format(value: float | None, precision: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{precision}f}"
+
+
+def results_table_markdown(
+    results: Mapping[str, Mapping[str, Any]],
+    tasks: Sequence[str] | None = None,
+    precision: int = 3,
+    bold_best: bool = True,
+) -> str:
+    """A Markdown table comparing systems side by side: one row per task and summary, one column per system.
+
+    Args:
+        results: ``{system name: score_predictions(...) result}``, e.g. ``{"MoWE": ..., "base-only": ...}``; the
+            column order follows the mapping.
+        tasks: row order (default: tasks in order of first appearance across systems).
+        precision: decimals shown.
+        bold_best: with two or more systems, bold the best value of each row (lowest WER, highest accuracy).
+
+    Returns:
+        The table, ending with a newline. Task rows read ``<task> (WER ↓)`` or ``<task> (accuracy ↑)``; then
+        ``mean accuracy`` and ``average score`` rows (see :func:`score_predictions`) and an ``examples`` row.
+        A system without a task shows ``–``.
+    """
+    if not results:
+        raise ValueError("results is empty: pass {system name: score_predictions(...) output}.")
+    systems = list(results)
+    if tasks is None:
+        tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("tasks", {})))
+
+    def row(label: str, values: list[float | None], higher_is_better: bool) -> str:
+        cells = [_format(v, precision) for v in values]
+        present = [v for v in values if v is not None]
+        if bold_best and len(systems) > 1 and present:
+            best = max(present) if higher_is_better else min(present)
+            cells = [
+                f"**{c}**" if v is not None and _format(v, precision) == _format(best, precision) else c
+                for c, v in zip(cells, values)
+            ]
+        return "| " + " | ".join([label, *cells]) + " |"
+
+    lines = ["| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+    for task in tasks:
+        metric = metric_for_task(task)
+        for result in results.values():
+            if task in result.get("tasks", {}):
+                metric = result["tasks"][task]["metric"]
+                break
+        values = [r.get("tasks", {}).get(task, {}).get("value") for r in results.values()]
+        label = f"{task} (WER ↓)" if metric == "wer" else f"{task} (accuracy ↑)"
+        lines.append(row(label, values, higher_is_better=metric != "wer"))
+    for key, label, higher in _SUMMARY_ROWS:
+        lines.append(row(label, [r.get("summary", {}).get(key) for r in results.values()], higher))
+    counts = [r.get("summary", {}).get("n") for r in results.values()]
+    lines.append("| examples | " + " | ".join("–" if n is None else str(n) for n in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    results: Mapping[str, Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    name: str = "results",
+    title: str | None = "MoWE synthetic benchmark (test split)",
+) -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.json`` (the results as given) and ``<out_dir>/<name>.md`` (the comparison table).
+
+    Args:
+        results: ``{system name: score_predictions(...) result}``.
+        out_dir: created if missing.
+        name: file stem.
+        title: Markdown heading (``None``: no heading).
+
+    Returns:
+        ``{"json": path, "markdown": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    table = results_table_markdown(results)
+    notes = (
+        "\nWER: corpus-level word error rate of the `asr` task (lower is better). Accuracy: exact match after "
+        "normalisation (lowercase, punctuation removed, whitespace collapsed). Mean accuracy: unweighted mean over "
+        "the accuracy tasks. Average score: unweighted mean over all tasks of accuracy, or max(0, 1 - WER).\n"
+    )
+    md_path.write_text((f"# {title}\n\n" if title else "") + table + notes, encoding="utf-8")
+    return {"json": json_path, "markdown": md_path}
