@@ -56,6 +56,9 @@ class MoWEConfig(PretrainedConfig):
             Encode only the batch's real audio length with Whisper encoders (slicing the positional embeddings,
             masking padded frames) instead of padding every clip to 30 s. Faster; pretrained Whisper only ever
             saw 30 s inputs, so the default keeps fidelity.
+        component_checkpoints (`dict`, *optional*):
+            Where the pretrained parts come from: `{"base_encoder": id, "weak_encoders": [ids], "text_model": id}`
+            (set by `from_components`; the paper presets record them so the parts can be fetched).
     """
 
     model_type = "mowe"
@@ -73,6 +76,7 @@ class MoWEConfig(PretrainedConfig):
         projector_hidden_act: str = "gelu",
         audio_token_id: int | None = None,
         dynamic_audio_length: bool = False,
+        component_checkpoints: dict | None = None,
         **kwargs,
     ):
         if base_encoder_config is None:
@@ -95,6 +99,7 @@ class MoWEConfig(PretrainedConfig):
             self.text_config.vocab_size += 1
         self.audio_token_id = audio_token_id
         self.dynamic_audio_length = dynamic_audio_length
+        self.component_checkpoints = component_checkpoints
         super().__init__(**kwargs)
         self.validate_mowe()
 

@@ -160,16 +160,9 @@ class WaveformEncoderFamily:
     def encode(
         encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False
     ) -> torch.Tensor:
-        """Encode 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size].
-
-        Each clip is normalised to zero mean and unit variance over its own samples.
-        """
-        valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
-        count = lengths[:, None].to(waveform.dtype)
-        mean = (waveform * valid).sum(-1, keepdim=True) / count
-        var = (((waveform - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-        waveform = ((waveform - mean) / torch.sqrt(var + 1e-7)) * valid
+        """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size]."""
         if getattr(encoder.config, "feat_extract_norm", "group") == "layer":
+            valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
             return encoder(waveform, attention_mask=valid.long()).last_hidden_state
         frames = int(num_frames(lengths.max(), WaveformEncoderFamily.frame_spec(encoder.config)))
         out = waveform.new_zeros(waveform.shape[0], frames, encoder.config.hidden_size)

@@ -17,7 +17,6 @@ from .encoders import (
     align_to_frames,
     encoder_family,
     mel_channel_offsets,
-    n_audio_tokens,
     num_frames,
 )
 from .routing import (
@@ -462,6 +461,18 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             loaded = load(part, AutoModel)
             encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
         llm = load(text_model, AutoModelForCausalLM)
+
+        def source(part):
+            return part.config.name_or_path if isinstance(part, PreTrainedModel) else str(part)
+
+        config_kwargs.setdefault(
+            "component_checkpoints",
+            {
+                "base_encoder": source(base_encoder),
+                "weak_encoders": [source(w) for w in weak_encoders],
+                "text_model": source(text_model),
+            },
+        )
         config = MoWEConfig(
             base_encoder_config=encoders[0].config,
             weak_encoder_configs=[e.config for e in encoders[1:]],
