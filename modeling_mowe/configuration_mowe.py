@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -12,9 +13,10 @@ ROUTER_TYPES = ("both", "data_dependent", "data_independent", "none")
 
 
 def _as_config(value: Any, what: str) -> PretrainedConfig:
-    """A sub-config given as a config object or as a dict carrying its `model_type`."""
+    """A sub-config given as a config object (copied: the caller's object is never changed) or as a dict carrying
+    its `model_type`."""
     if isinstance(value, PretrainedConfig):
-        return value
+        return copy.deepcopy(value)
     if isinstance(value, dict):
         value = dict(value)
         model_type = value.pop("model_type", None)
@@ -100,6 +102,8 @@ class MoWEConfig(PretrainedConfig):
         self.audio_token_id = audio_token_id
         self.dynamic_audio_length = dynamic_audio_length
         self.component_checkpoints = component_checkpoints
+        # Tie the LM head to the input embeddings exactly when the LLM does (transformers reads the top-level flag).
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_mowe()
 

@@ -77,8 +77,10 @@ class MoWEAudioTower(nn.Module):
     Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
     no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
     the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
-    `AddAuxiliaryLoss`. In training, encoders that got no window still join the graph with a zero-weighted term so
-    that DDP with `find_unused_parameters=False` sees a gradient for every parameter in every step.
+    `AddAuxiliaryLoss`. In training, every trainable parameter of the tower also joins the graph through one
+    zero-weighted term (`_touch_all_parameters`), so that DDP with `find_unused_parameters=False` sees a gradient for
+    every parameter in every step: encoders that got no window, layers skipped by layerdrop, SpecAugment's mask
+    embedding.
     """
 
     def __init__(self, config: MoWEConfig):
@@ -132,6 +134,16 @@ class MoWEAudioTower(nn.Module):
         dtype = next(encoder.parameters()).dtype
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
 
+    def _touch_all_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` plus 0 x one element of every trainable tower parameter (training only): each gets a (zero)
+        gradient even if this step did not use it, as DDP with `find_unused_parameters=False` requires."""
+        if not (self.training and torch.is_grad_enabled()):
+            return hidden
+        touched = [p.view(-1)[:1].to(hidden.dtype) for p in self.parameters() if p.requires_grad]
+        if not touched:
+            return hidden
+        return hidden + 0.0 * torch.cat(touched).sum()
+
     def forward(
         self,
         input_features: torch.Tensor | None,
@@ -150,7 +162,8 @@ class MoWEAudioTower(nn.Module):
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            return MoWEAudioTowerOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
+            hidden = self._touch_all_parameters(base_hidden)
+            return MoWEAudioTowerOutput(last_hidden_state=hidden, valid_frames=valid_frames)
 
         router_logits, selections = [], []
         for router in self.routers:
@@ -170,8 +183,6 @@ class MoWEAudioTower(nn.Module):
             chosen = torch.stack([(index == expert).any(-1) for _, index, _ in selections]).any(0)
             rows = chosen.nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
-                if self.training and torch.is_grad_enabled():
-                    blocks[0] = blocks[0] + 0.0 * sum(p.view(-1)[0] for p in (*encoder.parameters(), *projection.parameters()))
                 continue
             lengths = audio_lengths[rows]
             inputs = self.encoder_inputs(weak_config, input_features, input_values)[rows]
@@ -193,7 +204,7 @@ class MoWEAudioTower(nn.Module):
             aux_loss = load_balancing_loss(probs, index)
         hidden = torch.cat([base_hidden, *[b.to(base_hidden.dtype) for b in blocks]], dim=-1)
         return MoWEAudioTowerOutput(
-            last_hidden_state=hidden,
+            last_hidden_state=self._touch_all_parameters(hidden),
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
@@ -323,6 +334,7 @@ class MoWEModel(MoWEPreTrainedModel):
         input_values: torch.FloatTensor | None = None,
         audio_lengths: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoWEModelOutputWithPast:
         r"""
@@ -331,6 +343,8 @@ class MoWEModel(MoWEPreTrainedModel):
         input_values (`torch.FloatTensor` of shape `(num_windows, num_samples)`, *optional*):
             16 kHz waveforms for waveform encoders (HuBERT, wav2vec2, ...).
         audio_lengths (`torch.LongTensor` of shape `(num_windows,)`, *optional*): real samples per window.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions of the tokens; `generate` derives them from the attention mask, so left padding works.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` or `inputs_embeds`.")
@@ -347,7 +361,9 @@ class MoWEModel(MoWEPreTrainedModel):
                 audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
 
-        outputs = self.language_model(attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        outputs = self.language_model(
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+        )
         return MoWEModelOutputWithPast(
             **outputs,
             audio_hidden_states=audio_embeds,
@@ -392,12 +408,14 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         input_values: torch.FloatTensor | None = None,
         audio_lengths: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoWECausalLMOutputWithPast:
         r"""
-        input_features, input_values, audio_lengths: see [`MoWEModel.forward`] (what `MoWEProcessor` returns).
+        input_features, input_values, audio_lengths, position_ids: see [`MoWEModel.forward`] (what `MoWEProcessor`
+            returns; `generate` makes `position_ids` from the attention mask).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels; -100 is ignored. The returned loss adds `router_aux_loss_coef * router_aux_loss`.
         """
@@ -408,6 +426,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             input_values=input_values,
             audio_lengths=audio_lengths,
             inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

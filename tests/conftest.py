@@ -1,0 +1,57 @@
+"""Shared fixtures for the model tests: the tiny preset's config and processor, and audio/text inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
+SR = 16_000
+
+
+@pytest.fixture
+def tiny_config():
+    """A fresh `MoWEConfig` of the tiny preset (tests may edit it)."""
+    from modeling_mowe import MoWEConfig
+
+    return MoWEConfig.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    from modeling_mowe import MoWEProcessor
+
+    return MoWEProcessor.from_pretrained(TINY)
+
+
+def make_clip(seconds: float, seed: int = 0, kind: str = "noise") -> np.ndarray:
+    """A float32 16 kHz test clip: white noise, or a sine whose pitch depends on `seed`."""
+    n = int(seconds * SR)
+    if kind == "sine":
+        t = np.arange(n) / SR
+        return (0.5 * np.sin(2 * np.pi * (220 + 40 * seed) * t)).astype(np.float32)
+    return (0.1 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+def make_inputs(processor, texts, clips, padding_side="right"):
+    """Processor outputs as torch tensors for `texts` (each with its `<|audio|>`) and `clips`."""
+    processor.tokenizer.padding_side = padding_side
+    return dict(processor(text=texts, audio=clips, sampling_rate=SR, return_tensors="pt", padding=True))
+
+
+def build_model(config, seed: int = 0):
+    """A seeded, randomly initialised `MoWEForConditionalGeneration` in eval mode."""
+    from modeling_mowe import MoWEForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return MoWEForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def fast_config(tiny_config):
+    """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding)."""
+    tiny_config.dynamic_audio_length = True
+    return tiny_config

@@ -1,0 +1,516 @@
+"""MoWEForConditionalGeneration: routing, sparse dispatch, aux-loss gradients, padding, generation, persistence."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, make_clip, make_inputs
+from torch import nn
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    HubertModel,
+    LlamaForCausalLM,
+    Qwen2Config,
+    WhisperForConditionalGeneration,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+import modeling_mowe  # noqa: F401  (registers the Auto classes)
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
+from modeling_mowe.routing import load_balancing_loss, top_k_gates
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female? Answer:"]
+
+
+def two_clips():
+    return [make_clip(0.7, seed=1), make_clip(1.9, seed=2, kind="sine")]
+
+
+def lm_labels(inputs, audio_token_id):
+    labels = inputs["input_ids"].clone()
+    labels[(inputs["attention_mask"] == 0) | (labels == audio_token_id)] = -100
+    return labels
+
+
+def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
+    """Make the data-independent router pick `independent` and the data-dependent one `dependent` for every clip."""
+    tower = model.model.audio_tower
+    num = len(tower.weak_encoders)
+    with torch.no_grad():
+        tower.router_independent.logits.zero_()
+        tower.router_independent.logits[independent] = margin
+        tower.router_dependent.classifier.weight.zero_()
+        tower.router_dependent.classifier.bias.copy_(torch.zeros(num))
+        tower.router_dependent.classifier.bias[dependent] = margin
+
+
+def selected_windows(router_logits, top_k):
+    """Per weak encoder, the windows any router routed to it: {expert: set(rows)}."""
+    chosen: dict[int, set] = {}
+    for r in range(router_logits.shape[1]):
+        index = router_logits[:, r].topk(top_k, dim=-1).indices
+        for row, experts in enumerate(index.tolist()):
+            for e in experts:
+                chosen.setdefault(e, set()).add(row)
+    return chosen
+
+
+def count_rows(module, store, key):
+    def hook(_module, _args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output
+        store[key] = store.get(key, 0) + hidden.shape[0]
+
+    return module.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------- shapes, loss, gradients
+
+
+def test_forward_gives_logits_router_outputs_and_finite_loss(tiny_config, processor):
+    model = build_model(tiny_config)
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    out = model(**inputs, labels=lm_labels(inputs, tiny_config.audio_token_id))
+    batch, seq = inputs["input_ids"].shape
+    assert out.logits.shape == (batch, seq, tiny_config.text_config.vocab_size)
+    assert out.router_logits.shape == (2, 2, 4)  # windows, routers (independent, dependent), pool
+    assert out.router_aux_loss.ndim == 0 and torch.isfinite(out.router_aux_loss)
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    assert torch.isfinite(out.logits).all()
+
+
+def test_backward_reaches_routers_projector_and_only_selected_weak_encoders(fast_config, processor):
+    model = build_model(fast_config).train()
+    force_routing(model, independent=2, dependent=1)  # a HuBERT and a Whisper weak encoder
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    model(**inputs, labels=lm_labels(inputs, fast_config.audio_token_id)).loss.backward()
+    tower = model.model.audio_tower
+
+    def grad_norm(module):
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    assert float(tower.router_independent.logits.grad.abs().sum()) > 0
+    assert float(tower.router_dependent.classifier.weight.grad.abs().sum()) > 0
+    assert grad_norm(model.model.multi_modal_projector) > 0
+    for selected in (1, 2):
+        assert grad_norm(tower.weak_encoders[selected]) > 0
+        assert grad_norm(tower.weak_projections[selected]) > 0
+    for unselected in (0, 3):  # present for DDP, but exactly zero: they did no real compute
+        assert grad_norm(tower.weak_encoders[unselected]) == 0
+        assert grad_norm(tower.weak_projections[unselected]) == 0
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced_routing", "learned_routing"])
+def test_only_selected_weak_encoders_run_on_their_rows(tiny_config, processor, forced):
+    model = build_model(tiny_config, seed=3)
+    if forced:
+        force_routing(model, independent=3, dependent=0)
+    tower = model.model.audio_tower
+    rows: dict[int, int] = {}
+    handles = [count_rows(enc, rows, i) for i, enc in enumerate(tower.weak_encoders)]
+    clips = [make_clip(s, seed=i) for i, s in enumerate((0.6, 1.2, 2.1, 0.9))]
+    texts = [f"clip {i}: <|audio|>" for i in range(4)]
+    with torch.no_grad():
+        out = model(**make_inputs(processor, texts, clips))
+    for h in handles:
+        h.remove()
+    expected = {e: len(r) for e, r in selected_windows(out.router_logits, tiny_config.router_top_k).items()}
+    if forced:
+        assert expected == {3: 4, 0: 4}
+    assert rows == expected
+    assert sum(rows.values()) <= 2 * len(clips)  # at most top_k per router per clip, never the whole pool
+
+
+# ---------------------------------------------------------------- load balancing
+
+
+def test_load_balancing_loss_is_n_sum_f_times_p_on_a_hand_made_case():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]])
+    index = torch.tensor([[0], [1], [0], [2]])
+    # f = [2/4, 1/4, 1/4], P = [0.375, 0.3125, 0.3125]; L = 3 * (0.1875 + 0.078125 + 0.078125)
+    assert load_balancing_loss(probs, index).item() == pytest.approx(1.03125, abs=1e-6)
+    # top-2: slots [0,1],[1,2],[0,1],[2,0] -> f = [3/8, 3/8, 2/8]
+    index2 = torch.tensor([[0, 1], [1, 2], [0, 1], [2, 0]])
+    expected = 3 * (3 / 8 * 0.375 + 3 / 8 * 0.3125 + 2 / 8 * 0.3125)
+    assert load_balancing_loss(probs, index2).item() == pytest.approx(expected, abs=1e-6)
+    uniform = torch.full((4, 4), 0.25)
+    assert load_balancing_loss(uniform, torch.arange(4)[:, None]).item() == pytest.approx(1.0)
+    collapsed = torch.nn.functional.one_hot(torch.zeros(5, dtype=torch.long), 4).float()
+    assert load_balancing_loss(collapsed, torch.zeros(5, 1, dtype=torch.long)).item() == pytest.approx(4.0)
+
+
+def test_model_router_aux_loss_matches_formula_on_its_router_logits(fast_config, processor):
+    model = build_model(fast_config, seed=5)
+    clips = [make_clip(s, seed=i) for i, s in enumerate((0.6, 1.2, 2.1))]
+    with torch.no_grad():
+        out = model(**make_inputs(processor, [f"<|audio|> {i}" for i in range(3)], clips))
+    logits = out.router_logits[:, fast_config.active_routers.index("data_dependent")]
+    probs = logits.softmax(-1)
+    fraction = torch.nn.functional.one_hot(probs.argmax(-1), 4).float().mean(0)
+    expected = 4 * (fraction * probs.mean(0)).sum()
+    torch.testing.assert_close(out.router_aux_loss, expected)
+    torch.testing.assert_close(out.router_aux_loss, load_balancing_loss(*top_k_gates(logits, 1)[:2]))
+
+
+def _user_loop_loss(model, inputs, labels):
+    logits = model(**inputs).logits
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _fused_head_loss(model, inputs, labels):
+    return model(**inputs, labels=labels, fused_lm_head=True).loss
+
+
+def _model_loss(model, inputs, labels):
+    return model(**inputs, labels=labels).loss
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [_model_loss, _fused_head_loss, _user_loop_loss], ids=["model_loss", "trl_fused_head", "user_loop"]
+)
+def test_aux_loss_gradient_reaches_router_exactly_once(fast_config, processor, loss_fn):
+    model = build_model(fast_config, seed=7).train()
+    if loss_fn is _fused_head_loss:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+    clips = [make_clip(s, seed=i) for i, s in enumerate((0.6, 1.4, 2.0))]
+    inputs = make_inputs(processor, [f"Describe <|audio|> now {i}" for i in range(3)], clips)
+    labels = lm_labels(inputs, fast_config.audio_token_id)
+    router = model.model.audio_tower.router_dependent.classifier
+    params = [router.weight, router.bias]
+
+    grads = {}
+    for coef in (0.0, 0.5):
+        model.config.router_aux_loss_coef = coef  # read at every forward
+        model.zero_grad()
+        loss_fn(model, inputs, labels).backward()
+        grads[coef] = [p.grad.clone() for p in params]
+
+    tower_out = model.model.audio_tower(inputs["input_features"], inputs["input_values"], inputs["audio_lengths"])
+    aux_grads = torch.autograd.grad(tower_out.router_aux_loss, params)
+    assert any(float(g.abs().max()) > 1e-4 for g in aux_grads)
+    for with_aux, without, aux in zip(grads[0.5], grads[0.0], aux_grads):
+        torch.testing.assert_close(with_aux - without, 0.5 * aux, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- padding, batching, generation
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["whisper_30s", "dynamic_length"])
+def test_padded_batch_gives_the_same_logits_as_each_row_alone(tiny_config, processor, dynamic):
+    tiny_config.dynamic_audio_length = dynamic
+    model = build_model(tiny_config, seed=11)
+    clips = [make_clip(0.6, seed=1), make_clip(2.5, seed=2, kind="sine"), make_clip(1.1, seed=3)]
+    texts = ["<|audio|>", "A much longer prompt about the sound: <|audio|> what is it?", "Q: <|audio|> A:"]
+    with torch.no_grad():
+        batch_inputs = make_inputs(processor, texts, clips, padding_side="right")
+        batch = model(**batch_inputs).logits
+        for row, (text, clip) in enumerate(zip(texts, clips)):
+            alone = model(**make_inputs(processor, [text], [clip])).logits[0]
+            valid = batch_inputs["attention_mask"][row].bool()
+            assert int(valid.sum()) == alone.shape[0]
+            torch.testing.assert_close(batch[row, valid], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_batched_generate_gives_the_same_tokens_as_each_row_alone(fast_config, processor, family):
+    model = build_model(_config_with_text_model(fast_config, family), seed=13)
+    clips = [make_clip(0.8, seed=1), make_clip(2.2, seed=2, kind="sine")]
+    texts = ["<|audio|>", "Please describe this sound in detail: <|audio|> Answer:"]
+    gen = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    batch_inputs = make_inputs(processor, texts, clips, padding_side="left")
+    assert (batch_inputs["attention_mask"][0] == 0).any()  # row 0 is really left-padded
+    prompt_len = batch_inputs["input_ids"].shape[1]
+    batch = model.generate(**batch_inputs, **gen)[:, prompt_len:]
+    for row, (text, clip) in enumerate(zip(texts, clips)):
+        inputs = make_inputs(processor, [text], [clip], padding_side="left")
+        alone = model.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1] :]
+        assert batch[row].tolist() == alone.tolist()
+
+
+def test_generate_with_cache_gives_the_same_tokens_as_without(fast_config, processor):
+    model = build_model(fast_config, seed=17)
+    inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
+    gen = {"max_new_tokens": 5, "do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    cached = model.generate(**inputs, use_cache=True, **gen)
+    uncached = model.generate(**inputs, use_cache=False, **gen)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_encodes_audio_once_with_cache(fast_config, processor):
+    model = build_model(fast_config)
+    calls = []
+    model.model.audio_tower.register_forward_hook(lambda *_: calls.append(1))
+    inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
+    model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- training features
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(fast_config, processor):
+    model = build_model(fast_config, seed=19).train()
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = lm_labels(inputs, fast_config.audio_token_id)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    assert model.model.language_model.layers[0].gradient_checkpointing
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    torch.testing.assert_close(ckpt_loss, loss)
+    assert ckpt_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_every_trainable_parameter_gets_a_grad_when_encoders_get_no_rows(fast_config, processor):
+    """What DDP with find_unused_parameters=False needs, even with HuBERT layerdrop skipping layers."""
+    for weak in fast_config.weak_encoder_configs:
+        if weak.model_type == "hubert":
+            weak.layerdrop = 1.0  # every transformer layer skipped in training
+    model = build_model(fast_config).train()
+    force_routing(model, independent=2, dependent=2)  # experts 0, 1, 3 get no rows
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    model(**inputs, labels=lm_labels(inputs, fast_config.audio_token_id)).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_save_and_load_round_trip_is_bit_exact_with_safetensors(tiny_config, processor, tmp_path):
+    model = build_model(tiny_config, seed=23)
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"configuration_mowe.py", "modeling_mowe.py", "encoders.py", "routing.py"} <= files
+    loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for m in (model, loaded):  # the tiny Llama ties its LM head to its embeddings, and so does the MoWE model
+        assert m.lm_head.weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    for key in original_state:
+        assert torch.equal(original_state[key], loaded_state[key]), key
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+# ---------------------------------------------------------------- the base-only ablation
+
+
+def test_router_none_builds_no_pool_and_equals_a_plain_single_encoder_model(tiny_config, processor):
+    tiny_config.router_type = "none"
+    model = build_model(tiny_config, seed=29)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("weak" in n or "router" in n for n in names)
+    assert len(model.model.audio_tower.weak_encoders) == 0
+
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        # The same data flow by hand: WhisperEncoder -> stack 4 valid frames -> MLP -> placeholders -> LLM -> head.
+        encoder = model.model.audio_tower.base_encoder
+        projector = model.model.multi_modal_projector
+        hidden = encoder(input_features=inputs["input_features"][:, :128]).last_hidden_state
+        tokens = []
+        for window, length in zip(hidden, inputs["audio_lengths"].tolist()):
+            frames = window[: (length // 160 + 1) // 2]
+            frames = nn.functional.pad(frames, (0, 0, 0, -frames.shape[0] % 4)).reshape(-1, 4 * frames.shape[-1])
+            tokens.append(projector.linear_2(nn.functional.gelu(projector.linear_1(frames))))
+        tokens = torch.cat(tokens)
+        embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
+        embeds[inputs["input_ids"] == tiny_config.audio_token_id] = tokens
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        expected = model.lm_head(hidden.last_hidden_state)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"router_top_k": 5}, r"router_top_k=5 must be between 1 and the pool size \(4\)"),
+        ({"weak_encoder_configs": [BertConfig()]}, r"model_type='bert'.*not a supported audio encoder family"),
+        ({"weak_encoder_configs": []}, r"needs weak encoders.*router_type='none'"),
+        ({"router_type": "sparse"}, r"router_type='sparse' is not one of"),
+    ],
+    ids=["top_k_above_pool", "unknown_family", "empty_pool_with_router", "bad_router_type"],
+)
+def test_nonsense_configs_raise_a_helpful_value_error(tiny_config, change, message):
+    kwargs = {
+        "base_encoder_config": tiny_config.base_encoder_config,
+        "weak_encoder_configs": tiny_config.weak_encoder_configs,
+        "text_config": tiny_config.text_config,
+        "audio_token_id": tiny_config.audio_token_id,
+        **change,
+    }
+    with pytest.raises(ValueError, match=message):
+        MoWEConfig(**kwargs)
+
+
+def test_placeholder_count_mismatch_raises_a_clear_value_error(tiny_config, processor):
+    model = build_model(tiny_config)
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    ids = inputs["input_ids"]
+    first = (ids[0] == tiny_config.audio_token_id).nonzero()[0, 0]
+    ids[0, first] = 7  # one audio token too few
+    with pytest.raises(ValueError, match=r"audio placeholder tokens but the audio gives \d+ audio embeddings"):
+        model(**inputs)
+
+
+# ---------------------------------------------------------------- any causal LM
+
+
+def _text_config(family: str, tiny_config):
+    """A tiny LLM config of `family` with the tiny tokenizer's vocabulary (640) and ids."""
+    if family == "llama":
+        return copy.deepcopy(tiny_config.text_config)
+    common = {"vocab_size": 640, "tie_word_embeddings": True, "pad_token_id": 1, "eos_token_id": 3}
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            **common,
+        )
+    if family == "gpt2":  # learned absolute positions: left padding needs position_ids from the attention mask
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, **common)
+    raise ValueError(family)
+
+
+def _config_with_text_model(tiny_config, family):
+    return MoWEConfig(
+        base_encoder_config=tiny_config.base_encoder_config,
+        weak_encoder_configs=tiny_config.weak_encoder_configs,
+        text_config=_text_config(family, tiny_config),
+        audio_token_id=tiny_config.audio_token_id,
+        weak_hidden_size=32,
+        dynamic_audio_length=tiny_config.dynamic_audio_length,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_any_causal_lm_works_as_the_text_model(fast_config, processor, family):
+    config = _config_with_text_model(fast_config, family)
+    model = build_model(config)
+    assert model.model.language_model.config.model_type == family
+    inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
+    out = model(**inputs, labels=lm_labels(inputs, config.audio_token_id))
+    assert torch.isfinite(out.loss) and out.logits.shape[-1] == 640
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def test_building_a_config_leaves_the_given_text_config_unchanged(tiny_config):
+    text_config = _text_config("qwen2", tiny_config)
+    for _ in range(2):
+        config = MoWEConfig(
+            base_encoder_config=tiny_config.base_encoder_config,
+            weak_encoder_configs=tiny_config.weak_encoder_configs,
+            text_config=text_config,
+        )
+        assert config.audio_token_id == 640 and config.text_config.vocab_size == 641
+    assert text_config.vocab_size == 640
+
+
+# ---------------------------------------------------------------- paper presets and from_components
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("preset", ["mowe-llama3-8b-4x-whisper-tiny", "mowe-llama3-8b-2x-whisper-tiny-2x-hubert"])
+def test_paper_presets_build_on_meta_with_the_expected_parameter_count(preset):
+    config = MoWEConfig.from_pretrained(ROOT / "hub_configs" / preset)
+    with torch.device("meta"):
+        model = MoWEForConditionalGeneration(config)
+        base = _count(WhisperEncoder(config.base_encoder_config))
+        weak = [
+            _count(WhisperEncoder(c) if c.model_type == "whisper" else HubertModel(c))
+            for c in config.weak_encoder_configs
+        ]
+        llm = _count(LlamaForCausalLM(config.text_config))
+    assert 6.30e8 < base < 6.40e8  # Whisper-large-v3 encoder
+    for c, n in zip(config.weak_encoder_configs, weak):
+        assert (7.5e6 < n < 8.5e6) if c.model_type == "whisper" else (9.3e7 < n < 9.5e7)  # tiny / HuBERT-base
+    assert 8.02e9 < llm < 8.04e9  # Llama-3-8B (+1 embedding row each side for <|audio|>)
+
+    d_b, d_w, n, s = 1280, config.weak_hidden_size, len(weak), config.stack_factor
+    d_llm = config.text_config.hidden_size
+    weak_widths = [c.d_model if c.model_type == "whisper" else c.hidden_size for c in config.weak_encoder_configs]
+    routers = n + (d_b * n + n)
+    projections = sum(d * d_w + d_w for d in weak_widths)
+    d_in = (d_b + 2 * d_w) * s
+    projector = d_in * d_llm + d_llm + d_llm * d_llm + d_llm
+    assert _count(model) == base + sum(weak) + llm + routers + projections + projector
+    assert sum(weak) / _count(model) < 0.05  # the pool adds a few percent
+
+
+def test_from_components_keeps_pretrained_weights_and_appends_the_audio_token(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    base_cfg = copy.deepcopy(tiny_config.base_encoder_config)
+    whisper_cfg, hubert_cfg = (copy.deepcopy(tiny_config.weak_encoder_configs[i]) for i in (0, 2))
+    text_cfg = copy.deepcopy(tiny_config.text_config)
+    text_cfg.vocab_size = 640
+    parts = {
+        "base": WhisperForConditionalGeneration(base_cfg),
+        "whisper_tiny": WhisperForConditionalGeneration(whisper_cfg),
+        "hubert": HubertModel(hubert_cfg),
+        "llm": LlamaForCausalLM(text_cfg),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(tmp_path / name)
+    paths = {name: str(tmp_path / name) for name in parts}
+
+    model = MoWEForConditionalGeneration.from_components(
+        paths["base"], [paths["whisper_tiny"], paths["hubert"]], paths["llm"], router_type="both"
+    )
+    tower = model.model.audio_tower
+
+    def assert_same(module, reference):
+        ours, theirs = module.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), key
+
+    assert_same(tower.base_encoder, parts["base"].get_encoder())
+    assert_same(tower.weak_encoders[0], parts["whisper_tiny"].get_encoder())
+    assert_same(tower.weak_encoders[1], parts["hubert"])
+    llm_state = parts["llm"].state_dict()
+    for key, value in model.model.language_model.state_dict().items():
+        reference = llm_state[f"model.{key}"]
+        assert torch.equal(value[: reference.shape[0]] if key == "embed_tokens.weight" else value, reference), key
+
+    assert model.config.component_checkpoints == {
+        "base_encoder": paths["base"],
+        "weak_encoders": [paths["whisper_tiny"], paths["hubert"]],
+        "text_model": paths["llm"],
+    }
+    assert model.config.audio_token_id == 640
+    assert model.get_input_embeddings().weight.shape[0] == 641
+    assert model.get_output_embeddings().weight.shape[0] == 641
+    assert model.config.text_config.vocab_size == 641
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied, as the LLM
+    assert not any(p.is_meta for p in model.parameters())
