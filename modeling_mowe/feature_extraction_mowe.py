@@ -7,15 +7,24 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import BatchFeature, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 
 from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, audio_front_ends, frame_spec, min_samples
 
 PCM_SCALES = {np.dtype("int8"): 2**7, np.dtype("int16"): 2**15, np.dtype("int32"): 2**31}
+MAX_CHANNELS = 8
 
 
 def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int]:
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ValueError(f"Audio URLs are not fetched ({source!r}); download the file and pass its path or an array.")
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        raise ValueError(
+            f"Audio file {os.fspath(source)!r} does not exist; pass an existing wav/flac/ogg path, or an array "
+            "with its sampling_rate."
+        )
     try:
         import soundfile
     except ImportError as err:
@@ -47,12 +56,14 @@ def _is_single_clip(audio: Any) -> bool:
 
 
 def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """One clip in any form users hand in -> float32 mono waveform at `target_rate` [num_samples].
+    """One clip in any form users hand in -> float32 mono waveform at `target_rate`, shape `(num_samples,)`.
 
-    Accepts float/int-PCM numpy arrays, python lists, torch tensors, mono or multi-channel in either axis order
-    (averaged to mono), file paths or bytes (via soundfile), and `datasets` Audio cells (`{"array",
-    "sampling_rate"}` or `{"bytes", "path"}`). Raw arrays need `sampling_rate`; files carry their own.
-    Raises `ValueError` (or `TypeError` for non-audio objects) naming the problem and the fix.
+    Accepts float or integer-PCM numpy arrays (int8/16/32 and uint8 are scaled to [-1, 1]), python lists of floats,
+    torch tensors, multi-channel audio in either axis order (channels averaged), file paths or bytes (wav/flac/ogg via
+    soundfile), and `datasets` Audio cells: decoded `{"array", "sampling_rate"}`, undecoded `{"bytes", "path"}`, or
+    torchcodec `AudioDecoder` objects. Raw arrays need `sampling_rate`; files and decoders carry their own.
+
+    Raises `ValueError` (`TypeError` for objects that are not audio) naming the problem and the fix.
     """
     rate = sampling_rate
     if isinstance(audio, dict):
@@ -62,23 +73,31 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
             audio, rate = _read_audio_file(audio["bytes"] if audio.get("bytes") is not None else audio["path"])
         else:
             raise ValueError(
-                f"An audio dict needs 'array' + 'sampling_rate' or 'bytes'/'path'; got keys {sorted(audio)}."
+                "An audio dict needs 'array' + 'sampling_rate' (a decoded datasets Audio cell) or 'bytes'/'path' "
+                f"(an undecoded one); got keys {sorted(audio)}."
             )
     elif isinstance(audio, (str, os.PathLike, bytes)):
         audio, rate = _read_audio_file(audio)
+    elif hasattr(audio, "get_all_samples"):  # torchcodec AudioDecoder, as `datasets` decodes Audio columns
+        samples = audio.get_all_samples()
+        audio, rate = samples.data, samples.sample_rate
 
-    if hasattr(audio, "detach") and hasattr(audio, "cpu"):  # torch tensor
+    if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu()
         audio = audio.float().numpy() if audio.is_floating_point() else audio.numpy()
+    if isinstance(audio, np.generic):
+        audio = np.asarray(audio)
     if isinstance(audio, (list, tuple)):
         try:
             audio = np.asarray(audio, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise TypeError("A list given as audio must hold numbers (one clip) or clips (a batch).") from err
+            raise TypeError(
+                "A list given as audio must hold numbers (one clip) or clips (a batch) of equal nesting."
+            ) from err
     if not isinstance(audio, np.ndarray):
         raise TypeError(
-            f"Expected audio as a numpy array, list, torch tensor, file path or datasets Audio dict, "
-            f"got {type(audio).__name__}."
+            "Expected audio as a numpy array, list of floats, torch tensor, file path, bytes or datasets Audio cell, "
+            f"got {type(audio).__name__}; convert it to one of those."
         )
 
     if audio.dtype in PCM_SCALES:
@@ -86,34 +105,42 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
     elif audio.dtype == np.uint8:
         audio = (audio.astype(np.float32) - 128) / 128
     elif audio.dtype.kind != "f":
-        raise TypeError(f"Audio arrays must hold float or integer PCM samples, got dtype {audio.dtype}.")
+        raise TypeError(
+            f"Audio arrays must hold float or integer PCM samples, got dtype {audio.dtype}; convert to float32."
+        )
 
     if audio.ndim == 0 or audio.ndim > 2:
         raise ValueError(
             f"An audio clip must be 1-D (mono) or 2-D (channels x samples, either order); got shape {audio.shape}. "
             "For a batch, pass a list of clips."
         )
-    if audio.ndim == 2:
-        channel_axis = int(np.argmin(audio.shape))
-        if audio.shape[channel_axis] > 8:
-            raise ValueError(
-                f"A 2-D audio array of shape {audio.shape} is ambiguous: expected (channels, samples) with at most "
-                "8 channels. For a batch of clips, pass a list of 1-D arrays."
-            )
-        audio = audio.mean(axis=channel_axis)
     if audio.size == 0:
         raise ValueError("Empty audio clip (0 samples); remove it or give at least a few milliseconds of audio.")
+    if audio.ndim == 2:
+        channel_axis = int(np.argmin(audio.shape))
+        if audio.shape[channel_axis] > MAX_CHANNELS:
+            raise ValueError(
+                f"A 2-D audio array of shape {audio.shape} is ambiguous: expected (channels, samples) or (samples, "
+                f"channels) with at most {MAX_CHANNELS} channels. For a batch of clips, pass a list of 1-D arrays."
+            )
+        audio = audio.mean(axis=channel_axis)
     if not np.isfinite(audio).all():
         bad = int((~np.isfinite(audio)).sum())
-        raise ValueError(f"Audio clip has {bad} NaN/Inf samples; clean the signal (e.g. np.nan_to_num) first.")
+        raise ValueError(
+            f"Audio clip has {bad} NaN/Inf samples; clean the signal first (e.g. np.nan_to_num(clip, posinf=0, "
+            "neginf=0))."
+        )
 
     if rate is None:
         raise ValueError(
             "A raw audio array was given without its sampling rate; pass `sampling_rate=` (e.g. 16000) so it can be "
             f"resampled to {target_rate} Hz. Silent guessing would give wrong features."
         )
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or rate <= 0:
-        raise ValueError(f"sampling_rate must be a positive number, got {rate!r}.")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not rate > 0:
+        raise ValueError(
+            f"sampling_rate must be a positive number of Hz, got {rate!r}; pass the rate the audio was recorded at "
+            "(e.g. sampling_rate=16000)."
+        )
     audio = audio.astype(np.float32)
     if int(rate) != target_rate:
         audio = _resample(audio, int(rate), target_rate)
@@ -121,12 +148,12 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
 
 
 def to_mono_waveforms(audio: Any, sampling_rate: int | None, target_rate: int = SAMPLING_RATE) -> list[np.ndarray]:
-    """A clip or a batch of clips (see `to_mono_waveform`) -> list of float32 mono waveforms at `target_rate`."""
+    """A clip or a list of clips (any form `to_mono_waveform` accepts) -> list of float32 mono waveforms."""
     if _is_single_clip(audio):
         return [to_mono_waveform(audio, sampling_rate, target_rate)]
     clips = list(audio)
     if not clips:
-        raise ValueError("An empty list of audio clips was given.")
+        raise ValueError("An empty list of audio clips was given; pass at least one clip, or `audio=None`.")
     out = []
     for i, clip in enumerate(clips):
         try:
@@ -138,16 +165,27 @@ def to_mono_waveforms(audio: Any, sampling_rate: int | None, target_rate: int = 
 
 class MoWEFeatureExtractor(SequenceFeatureExtractor):
     r"""
-    Computes every distinct front-end of a MoWE model's encoders once per clip: one log-mel spectrogram per
-    distinct mel size (through `WhisperFeatureExtractor`; Whisper-large-v3 + 4 x Whisper-tiny compute 2, not 5)
-    and, if a waveform encoder is present, the normalised waveform (through `Wav2Vec2FeatureExtractor`).
+    Computes the distinct front-ends of a MoWE model's encoders once per clip and shares them: log-mel spectrograms
+    of each distinct size (Whisper's, with the filters of `WhisperFeatureExtractor(feature_size=n_mels)`) and, if a
+    waveform encoder is present, the normalised waveform (`Wav2Vec2FeatureExtractor`). Whisper-large-v3 +
+    4 x Whisper-tiny compute one power spectrogram and two mel projections, not five spectrograms.
 
-    Clips longer than `chunk_length` seconds are split into windows that the model encodes in order; clips (or last
-    windows) shorter than `min_samples` are zero-padded to it.
+    Clips are resampled to `sampling_rate` and downmixed to mono first (see [`to_mono_waveform`]). Clips longer than
+    `chunk_length` seconds are split into windows that the model encodes in order; clips (or last windows) shorter
+    than `min_samples` are zero-padded to it.
 
-    Returns a `BatchFeature` with, per window:
-        - `input_features` `(num_windows, sum of distinct n_mels, chunk_length * 100)`: log-mels stacked on channels;
-        - `input_values` `(num_windows, longest window)`: zero-mean unit-variance waveform, zero-padded;
+    Args:
+        front_ends (`list[dict]`): `{"kind": "log_mel", "n_mels": n}` and/or `{"kind": "waveform"}`, in input order
+            (`encoders.audio_front_ends`).
+        sampling_rate (`int`, defaults to 16000): the rate every clip is resampled to.
+        chunk_length (`int`, defaults to 30): window length in seconds (Whisper's input length).
+        min_samples (`int`, defaults to 400): shortest window every encoder gives a frame for.
+
+    Returns a [`BatchFeature`] with one row per window:
+        - `input_features` `(num_windows, sum of distinct n_mels, chunk_length * 100)`: log-mels stacked on channels
+          (if any encoder reads log-mels);
+        - `input_values` `(num_windows, longest window)`: zero-mean unit-variance waveforms, zero-padded (if any
+          encoder reads the waveform);
         - `audio_lengths` `(num_windows,)`: real samples per window.
     """
 
@@ -163,6 +201,11 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         **kwargs,
     ):
         front_ends = front_ends if front_ends is not None else [{"kind": "log_mel", "n_mels": 128}]
+        unknown = [f for f in front_ends if f.get("kind") not in ("log_mel", "waveform")]
+        if unknown:
+            raise ValueError(
+                f"Unknown front-end(s) {unknown}; each must be kind 'log_mel' (with n_mels) or 'waveform'."
+            )
         feature_size = sum(f["n_mels"] for f in front_ends if f["kind"] == "log_mel") or 1
         kwargs.pop("feature_size", None)
         super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
@@ -184,7 +227,7 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
 
     @classmethod
     def from_mowe_config(cls, config, **kwargs) -> MoWEFeatureExtractor:
-        """The feature extractor a `MoWEConfig`'s encoders need."""
+        """The feature extractor the encoders of a `MoWEConfig` need (only the base encoder's if `router_type="none"`)."""
         encoders = config.encoder_configs if config.router_type != "none" else [config.base_encoder_config]
         return cls(
             front_ends=audio_front_ends(encoders),
@@ -193,30 +236,25 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output.pop("_mel_extractors", None)
-        output.pop("_waveform_extractor", None)
-        return output
+        extractors = self._mel_extractors, self._waveform_extractor
+        del self._mel_extractors, self._waveform_extractor
+        try:
+            return super().to_dict()
+        finally:
+            self._mel_extractors, self._waveform_extractor = extractors
 
     def fetch_audio(self, audio: Any, **kwargs) -> Any:
-        # Paths stay paths: `to_mono_waveform` reads them with their own sampling rate.
+        """Identity: paths stay paths, read by [`to_mono_waveform`] at their own sampling rate."""
         return audio
 
     def window_lengths(self, num_samples: int) -> list[int]:
-        """Lengths (samples) of the windows a clip of `num_samples` is encoded in."""
+        """Lengths in samples of the windows a 16 kHz clip of `num_samples` is encoded in (after padding)."""
         window = self.chunk_length * self.sampling_rate
         lengths = [min(window, num_samples - start) for start in range(0, num_samples, window)]
         return [max(length, self.min_samples) for length in lengths]
 
-    def __call__(
-        self,
-        raw_speech: Any,
-        sampling_rate: int | None = None,
-        return_tensors: str | None = None,
-        **kwargs,
-    ) -> BatchFeature:
-        """Features for one clip or a batch of clips (any form `to_mono_waveforms` accepts)."""
-        clips = to_mono_waveforms(raw_speech, sampling_rate, self.sampling_rate)
+    def split_windows(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """Mono clips -> their windows in order, each at most `chunk_length` s and at least `min_samples` long."""
         window = self.chunk_length * self.sampling_rate
         windows = []
         for clip in clips:
@@ -225,20 +263,72 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
                 if len(piece) < self.min_samples:
                     piece = np.pad(piece, (0, self.min_samples - len(piece)))
                 windows.append(piece)
+        return windows
 
+    def power_spectrogram(self, windows: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+        """Whisper's STFT power of each window zero-padded to `chunk_length` s, computed once for every mel size.
+
+        Returns `(power, num_frames)`: `power` `(num_windows, n_fft // 2 + 1, computed_frames)` holds the frames that
+        can see any sample of the batch's longest window; every later frame of the `num_frames` is all zeros and is
+        filled in by `log_mel`, exactly as the full-length computation gives it.
+        """
+        reference = next(iter(self._mel_extractors.values()))
+        n_fft, hop = reference.n_fft, reference.hop_length
+        n_samples = self.chunk_length * self.sampling_rate
+        num_frames = n_samples // hop
+        longest = max(len(w) for w in windows)
+        computed = min(num_frames, -(-(longest + n_fft // 2) // hop))
+        span = n_samples if computed == num_frames else computed * hop + n_fft // 2
+        batch = np.zeros((len(windows), span), dtype=np.float32)
+        for row, window in zip(batch, windows):
+            row[: len(window)] = window
+        stft = torch.stft(torch.from_numpy(batch), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True)
+        return stft[..., :computed].abs() ** 2, num_frames
+
+    def log_mel(self, power: torch.Tensor, num_frames: int, n_mels: int) -> np.ndarray:
+        """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output."""
+        filters = torch.from_numpy(self._mel_extractors[n_mels].mel_filters).to(torch.float32)
+        log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
+        top = log_spec.amax(dim=(1, 2), keepdim=True)
+        if log_spec.shape[-1] < num_frames:  # the frames not computed are silent: log10(1e-10) = -10
+            top = top.clamp(min=-10.0)
+            log_spec = torch.nn.functional.pad(log_spec, (0, num_frames - log_spec.shape[-1]), value=-10.0)
+        log_spec = (torch.maximum(log_spec, top - 8.0) + 4.0) / 4.0
+        return log_spec.numpy()
+
+    def normalized_waveform(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Zero-mean unit-variance windows (statistics over each window's real samples), zero-padded to the longest."""
+        return self._waveform_extractor(
+            windows, sampling_rate=self.sampling_rate, padding="longest", return_tensors="np"
+        )["input_values"].astype(np.float32)
+
+    def __call__(
+        self,
+        raw_speech: Any,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Features of one clip or a list of clips (any form [`to_mono_waveform`] accepts).
+
+        Args:
+            raw_speech: a clip or a list of clips; raw arrays need `sampling_rate`.
+            sampling_rate (`int`, *optional*): rate of the raw arrays; they are resampled to `self.sampling_rate`.
+            return_tensors (`str`, *optional*): `"pt"` or `"np"`.
+
+        Returns:
+            [`BatchFeature`] with `input_features`, `input_values` (each if a front-end needs it) and `audio_lengths`,
+            one row per window (see the class docstring for shapes).
+        """
+        clips = to_mono_waveforms(raw_speech, sampling_rate, self.sampling_rate)
+        windows = self.split_windows(clips)
         data: dict[str, Any] = {}
         if self._mel_extractors:
-            mels = [
-                extractor(windows, sampling_rate=self.sampling_rate, padding="max_length", return_tensors="np")[
-                    "input_features"
-                ]
-                for extractor in self._mel_extractors.values()
-            ]
-            data["input_features"] = np.concatenate(mels, axis=1).astype(np.float32)
+            power, num_frames = self.power_spectrogram(windows)
+            mels = [self.log_mel(power, num_frames, n_mels) for n_mels in self._mel_extractors]
+            data["input_features"] = np.concatenate(mels, axis=1)
         if self._waveform_extractor is not None:
-            data["input_values"] = self._waveform_extractor(
-                windows, sampling_rate=self.sampling_rate, padding="longest", return_tensors="np"
-            )["input_values"].astype(np.float32)
+            data["input_values"] = self.normalized_waveform(windows)
         data["audio_lengths"] = np.array([len(w) for w in windows], dtype=np.int64)
         return BatchFeature(data, tensor_type=return_tensors)
 
