@@ -1,0 +1,100 @@
+"""Fine-tune a MoWE audio LLM with TRL's SFTTrainer.
+
+Single process:
+    python examples/train_sft.py --dataset outputs/benchmark/<fingerprint> --output_dir outputs/sft \
+        --model hub_configs/mowe-tiny-random --max_steps 200 --per_device_train_batch_size 8
+Two processes (DDP; gloo on CPU, NCCL on GPUs):
+    torchrun --nproc_per_node 2 examples/train_sft.py ...
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py ...
+Real checkpoints (GPU):
+    python examples/train_sft.py --base_encoder openai/whisper-large-v3 \
+        --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
+        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --bf16 --output_dir out
+
+Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, set_seed
+from trl import SFTConfig
+
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe.training import make_sft_trainer
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(metadata={"help": "A `datasets` folder (save_to_disk) or a Hub dataset id."})
+    model: str = field(
+        default="hub_configs/mowe-tiny-random",
+        metadata={"help": "A MoWE folder / Hub id with weights, or a preset folder (config only: random init)."},
+    )
+    base_encoder: str | None = field(default=None, metadata={"help": "Compose from parts: base encoder id/folder."})
+    weak_encoders: list[str] = field(default_factory=list, metadata={"help": "Weak encoder ids/folders."})
+    text_model: str | None = field(default=None, metadata={"help": "Causal LLM id/folder."})
+    router_type: str | None = field(default=None, metadata={"help": "Override: both/data_dependent/..., none."})
+    router_top_k: int | None = field(default=None, metadata={"help": "Override the routers' top-k."})
+    train_split: str = "train"
+    eval_split: str | None = None
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM (else the LLM stays frozen)."})
+    lora_r: int = 16
+    train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
+
+
+def load_model_and_processor(args: ScriptArguments, dtype: torch.dtype | None = None):
+    overrides = {k: v for k, v in {"router_type": args.router_type, "router_top_k": args.router_top_k}.items() if v}
+    if args.base_encoder:
+        processor = MoWEProcessor.from_components(args.base_encoder, args.weak_encoders, args.text_model, **overrides)
+        model = MoWEForConditionalGeneration.from_components(
+            args.base_encoder, args.weak_encoders, args.text_model, dtype=dtype,
+            audio_token_id=processor.audio_token_id, **overrides,
+        )
+        return model, processor
+    processor = MoWEProcessor.from_pretrained(args.model)
+    if (Path(args.model) / "config.json").exists() and not any(Path(args.model).glob("*.safetensors")):
+        config = MoWEConfig.from_pretrained(args.model, **overrides)  # a preset: random initialisation
+        return MoWEForConditionalGeneration(config).to(dtype or torch.float32), processor
+    return MoWEForConditionalGeneration.from_pretrained(args.model, dtype=dtype, **overrides), processor
+
+
+def load_splits(args: ScriptArguments):
+    import datasets
+
+    path = Path(args.dataset)
+    data = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset)
+    return data[args.train_split], (data[args.eval_split] if args.eval_split else None)
+
+
+def build_trainer(args: ScriptArguments, training_args: SFTConfig):
+    train_dataset, eval_dataset = load_splits(args)
+    model, processor = load_model_and_processor(args, torch.bfloat16 if training_args.bf16 else None)
+    return make_sft_trainer(
+        model, processor, training_args, train_dataset, eval_dataset,
+        use_lora=args.use_lora, lora_r=args.lora_r, train_language_model=args.train_language_model,
+    )
+
+
+def main(argv: list[str] | None = None):
+    parser = HfArgumentParser((ScriptArguments, SFTConfig))
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not training_args.use_cpu:
+        # Without `use_cpu`, accelerate runs each torchrun rank as its own single process on CPU-only machines.
+        training_args = dataclasses.replace(training_args, use_cpu=True)
+    set_seed(training_args.seed)
+    trainer = build_trainer(args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

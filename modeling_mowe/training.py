@@ -1,0 +1,298 @@
+"""Fine-tuning MoWE with TRL's SFTTrainer: the data collator, routing statistics and the freezing policy.
+
+Tooling wing: imports the model code, never the other way round (remote code must not need TRL or PEFT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .feature_extraction_mowe import to_mono_waveform
+
+IGNORE_INDEX = -100
+
+
+def _flatten_content(message: dict, audio_token: str) -> dict:
+    """A chat message whose content parts become one string, each audio part an `audio_token`."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    pieces = []
+    for part in content:
+        if part.get("type") == "audio":
+            pieces.append(audio_token)
+        elif part.get("type") == "text":
+            pieces.append(part.get("text") or "")
+    return {**message, "content": "".join(pieces)}
+
+
+def _row_messages(row: dict) -> list[dict]:
+    """The conversation of a row: `messages`, or conversational / plain `prompt` + `completion`."""
+    if "messages" in row and row["messages"] is not None:
+        return list(row["messages"])
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            audio_parts = [{"type": "audio"}] * len(_row_audio(row))
+            prompt = [{"role": "user", "content": [*audio_parts, {"type": "text", "text": prompt}]}]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return list(prompt) + list(completion)
+    raise ValueError("Each row needs `messages`, or `prompt` and `completion`.")
+
+
+def _row_audio(row: dict) -> list:
+    audio = row.get("audio")
+    if audio is None:
+        return []
+    return list(audio) if isinstance(audio, (list, tuple)) else [audio]
+
+
+class MoWEDataCollator:
+    """Turns conversational rows into a training batch for `MoWEForConditionalGeneration`.
+
+    Rows carry an `audio` column (a `datasets` Audio cell, decoded `{"array", "sampling_rate"}` or undecoded
+    `{"bytes", "path"}`, or a list of them) and `messages` whose `{"type": "audio"}` parts take the clips in order
+    (or `prompt` + `completion`). Like TRL's own collators, each assistant turn is tokenised after the rendered
+    prompt that precedes it (`add_generation_prompt=True`), exactly as `generate` will see it, and only assistant
+    tokens are trained: prompt, audio and padding labels are -100.
+
+    Returns `input_ids`, `attention_mask`, `labels` [batch, seq] (right-padded) and the audio inputs of every clip
+    in row order (`input_features`, `input_values`, `audio_lengths`).
+    """
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        flat = [_flatten_content(m, self.processor.audio_token) for m in messages]
+        return self.tokenizer.apply_chat_template(
+            flat, chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_assistant) pieces."""
+        segments, done = [], ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], add_generation_prompt=True)
+            full = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError(
+                    "The chat template does not render a conversation as a prefix of its continuation; "
+                    "assistant-only labels cannot be placed. Use a template without such rewriting."
+                )
+            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        rest = self._render(messages, add_generation_prompt=False)[len(done) :]
+        if rest:
+            segments.append((rest, False))
+        return segments
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rate = self.processor.feature_extractor.sampling_rate
+        audio_token = self.processor.audio_token
+        all_clips, all_ids, all_labels = [], [], []
+        for row in rows:
+            clips = [to_mono_waveform(cell, None, rate) for cell in _row_audio(row)]
+            messages = _row_messages(row)
+            queue = list(clips)
+            ids: list[int] = []
+            labels: list[int] = []
+            for text, is_assistant in self._segments(messages):
+                pieces = text.split(audio_token)
+                if len(pieces) - 1 > len(queue):
+                    raise ValueError(
+                        f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "
+                        "give one clip per {'type': 'audio'} part."
+                    )
+                expanded = pieces[0]
+                for piece in pieces[1:]:
+                    expanded += audio_token * self.processor.num_audio_tokens(len(queue.pop(0))) + piece
+                piece_ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+                ids += piece_ids
+                labels += piece_ids if is_assistant else [IGNORE_INDEX] * len(piece_ids)
+            if queue:
+                raise ValueError(
+                    f"A row has {len(clips)} audio clip(s) but only {len(clips) - len(queue)} audio part(s) in its "
+                    "messages; add one {'type': 'audio'} part per clip."
+                )
+            if self.max_length is not None and len(ids) > self.max_length:
+                audio_id = self.processor.audio_token_id
+                if audio_id in ids[self.max_length :]:
+                    raise ValueError(
+                        f"max_length={self.max_length} would cut audio tokens of a row of {len(ids)} tokens; "
+                        "raise max_length or shorten the audio."
+                    )
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            all_clips += clips
+            all_ids.append(ids)
+            all_labels.append(labels)
+
+        longest = max(len(ids) for ids in all_ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = {
+            "input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids in all_ids]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in all_ids]),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * (longest - len(lab)) for lab in all_labels]),
+        }
+        if all_clips:
+            batch.update(self.processor.feature_extractor(all_clips, sampling_rate=rate, return_tensors="pt"))
+        return batch
+
+
+def _audio_tower(model: nn.Module) -> nn.Module | None:
+    # By class name: a model loaded with trust_remote_code has its own copy of the class.
+    return next((m for m in model.modules() if type(m).__name__ == "MoWEAudioTower"), None)
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """Logs how often each router picked each weak encoder (fraction of windows) and the mean balancing loss.
+
+    Keys: `routing/<router>/<index>_<family>` and `routing/aux_loss`, averaged over the training forwards since
+    the previous log. They go into the Trainer's logs, so they reach `trainer.state.log_history`, TensorBoard, W&B,
+    ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
+    """
+
+    def __init__(self):
+        self._handle = None
+        self._counts = None
+        self._aux_sum = 0.0
+        self._forwards = 0
+        self._names: list[str] = []
+
+    def _record(self, tower: nn.Module, inputs, output) -> None:
+        if not tower.training or output.router_logits is None:
+            return
+        with torch.no_grad():
+            index = output.router_logits.float().topk(tower.config.router_top_k, dim=-1).indices  # [N, R, k]
+            counts = torch.nn.functional.one_hot(index, output.router_logits.shape[-1]).sum(dim=(0, 2)).cpu()
+        self._counts = counts if self._counts is None else self._counts + counts
+        if output.router_aux_loss is not None:
+            self._aux_sum += float(output.router_aux_loss.detach())
+            self._forwards += 1
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tower = _audio_tower(model) if model is not None else None
+        if tower is None or not tower.routers or self._handle is not None:
+            return
+        self._names = [
+            f"routing/{router}/{i}_{cfg.model_type}"
+            for router in tower.routers
+            for i, cfg in enumerate(tower.config.weak_encoder_configs)
+        ]
+        self._handle = tower.register_forward_hook(self._record)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._counts is None or logs is None or "loss" not in logs:
+            return
+        fractions = self._counts / self._counts.sum(-1, keepdim=True).clamp(min=1)
+        stats = {name: round(float(f), 4) for name, f in zip(self._names, fractions.reshape(-1))}
+        if self._forwards:
+            stats["routing/aux_loss"] = round(self._aux_sum / self._forwards, 4)
+        logs.update(stats)
+        if state.log_history:
+            state.log_history[-1].update(stats)
+        self._counts, self._aux_sum, self._forwards = None, 0.0, 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def add_routing_stats_callback(trainer) -> RoutingStatsCallback:
+    """Install a `RoutingStatsCallback` first in line, so reporting callbacks (TensorBoard, W&B) see its keys."""
+    callback = RoutingStatsCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+def trainable_module_names(model: nn.Module) -> list[str]:
+    """Names (relative to `MoWEForConditionalGeneration`) of the modules MoWE trains in full: each weak encoder, its
+    projection, the routers and the projector. The base encoder stays frozen; the LLM takes LoRA."""
+    tower = _audio_tower(model)
+    names = ["multi_modal_projector"]
+    if tower is not None:
+        names += [f"weak_encoders.{i}" for i in range(len(tower.weak_encoders))]
+        names += [f"weak_projections.{i}" for i in range(len(tower.weak_projections))]
+        names += [name for name in ("router_independent", "router_dependent") if getattr(tower, name) is not None]
+    return names
+
+
+def freeze_for_training(model: nn.Module, train_language_model: bool = False) -> dict[str, int]:
+    """The freezing policy without PEFT: base encoder frozen, weak pool + routers + projector trainable, the LLM
+    trainable only if `train_language_model`. Returns the trainable / total parameter counts."""
+    model.requires_grad_(False)
+    owners = dict(model.named_modules())
+    for name, module in owners.items():
+        if any(name == t or name.endswith("." + t) for t in trainable_module_names(model)):
+            module.requires_grad_(True)
+    if train_language_model:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
+    """A PEFT `LoraConfig` for the MoWE policy: LoRA on every linear layer of the LLM (and nowhere in the audio
+    encoders, whose attention layers share names like `q_proj`), the weak pool, routers and projector trained in
+    full and saved with the adapter (`modules_to_save`). Pass it as `SFTTrainer(peft_config=...)`."""
+    from peft import LoraConfig
+
+    language_model = model.model.language_model
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in language_model.named_modules() if isinstance(m, nn.Linear)})
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=rf"(.*\.)?model\.language_model\..*\.({'|'.join(leaf_names)})",
+        modules_to_save=trainable_module_names(model),
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def make_sft_trainer(
+    model: nn.Module,
+    processor,
+    training_args,
+    train_dataset,
+    eval_dataset=None,
+    use_lora: bool = False,
+    lora_r: int = 16,
+    train_language_model: bool = False,
+    callbacks: list | None = None,
+):
+    """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
+    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats."""
+    from trl import SFTTrainer
+
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    peft_config = lora_config(model, r=lora_r) if use_lora else None
+    if not use_lora:
+        freeze_for_training(model, train_language_model=train_language_model)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=MoWEDataCollator(processor, max_length=training_args.max_length),
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    add_routing_stats_callback(trainer)
+    return trainer

@@ -1,0 +1,234 @@
+"""Fine-tuning with TRL's SFTTrainer: collator labels, routing stats, loss falls, resume, LoRA, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe.training import IGNORE_INDEX, MoWEDataCollator, lora_config, make_sft_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "hub_configs" / "mowe-tiny-random"
+
+
+@pytest.fixture(scope="module")
+def benchmark_dir(tmp_path_factory):
+    from modeling_mowe.data import BenchmarkConfig, build_benchmark
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
+    cache = tmp_path_factory.mktemp("benchmark")
+    config = BenchmarkConfig.tiny()
+    build_benchmark(cache, config, progress=False)
+    return cache / config.fingerprint()
+
+
+@pytest.fixture(scope="module")
+def splits(benchmark_dir):
+    import datasets
+
+    return datasets.load_from_disk(str(benchmark_dir))
+
+
+@pytest.fixture
+def processor():
+    return MoWEProcessor.from_pretrained(TINY)
+
+
+def tiny_model(seed: int = 0, **overrides) -> MoWEForConditionalGeneration:
+    torch.manual_seed(seed)
+    return MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY, **overrides))
+
+
+def sft_args(output_dir, **overrides):
+    from trl import SFTConfig
+
+    defaults = dict(
+        output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=2, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=False, seed=0, data_seed=0,
+        gradient_checkpointing=False, disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0,
+        dataloader_pin_memory=False,
+    )
+    return SFTConfig(**{**defaults, **overrides})
+
+
+def train_losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_labels_cover_assistant_tokens_only(splits, processor):
+    rows = [splits["train"][i] for i in range(3)]
+    batch = MoWEDataCollator(processor)(rows)
+    assert batch["labels"].shape == batch["input_ids"].shape
+    for i, row in enumerate(rows):
+        trained = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(trained) == row["answer"] + "<|im_end|>\n"
+        audio_positions = batch["input_ids"][i] == processor.audio_token_id
+        assert audio_positions.any() and (batch["labels"][i][audio_positions] == IGNORE_INDEX).all()
+        padding = batch["attention_mask"][i] == 0
+        assert (batch["labels"][i][padding] == IGNORE_INDEX).all()
+
+
+def test_collated_prompt_is_what_generate_sees(splits, processor):
+    """The tokens before the answer equal the processor's chat template with a generation prompt."""
+    import numpy as np
+
+    from modeling_mowe.data import load_audio
+
+    row = splits["train"][0]
+    batch = MoWEDataCollator(processor)([row])
+    wave, rate = load_audio(row["audio"])
+    messages = [dict(row["messages"][0], content=[{"type": "audio", "audio": wave, "sampling_rate": rate},
+                                                   {"type": "text", "text": row["prompt"]}])]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][0, :n], prompt["input_ids"][0])
+    assert (batch["labels"][0, :n] == IGNORE_INDEX).all() and (batch["labels"][0, n] != IGNORE_INDEX)
+    assert np.allclose(batch["input_features"].numpy(), prompt["input_features"].numpy(), atol=1e-5)
+
+
+def test_collator_rejects_clip_part_mismatch(splits, processor):
+    row = dict(splits["train"][0])
+    row["audio"] = [row["audio"], row["audio"]]
+    with pytest.raises(ValueError, match="audio clip"):
+        MoWEDataCollator(processor)([row])
+
+
+def test_prompt_completion_rows(splits, processor):
+    row = splits["train"][0]
+    batch = MoWEDataCollator(processor)([{"audio": row["audio"], "prompt": row["prompt"], "completion": row["answer"]}])
+    trained = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained).startswith(row["answer"])
+
+
+def test_sft_learns_with_checkpointing_and_logs_routing(splits, processor, tmp_path):
+    args = sft_args(tmp_path, max_steps=10, gradient_checkpointing=True)
+    trainer = make_sft_trainer(tiny_model(), processor, args, splits["train"].select(range(8)), train_language_model=True)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+    routed = [h for h in trainer.state.log_history if "routing/data_dependent/0_whisper" in h]
+    assert routed, "routing statistics missing from log_history"
+    dependent = [v for k, v in routed[-1].items() if k.startswith("routing/data_dependent/")]
+    assert len(dependent) == 4 and abs(sum(dependent) - 1.0) < 1e-3
+    assert "routing/aux_loss" in routed[-1]
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert not any("base_encoder" in n for n in trainable) and any("language_model" in n for n in trainable)
+
+
+def test_resume_continues_the_same_loss_curve(splits, processor, tmp_path):
+    data = splits["train"].select(range(12))
+    full = make_sft_trainer(tiny_model(), processor, sft_args(tmp_path / "full"), data)
+    full.train()
+
+    first = make_sft_trainer(
+        tiny_model(), processor, sft_args(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=3), data
+    )
+    first.train()
+    resumed = make_sft_trainer(tiny_model(seed=1), processor, sft_args(tmp_path / "resumed"), data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    resumed_steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed_steps == [1, 2, 3, 4, 5, 6]
+    assert torch.allclose(torch.tensor(train_losses(resumed)), torch.tensor(train_losses(full)), atol=1e-5)
+
+
+def test_lora_model_saves_loads_and_merges_with_same_generation(splits, processor, tmp_path):
+    from peft import PeftModel
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model().save_pretrained(base_dir)
+    model = MoWEForConditionalGeneration.from_pretrained(base_dir)
+    args = sft_args(tmp_path / "run", max_steps=6, gradient_checkpointing=True)
+    trainer = make_sft_trainer(model, processor, args, splits["train"].select(range(8)), use_lora=True, lora_r=8)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert losses[-1] < losses[0], losses
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n and "language_model" in n for n in trainable)
+    assert not any("base_encoder" in n for n in trainable)
+    assert not any("lora_" in n and "audio_tower" in n for n in trainable)
+    assert any("router_dependent" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    trainer.save_model(str(adapter_dir))
+    saved = set(json.loads((adapter_dir / "adapter_config.json").read_text())["modules_to_save"])
+    assert {"multi_modal_projector", "router_dependent", "weak_encoders.0"} <= saved
+
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("router_dependent" in k for k in keys) and any("lora_A" in k for k in keys)
+
+    loaded = PeftModel.from_pretrained(MoWEForConditionalGeneration.from_pretrained(base_dir), adapter_dir).eval()
+    row = splits["test"][0]
+    inputs = MoWEDataCollator(processor)([{"audio": row["audio"], "messages": row["messages"][:1]}])
+    prompt = {k: v for k, v in inputs.items() if k != "labels"}
+    gen = dict(max_new_tokens=6, do_sample=False)
+    before = loaded.generate(**prompt, **gen)
+    trained_state = {k: v.clone() for k, v in trainer.model.state_dict().items() if "router_dependent" in k}
+    loaded_state = {k: v for k, v in loaded.state_dict().items() if "router_dependent" in k}
+    assert trained_state.keys() == loaded_state.keys()
+    assert all(torch.equal(trained_state[k], loaded_state[k]) for k in trained_state)
+    merged = loaded.merge_and_unload()
+    assert torch.equal(merged.generate(**prompt, **gen), before)
+
+
+def test_lora_targets_only_the_language_model():
+    config = lora_config(tiny_model(), r=4)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(tiny_model(), config)
+    lora_modules = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert lora_modules and all(".language_model." in n for n in lora_modules)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ends_with_identical_weights(benchmark_dir, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(ROOT / "examples")!r})
+import train_sft
+
+build = train_sft.build_trainer
+def build_and_snapshot(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    trainer.initial = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+    return trainer
+train_sft.build_trainer = build_and_snapshot
+
+trainer = train_sft.main(sys.argv[1:])
+trained = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
+flat = torch.cat([p.reshape(-1) for p in trained])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    diff = max((g - gathered[0]).abs().max().item() for g in gathered)
+    changed = max((a - b).abs().max().item() for a, b in zip(trained, trainer.initial))
+    open({str(tmp_path / "result.txt")!r}, "w").write(f"{{dist.get_world_size()}} {{diff}} {{changed}}")
+"""
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        "--dataset", str(benchmark_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--bf16", "False", "--report_to", "none",
+        "--save_strategy", "no", "--gradient_checkpointing", "True", "--ddp_find_unused_parameters", "False",
+        "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    world, diff, changed = (tmp_path / "result.txt").read_text().split()
+    assert int(world) == 2
+    assert float(diff) == 0.0
+    assert float(changed) > 0.0
