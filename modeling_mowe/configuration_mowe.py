@@ -153,8 +153,8 @@ class MoWEConfig(PretrainedConfig):
 
     @property
     def audio_front_ends(self) -> list[dict]:
-        """The distinct front-ends (log-mel sizes, waveform) the encoders need, in input order."""
-        return audio_front_ends(self.encoder_configs)
+        """The distinct front-ends (log-mel sizes, waveform) the encoders that run need, in input order."""
+        return audio_front_ends(self.encoder_configs if self.router_type != "none" else [self.base_encoder_config])
 
     @property
     def audio_frame_spec(self) -> dict:
