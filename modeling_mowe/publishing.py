@@ -1,0 +1,464 @@
+"""Hub-ready folders for MoWE models: weights, code, processor, model card, example audio and an endpoint handler.
+
+`build_hub_folder` writes everything a Hub repository needs into a local folder, so it can be inspected and tested
+without a network; `push_model_to_hub` uploads that folder. This module belongs to the tooling wing: it may import
+`huggingface_hub` and the evaluation helpers, and no remote-code file imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .evaluation import results_table_markdown
+
+EXAMPLE_AUDIO = "example.wav"
+SAMPLING_RATE = 16_000
+DEFAULT_REPO_ID = "your-username/{name}"
+DEFAULT_QUESTION = "Transcribe the audio."
+BEEPS_QUESTION = "How many beeps do you hear?"
+TAGS = ["mowe", "audio", "audio-text-to-text", "speech", "multimodal", "mixture-of-encoders", "custom_code"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+CITATION = """@inproceedings{zhang2025mowe,
+  title     = {MoWE-Audio: Multitask AudioLLMs with Mixture of Weak Encoders},
+  author    = {Zhang, Wenyu and others},
+  booktitle = {ICASSP 2025 - IEEE International Conference on Acoustics, Speech and Signal Processing},
+  year      = {2025},
+  eprint    = {2409.06635},
+  archivePrefix = {arXiv}
+}"""
+
+USAGE_SNIPPET = '''import torch
+from transformers import AutoModel, AutoProcessor
+from transformers.utils import cached_file
+
+repo_id = "{repo_id}"
+processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
+model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()
+
+audio_path = cached_file(repo_id, "{example}")  # or any wav/flac/ogg file
+messages = [
+    {{
+        "role": "user",
+        "content": [
+            {{"type": "audio", "path": audio_path}},
+            {{"type": "text", "text": {question}}},
+        ],
+    }}
+]
+inputs = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+)
+with torch.no_grad():
+    generated = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
+answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+print(answer)'''
+
+PIPELINE_SNIPPET = '''from transformers import pipeline
+from transformers.utils import cached_file
+
+repo_id = "{repo_id}"
+pipe = pipeline("any-to-any", model=repo_id, trust_remote_code=True)
+messages = [
+    {{
+        "role": "user",
+        "content": [
+            {{"type": "audio", "path": cached_file(repo_id, "{example}")}},
+            {{"type": "text", "text": {question}}},
+        ],
+    }}
+]
+result = pipe(text=messages, max_new_tokens={max_new_tokens}, do_sample=False)
+print(result[0]["generated_text"][-1]["content"])'''
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A multi-task audio LLM with a **Mixture of Weak Encoders** (MoWE;
+[Zhang et al., ICASSP 2025](https://arxiv.org/abs/2409.06635)): a strong base audio encoder plus a pool of light
+"weak" encoders, routed per input; their features are concatenated, projected into the LLM's embedding space, and the
+LLM answers questions about the audio (transcription, paralinguistics, sounds, ...). Built with mowe-audio, a
+Hugging Face Transformers plugin; the model code ships in this repository, so load it with `trust_remote_code=True`.
+
+## Architecture
+
+| part | model |
+|---|---|
+{% for part, name in components -%}
+| {{ part }} | {{ name }} |
+{% endfor %}
+Routers: `{{ router_type }}` (top-{{ top_k }}); {{ num_parameters }} parameters, of which the weak-encoder pool is
+{{ pool_share }}.
+
+## Usage
+
+```python
+{{ usage_snippet }}
+```
+
+With transformers' own pipeline:
+
+```python
+{{ pipeline_snippet }}
+```
+
+Content parts may also carry arrays: `{"type": "audio", "audio": waveform, "sampling_rate": 16000}`. Audio of any
+rate is resampled to 16 kHz and downmixed to mono; clips longer than 30 s are encoded window by window.
+
+## Try it
+
+The Hub's serverless widget does not run custom-code models. To let people try this one:
+
+- **Space**: the Gradio demo of mowe-audio (`examples/space/`) loads any MoWE repository; set the Space variable
+  `MOWE_MODEL={{ repo_id }}`.
+- **Inference Endpoints**: this repository carries `handler.py` (a custom `EndpointHandler`) and its
+  `requirements.txt`. Send `{"inputs": {"audio": "<base64 wav>", "text": "{{ example_question }}"}}` (or
+  `"audio": [floats], "sampling_rate": 16000`) and get `[{"generated_text": "..."}]`.
+
+## Results
+{% if results_table %}
+{{ results_table }}
+WER: corpus word error rate (lower is better). Accuracy: exact match after normalisation (lowercase, punctuation
+removed). Average score: unweighted mean over tasks of accuracy, or max(0, 1 - WER).
+{% else %}
+No evaluation results were recorded for this checkpoint.
+{% endif %}
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+HANDLER_SOURCE = '''"""Inference Endpoints handler for a MoWE audio LLM (custom code: loaded with trust_remote_code)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoProcessor
+
+
+class EndpointHandler:
+    """Answers a question about an audio clip.
+
+    Request: `{"inputs": {"audio": <base64 wav/flac/ogg> | [floats], "sampling_rate": int (with floats),
+    "text": question}, "parameters": {generate() options}}`; `inputs` may also be a list of such dicts.
+    Response: `[{"generated_text": answer}]`, one entry per input.
+    """
+
+    def __init__(self, path: str = ""):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        self.model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
+
+    def __call__(self, data: dict[str, Any]) -> list[dict[str, str]]:
+        inputs = data.get("inputs", data)
+        requests = inputs if isinstance(inputs, list) else [inputs]
+        parameters = {"max_new_tokens": 128, "do_sample": False, **(data.get("parameters") or {})}
+        return [{"generated_text": self.answer(request, parameters)} for request in requests]
+
+    def answer(self, request: dict[str, Any], parameters: dict[str, Any]) -> str:
+        if not isinstance(request, dict) or "audio" not in request or not request.get("text"):
+            raise ValueError(
+                \'Each input must be {"audio": <base64 audio file> or [floats] with "sampling_rate", "text": question}.\'
+            )
+        audio = request["audio"]
+        part = {"type": "audio"}
+        if isinstance(audio, str):
+            part["audio"] = base64.b64decode(audio.split(",", 1)[-1] if audio.startswith("data:") else audio)
+        else:
+            if "sampling_rate" not in request:
+                raise ValueError(\'Raw audio samples need their "sampling_rate" (e.g. 16000).\')
+            part.update(audio=np.asarray(audio, dtype=np.float32), sampling_rate=int(request["sampling_rate"]))
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": str(request["text"])}]}]
+        inputs = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        with torch.no_grad():
+            generated = self.model.generate(**inputs, **parameters)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+'''
+
+
+def build_hub_folder(
+    model,
+    processor,
+    output_dir: str | os.PathLike,
+    results: Mapping[str, Any] | str | os.PathLike | None = None,
+    dataset_names: Sequence[str] | None = None,
+    example_audio: np.ndarray | str | os.PathLike | None = None,
+    example_sampling_rate: int = SAMPLING_RATE,
+    example_question: str | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    base_model: Sequence[str] | None = None,
+    license: str = "apache-2.0",
+    language: str | Sequence[str] | None = "en",
+    max_shard_size: int | str = "5GB",
+    max_new_tokens: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete Hub repository for a MoWE model into `output_dir`.
+
+    The folder holds the safetensors weights (sharded with an index when larger than `max_shard_size`), `config.json`
+    with `auto_map` and the remote code, the processor and tokenizer files with the chat template,
+    `generation_config.json`, `README.md` (the model card), `example.wav` (the card's widget example), and
+    `handler.py` + `requirements.txt` for Inference Endpoints. Upload it with [`push_model_to_hub`].
+
+    Args:
+        model ([`MoWEForConditionalGeneration`]): the model to publish.
+        processor ([`MoWEProcessor`]): its processor.
+        output_dir: the folder to write (created if missing; must be empty unless `overwrite`).
+        results: evaluation results, as `modeling_mowe.evaluation.write_results` writes them (`{system:
+            score_predictions(...) result}`, or one system's result), or the path of that JSON file. Fills the
+            card's results table.
+        dataset_names: Hub ids of the training datasets, for the card's `datasets` metadata.
+        example_audio: the example clip shipped as `example.wav`: a waveform at `example_sampling_rate`, or an audio
+            file. Defaults to two synthetic beeps (asked "How many beeps do you hear?").
+        example_sampling_rate: rate of an `example_audio` array.
+        example_question: the widget's and usage snippets' question; defaults to "Transcribe the audio." (or the
+            beep-counting question with the default clip).
+        repo_id: the Hub repository the folder is meant for; used in the snippets and the widget's audio URL.
+            Defaults to `your-username/<folder name>`.
+        model_name: the card's title; defaults to the repository name.
+        base_model: Hub ids for the card's `base_model`; defaults to the Hub ids among
+            `config.component_checkpoints` (local folders cannot be listed there).
+        license: the card's license.
+        language: the card's language(s).
+        max_shard_size: largest weights file before sharding (e.g. `"5GB"`).
+        max_new_tokens: `max_new_tokens` in the usage snippets.
+        overwrite: write into a non-empty `output_dir` (files of the same name are replaced, stale weight files
+            removed by `save_pretrained`).
+
+    Returns:
+        The folder's path.
+    """
+    import soundfile
+
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; choose a new folder or pass overwrite=True.")
+    output.mkdir(parents=True, exist_ok=True)
+    repo_id = repo_id or DEFAULT_REPO_ID.format(name=output.name)
+    model_name = model_name or repo_id.split("/")[-1]
+
+    model.save_pretrained(output, max_shard_size=max_shard_size)
+    processor.save_pretrained(output)
+    _generation_config(model, processor.tokenizer).save_pretrained(output)
+
+    if example_audio is None:
+        waveform, rate = _beeps(2), SAMPLING_RATE
+        example_question = example_question or BEEPS_QUESTION
+    elif isinstance(example_audio, (str, os.PathLike)):
+        waveform, rate = soundfile.read(example_audio, dtype="float32")
+    else:
+        waveform, rate = np.asarray(example_audio, dtype=np.float32), example_sampling_rate
+    soundfile.write(output / EXAMPLE_AUDIO, waveform, rate, subtype="PCM_16")
+    example_question = example_question or DEFAULT_QUESTION
+
+    (output / "handler.py").write_text(HANDLER_SOURCE, encoding="utf-8")
+    (output / "requirements.txt").write_text("\n".join(endpoint_requirements()) + "\n", encoding="utf-8")
+
+    results = load_results(results, model_name)
+    card = build_model_card(
+        model.config,
+        repo_id=repo_id,
+        model_name=model_name,
+        results=results,
+        dataset_names=dataset_names,
+        example_question=example_question,
+        base_model=base_model,
+        license=license,
+        language=language,
+        num_parameters=model.num_parameters(),
+        pool_parameters=sum(p.numel() for p in model.model.audio_tower.weak_encoders.parameters()),
+        max_new_tokens=max_new_tokens,
+    )
+    card.save(output / "README.md")
+
+    pickles = [p.name for p in output.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise RuntimeError(f"Pickle files were written to {output}: {pickles}; only safetensors may be published.")
+    return output
+
+
+def build_model_card(
+    config,
+    repo_id: str,
+    model_name: str,
+    results: Mapping[str, Any] | None = None,
+    dataset_names: Sequence[str] | None = None,
+    example_question: str = DEFAULT_QUESTION,
+    base_model: Sequence[str] | None = None,
+    license: str = "apache-2.0",
+    language: str | Sequence[str] | None = "en",
+    num_parameters: int | None = None,
+    pool_parameters: int | None = None,
+    max_new_tokens: int = 64,
+) -> ModelCard:
+    """The model card of a MoWE model (see [`build_hub_folder`] for the arguments)."""
+    components = config.component_checkpoints or {}
+    if base_model is None:
+        base_model = [c for c in _component_ids(components) if _is_hub_id(c)]
+    metrics = sorted({task["metric"] for system in (results or {}).values() for task in system["tasks"].values()})
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="audio-text-to-text",
+        tags=list(TAGS),
+        base_model=list(dict.fromkeys(base_model)) or None,
+        datasets=list(dataset_names) if dataset_names else None,
+        metrics=metrics or None,
+        license=license,
+        language=language,
+        widget=[
+            {
+                "src": f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_AUDIO}",
+                "text": example_question,
+                "example_title": "Example clip",
+            }
+        ],
+    )
+    snippet_args = {
+        "repo_id": repo_id,
+        "example": EXAMPLE_AUDIO,
+        "question": json.dumps(example_question),
+        "max_new_tokens": max_new_tokens,
+    }
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        repo_id=repo_id,
+        components=_component_rows(config, components),
+        router_type=config.router_type,
+        top_k=config.router_top_k,
+        num_parameters=_human(num_parameters) if num_parameters else "?",
+        pool_share=f"{pool_parameters / num_parameters:.1%}" if num_parameters and pool_parameters is not None else "?",
+        usage_snippet=USAGE_SNIPPET.format(**snippet_args),
+        pipeline_snippet=PIPELINE_SNIPPET.format(**snippet_args),
+        example_question=example_question,
+        results_table=results_table_markdown(results) if results else None,
+        citation=CITATION,
+    )
+
+
+def load_results(results: Mapping[str, Any] | str | os.PathLike | None, system_name: str = "MoWE") -> dict | None:
+    """Evaluation results as `{system: {"tasks": ..., "summary": ...}}`, from that dict, one system's result (named
+    `system_name`) or the path of a JSON file holding either."""
+    if results is None:
+        return None
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding="utf-8"))
+    if "tasks" in results:
+        results = {system_name: results}
+    for system, result in results.items():
+        if not isinstance(result, Mapping) or not isinstance(result.get("tasks"), Mapping):
+            raise ValueError(
+                f"Results of {system!r} have no 'tasks' mapping; pass modeling_mowe.evaluation's format "
+                "({system: score_predictions(...)}) or the JSON file write_results wrote."
+            )
+    return dict(results)
+
+
+def endpoint_requirements() -> list[str]:
+    """Requirements of `handler.py` on Inference Endpoints: the transformers release this was built with, or newer."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return [f"transformers>={major}.{minor},<{major + 1}", "torch>=2.4", "numpy>=1.24", "soundfile>=0.12", "soxr>=0.3"]
+
+
+def push_model_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload MoWE model",
+) -> str:
+    """Create `repo_id` if needed and upload a folder written by [`build_hub_folder`]; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message).commit_url
+
+
+def _generation_config(model, tokenizer):
+    generation_config = copy.deepcopy(model.generation_config)
+    if generation_config.eos_token_id is None:
+        generation_config.eos_token_id = tokenizer.eos_token_id
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    return generation_config
+
+
+def _beeps(count: int, seconds: float = 1.5, frequency: float = 880.0) -> np.ndarray:
+    time = np.arange(int(seconds * SAMPLING_RATE)) / SAMPLING_RATE
+    waveform = np.zeros_like(time)
+    for start in 0.2 + 0.5 * np.arange(count):
+        inside = (time >= start) & (time < start + 0.15)
+        waveform[inside] = 0.5 * np.sin(2 * np.pi * frequency * time[inside])
+    return waveform.astype(np.float32)
+
+
+def _component_ids(components: Mapping[str, Any]) -> list[str]:
+    ids = [components.get("base_encoder"), *(components.get("weak_encoders") or []), components.get("text_model")]
+    return [str(c) for c in ids if c]
+
+
+def _is_hub_id(name: str) -> bool:
+    if os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _component_rows(config, components: Mapping[str, Any]) -> list[tuple[str, str]]:
+    def describe(sub_config, checkpoint) -> str:
+        kind = f"{sub_config.model_type}, hidden size {_width(sub_config)}"
+        return f"`{checkpoint}` ({kind})" if checkpoint and _is_hub_id(str(checkpoint)) else kind
+
+    weak_ids = list(components.get("weak_encoders") or [None] * len(config.weak_encoder_configs))
+    rows = [("base encoder", describe(config.base_encoder_config, components.get("base_encoder")))]
+    rows += [
+        (f"weak encoder {i + 1}", describe(c, weak_ids[i] if i < len(weak_ids) else None))
+        for i, c in enumerate(config.weak_encoder_configs)
+    ]
+    rows.append(("LLM", describe(config.text_config, components.get("text_model"))))
+    return rows
+
+
+def _width(sub_config) -> int:
+    return getattr(sub_config, "d_model", None) or sub_config.hidden_size
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+__all__ = ["build_hub_folder", "build_model_card", "endpoint_requirements", "load_results", "push_model_to_hub"]
