@@ -48,8 +48,8 @@ def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
 def _is_single_clip(audio: Any) -> bool:
     if isinstance(audio, (str, os.PathLike, bytes, dict)):
         return True
-    if hasattr(audio, "ndim") and hasattr(audio, "shape"):  # numpy arrays and torch tensors
-        return audio.ndim <= 2
+    if hasattr(audio, "ndim") and hasattr(audio, "shape"):  # an array is one clip; batches are lists of clips
+        return True
     if isinstance(audio, (list, tuple)):
         return len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio)
     return True  # not a batch: `to_mono_waveform` says what is wrong with it

@@ -115,9 +115,17 @@ def tiny_random() -> None:
         code.unlink()
     for name in folder.glob("*.json"):
         data = json.loads(name.read_text())
-        if isinstance(data, dict) and "auto_map" in data:
-            data.pop("auto_map")
+        if isinstance(data, dict) and _drop_auto_map(data):
             name.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _drop_auto_map(data: dict) -> bool:
+    """Remove `auto_map` from a saved config and its nested sub-configs; True if any was there."""
+    found = data.pop("auto_map", None) is not None
+    for value in data.values():
+        if isinstance(value, dict):
+            found = _drop_auto_map(value) or found
+    return found
 
 
 def paper_pool(name: str, weak: list, weak_ids: list[str]) -> None:

@@ -184,6 +184,8 @@ def test_arrays_of_three_or_more_dimensions(shape):
     with pytest.raises(ValueError, match=r"must be 1-D \(mono\) or 2-D.*For a batch, pass a list of clips"):
         to_mono_waveform(np.zeros(shape, np.float32), SR)
     with pytest.raises(ValueError, match="1-D"):
+        to_mono_waveforms(torch.zeros(shape), SR)  # an array is one clip, never a batch
+    with pytest.raises(ValueError, match="1-D"):
         to_mono_waveform(np.float32(0.5), SR)
 
 
