@@ -10,6 +10,13 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
     $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
 
+# Headless browser for the Space test; Playwright drives this one (`playwright install` needs a CDN).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
