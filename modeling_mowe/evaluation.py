@@ -1,6 +1,6 @@
 """Scoring of the multi-task benchmark: normalisation, per-task metrics, comparison tables, result files.
 
-No model code lives here: callers generate the predictions and pass strings in. The metrics are the local
+`generate_answers` runs a model over a dataset's prompts; everything else works on strings. The metrics are the local
 ``evaluate`` modules ``metric_wer.py`` and ``metric_accuracy.py`` next to this file, loaded by path (no Hub access).
 
 Result dict of one system, as returned by :func:`score_predictions`::
@@ -14,7 +14,7 @@ Result dict of one system, as returned by :func:`score_predictions`::
         "summary": {"asr_wer": 0.12, "mean_accuracy": 0.9, "average_score": 0.896, "n": 200},
     }
 
-This module belongs to the tooling wing: it imports no other ``modeling_mowe`` module.
+This module belongs to the tooling wing: the model code never imports it.
 """
 
 from __future__ import annotations
@@ -230,3 +230,59 @@ def write_results(
     )
     md_path.write_text((f"# {title}\n\n" if title else "") + table + notes, encoding="utf-8")
     return {"json": json_path, "markdown": md_path}
+
+
+def prompt_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The row's conversation up to its last assistant turn, with the row's audio clips placed in its audio parts."""
+    messages = list(row["messages"])
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    clips = row.get("audio")
+    clips = list(clips) if isinstance(clips, (list, tuple)) else [clips]
+    filled = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "audio", "audio": clips.pop(0)} if part["type"] == "audio" else part for part in content
+            ]
+        filled.append({**message, "content": content})
+    return filled
+
+
+def generate_answers(
+    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 24, progress: bool = True
+) -> list[str]:
+    """Greedy answers of `model` to every row of `dataset` (rows with `audio` and chat `messages`), in order.
+
+    Batches are left-padded, so each answer equals the row generated alone.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer = processor.tokenizer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), desc="generating", disable=not progress):
+            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+            conversations = [prompt_messages(row) for row in rows]
+            inputs = processor.apply_chat_template(
+                conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            ).to(model.device)
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+    return answers
+
+
+def evaluate_model(model, processor, dataset, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Generate answers for `dataset` and score them per task (see `score_predictions`); the result also holds the
+    predictions under ``"predictions"``."""
+    predictions = generate_answers(model, processor, dataset, batch_size=batch_size, progress=progress)
+    results = score_predictions(dataset["task"], predictions, dataset["answer"])
+    results["predictions"] = predictions
+    return results

@@ -228,9 +228,11 @@ def trainable_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def freeze_for_training(model: nn.Module, train_language_model: bool = False) -> dict[str, int]:
-    """The freezing policy without PEFT: base encoder frozen, weak pool + routers + projector trainable, the LLM
-    trainable only if `train_language_model`. Returns the trainable / total parameter counts."""
+def freeze_for_training(
+    model: nn.Module, train_language_model: bool = False, train_base_encoder: bool = False
+) -> dict[str, int]:
+    """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool + routers +
+    projector trainable, the LLM trainable only if `train_language_model`. Returns trainable / total counts."""
     model.requires_grad_(False)
     owners = dict(model.named_modules())
     for name, module in owners.items():
@@ -239,6 +241,8 @@ def freeze_for_training(model: nn.Module, train_language_model: bool = False) ->
     if train_language_model:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+    if train_base_encoder:
+        model.model.audio_tower.base_encoder.requires_grad_(True)
     return {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
@@ -273,6 +277,7 @@ def make_sft_trainer(
     use_lora: bool = False,
     lora_r: int = 16,
     train_language_model: bool = False,
+    train_base_encoder: bool = False,
     callbacks: list | None = None,
 ):
     """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
@@ -283,7 +288,7 @@ def make_sft_trainer(
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None
     if not use_lora:
-        freeze_for_training(model, train_language_model=train_language_model)
+        freeze_for_training(model, train_language_model=train_language_model, train_base_encoder=train_base_encoder)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
