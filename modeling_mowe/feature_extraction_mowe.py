@@ -285,16 +285,19 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         stft = torch.stft(torch.from_numpy(batch), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True)
         return stft[..., :computed].abs() ** 2, num_frames
 
-    def log_mel(self, power: torch.Tensor, num_frames: int, n_mels: int) -> np.ndarray:
-        """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output."""
+    def log_mel(self, power: torch.Tensor, num_frames: int, n_mels: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output (into `out`)."""
         filters = torch.from_numpy(self._mel_extractors[n_mels].mel_filters).to(torch.float32)
         log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
-        top = log_spec.amax(dim=(1, 2), keepdim=True)
-        if log_spec.shape[-1] < num_frames:  # the frames not computed are silent: log10(1e-10) = -10
-            top = top.clamp(min=-10.0)
-            log_spec = torch.nn.functional.pad(log_spec, (0, num_frames - log_spec.shape[-1]), value=-10.0)
-        log_spec = (torch.maximum(log_spec, top - 8.0) + 4.0) / 4.0
-        return log_spec.numpy()
+        floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
+        computed = log_spec.shape[-1]
+        if computed < num_frames:  # the frames not computed are silent: log10(1e-10) = -10
+            floor = floor.clamp(min=-10.0)
+        if out is None:
+            out = np.empty((power.shape[0], n_mels, num_frames), dtype=np.float32)
+        out[..., :computed] = ((torch.maximum(log_spec, floor) + 4.0) / 4.0).numpy()
+        out[..., computed:] = ((floor + 4.0) / 4.0).numpy()
+        return out
 
     def normalized_waveform(self, windows: list[np.ndarray]) -> np.ndarray:
         """Zero-mean unit-variance windows (statistics over each window's real samples), zero-padded to the longest."""
@@ -325,8 +328,12 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         data: dict[str, Any] = {}
         if self._mel_extractors:
             power, num_frames = self.power_spectrogram(windows)
-            mels = [self.log_mel(power, num_frames, n_mels) for n_mels in self._mel_extractors]
-            data["input_features"] = np.concatenate(mels, axis=1)
+            features = np.empty((len(windows), self.feature_size, num_frames), dtype=np.float32)
+            start = 0
+            for n_mels in self._mel_extractors:
+                self.log_mel(power, num_frames, n_mels, out=features[:, start : start + n_mels])
+                start += n_mels
+            data["input_features"] = features
         if self._waveform_extractor is not None:
             data["input_values"] = self.normalized_waveform(windows)
         data["audio_lengths"] = np.array([len(w) for w in windows], dtype=np.int64)
