@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import AutoConfig, AutoTokenizer, BatchFeature
+from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import AudioKwargs, ProcessorMixin, TextKwargs
 
 from .encoders import n_audio_tokens
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
 
 AUDIO_TOKEN = "<|audio|>"
+WHISPER_FRAME_SPEC = {"type": "whisper", "hop_length": 160, "max_frames": 1500, "samples_per_frame": 320}
 
 # ChatML. Content is a string (each clip one <|audio|>) or a list of {"type": "text"|"audio"} parts; assistant turns
 # sit in {% generation %} so `return_assistant_tokens_mask` works with the tokenizer.
@@ -67,7 +68,7 @@ class MoWEProcessor(ProcessorMixin):
     def __init__(
         self,
         feature_extractor: MoWEFeatureExtractor | None = None,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         audio_token: str = AUDIO_TOKEN,
         frame_spec: dict | None = None,
@@ -80,12 +81,7 @@ class MoWEProcessor(ProcessorMixin):
                 "model's embeddings), or build the processor with MoWEProcessor.from_components."
             )
         self.audio_token = audio_token
-        self.frame_spec = frame_spec or {
-            "type": "whisper",
-            "hop_length": 160,
-            "max_frames": 1500,
-            "samples_per_frame": 320,
-        }
+        self.frame_spec = dict(frame_spec or WHISPER_FRAME_SPEC)
         self.stack_factor = stack_factor
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
@@ -226,7 +222,9 @@ class MoWEProcessor(ProcessorMixin):
         for key in [k for k in kwargs if k in _PROCESSOR_KWARGS]:
             processor_kwargs[key] = kwargs.pop(key)
         sampling_rate = processor_kwargs.pop("sampling_rate", None)
-        sampling_rate = processor_kwargs.get("audio_kwargs", {}).pop("sampling_rate", sampling_rate)
+        if "audio_kwargs" in processor_kwargs:
+            processor_kwargs["audio_kwargs"] = dict(processor_kwargs["audio_kwargs"])
+            sampling_rate = processor_kwargs["audio_kwargs"].pop("sampling_rate", sampling_rate)
         extra_audio = processor_kwargs.pop("audio", None)
         extra_sources = (
             [] if extra_audio is None else ([extra_audio] if _is_single_clip(extra_audio) else list(extra_audio))
@@ -262,9 +260,10 @@ class MoWEProcessor(ProcessorMixin):
                 source = extra_sources.pop(0)
             clips.append(to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate))
         if extra_sources:
+            verb = "has" if len(extra_sources) == 1 else "have"
             raise ValueError(
-                f"{_plural(len(extra_sources), 'audio clip')} given as `audio=` {'has' if len(extra_sources) == 1 else 'have'} "
-                "no {'type': 'audio'} part in the chat; add one part per clip."
+                f"{_plural(len(extra_sources), 'audio clip')} given as `audio=` {verb} no {{'type': 'audio'}} part "
+                "in the chat; add one part per clip."
             )
         processor_kwargs.setdefault("add_special_tokens", False)  # the template writes the special tokens
         outputs = self(
@@ -291,8 +290,8 @@ class MoWEProcessor(ProcessorMixin):
                 pieces.append(part.get("text") or "")
             else:
                 raise ValueError(
-                    f"Unsupported content part {part!r}; MoWE chats hold {{'type': 'text', 'text': ...}} and "
-                    "{'type': 'audio', 'audio'|'path': ...} parts."
+                    f"Unsupported content part of type {kind!r}; MoWE chats hold {{'type': 'text', 'text': ...}} "
+                    "and {'type': 'audio', 'audio'|'path': ...} parts."
                 )
         return {**message, "content": "".join(pieces)}
 

@@ -366,7 +366,13 @@ def test_chat_audio_rates_and_clips_given_separately(processor):
     separate = processor.apply_chat_template(
         chat({"type": "audio"}), tokenize=True, return_dict=True, audio=[clip], sampling_rate=8_000
     )
-    for out in (by_kwarg, separate):
+    nested = processor.apply_chat_template(
+        chat({"type": "audio", "audio": clip}),
+        tokenize=True,
+        return_dict=True,
+        processor_kwargs={"audio_kwargs": {"sampling_rate": 8_000}},
+    )
+    for out in (by_kwarg, separate, nested):
         assert out["input_ids"] == by_part["input_ids"]
         np.testing.assert_array_equal(out["input_features"], by_part["input_features"])
     with pytest.raises(ValueError, match="without its sampling rate"):
@@ -377,7 +383,7 @@ def test_chat_audio_rates_and_clips_given_separately(processor):
         processor.apply_chat_template(
             chat({"type": "text", "text": "hi"}), tokenize=True, audio=[clip], sampling_rate=8_000
         )
-    with pytest.raises(ValueError, match="Unsupported content part.*'image'"):
+    with pytest.raises(ValueError, match="Unsupported content part of type 'image'"):
         processor.apply_chat_template(chat({"type": "image", "url": "cat.png"}))
     with pytest.raises(ValueError, match="return_assistant_tokens_mask is not supported"):
         processor.apply_chat_template(chat({"type": "text", "text": "hi"}), return_assistant_tokens_mask=True)
