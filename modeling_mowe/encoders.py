@@ -58,6 +58,7 @@ class WhisperEncoderFamily:
     """Whisper's encoder: log-mel input (n_mels from the config), 50 frames/s, every clip padded to 30 s."""
 
     model_types = ("whisper",)
+    frozen_in_training: tuple[str, ...] = ()
 
     @staticmethod
     def front_end(config: PretrainedConfig) -> dict:
@@ -125,6 +126,9 @@ class WaveformEncoderFamily:
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
+    # The conv feature encoder stays frozen when fine-tuning, as in wav2vec2/HuBERT recipes (`freeze_feature_encoder`):
+    # its backward over raw 16 kHz samples costs more than the rest of a small encoder.
+    frozen_in_training: tuple[str, ...] = ("feature_extractor",)
 
     @staticmethod
     def front_end(config: PretrainedConfig) -> dict:

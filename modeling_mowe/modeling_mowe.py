@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -492,10 +493,14 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
                 "text_model": source(text_model),
             },
         )
+        text_config = copy.deepcopy(llm.config)
+        audio_token_id = config_kwargs.get("audio_token_id")
+        if audio_token_id is not None and audio_token_id >= text_config.vocab_size:
+            text_config.vocab_size = audio_token_id + 1  # the embeddings are resized to match below
         config = MoWEConfig(
             base_encoder_config=encoders[0].config,
             weak_encoder_configs=[e.config for e in encoders[1:]],
-            text_config=llm.config,
+            text_config=text_config,
             **config_kwargs,
         )
         with torch.device("meta"):

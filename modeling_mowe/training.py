@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .encoders import encoder_family
 from .feature_extraction_mowe import to_mono_waveform
 
 IGNORE_INDEX = -100
@@ -232,12 +233,18 @@ def freeze_for_training(
     model: nn.Module, train_language_model: bool = False, train_base_encoder: bool = False
 ) -> dict[str, int]:
     """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool + routers +
-    projector trainable, the LLM trainable only if `train_language_model`. Returns trainable / total counts."""
+    projector trainable (but for each family's `frozen_in_training` parts, e.g. HuBERT's conv feature encoder), the
+    LLM trainable only if `train_language_model`. Returns trainable / total counts."""
     model.requires_grad_(False)
     owners = dict(model.named_modules())
     for name, module in owners.items():
         if any(name == t or name.endswith("." + t) for t in trainable_module_names(model)):
             module.requires_grad_(True)
+    tower = _audio_tower(model)
+    if tower is not None:
+        for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
+            for name in encoder_family(config).frozen_in_training:
+                getattr(encoder, name).requires_grad_(False)
     if train_language_model:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)

@@ -563,15 +563,7 @@ def test_from_components_builds_front_ends_and_adds_the_audio_token(components):
     assert base_only.stack_factor == 2 and base_only.num_audio_tokens(SR) == 25
 
 
-MODEL_SIDE_RESIZE = (
-    "model side: MoWEConfig rejects audio_token_id == the LLM's vocab_size before from_components resizes the "
-    "embeddings, so the documented `audio_token_id=processor.audio_token_id` fails for Llama-3-like LLMs"
-)
-
-
-@pytest.mark.parametrize(
-    "llm", ["llm_padded", pytest.param("llm", marks=pytest.mark.xfail(reason=MODEL_SIDE_RESIZE, raises=ValueError))]
-)
+@pytest.mark.parametrize("llm", ["llm_padded", "llm"])
 def test_from_components_processor_and_model_agree(components, tmp_path, llm):
     weak = [components["whisper80"], components["hubert"]]
     processor = MoWEProcessor.from_components(components["base"], weak, components[llm], dynamic_audio_length=True)
