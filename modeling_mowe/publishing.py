@@ -256,12 +256,17 @@ def build_hub_folder(
     """
     import soundfile
 
+    if hasattr(model, "peft_config"):
+        raise TypeError("Merge the PEFT adapters before publishing: model = model.merge_and_unload().")
+    if getattr(getattr(model, "config", None), "model_type", None) != "mowe":
+        raise TypeError(f"build_hub_folder publishes MoWE models, got {type(model).__name__}.")
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} is not empty; choose a new folder or pass overwrite=True.")
-    output.mkdir(parents=True, exist_ok=True)
     repo_id = repo_id or DEFAULT_REPO_ID.format(name=output.name)
     model_name = model_name or repo_id.split("/")[-1]
+    results = load_results(results, model_name)
+    output.mkdir(parents=True, exist_ok=True)
 
     model.save_pretrained(output, max_shard_size=max_shard_size)
     processor.save_pretrained(output)
@@ -280,7 +285,6 @@ def build_hub_folder(
     (output / "handler.py").write_text(HANDLER_SOURCE, encoding="utf-8")
     (output / "requirements.txt").write_text("\n".join(endpoint_requirements()) + "\n", encoding="utf-8")
 
-    results = load_results(results, model_name)
     card = build_model_card(
         model.config,
         repo_id=repo_id,

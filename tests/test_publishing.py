@@ -230,9 +230,15 @@ def test_load_results_accepts_one_system_and_rejects_other_formats(tmp_path):
         load_results({"MoWE": {"wer": 0.2}})
 
 
-def test_build_refuses_a_non_empty_folder_without_overwrite(published):
+def test_build_refuses_a_non_empty_folder_other_models_and_bad_results(published, tmp_path):
+    model, processor = published["model"], published["processor"]
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        build_hub_folder(published["model"], published["processor"], published["folder"])
+        build_hub_folder(model, processor, published["folder"])
+    with pytest.raises(TypeError, match="publishes MoWE models"):
+        build_hub_folder(torch.nn.Linear(2, 2), processor, tmp_path / "linear")
+    with pytest.raises(ValueError, match="no 'tasks' mapping"):
+        build_hub_folder(model, processor, tmp_path / "bad-results", results={"MoWE": [0.1]})
+    assert not (tmp_path / "bad-results").exists()
 
 
 def test_usage_snippets_in_the_card_run_without_the_package(published):
