@@ -42,6 +42,7 @@ class DemoSettings:
     learning_rate: float = 2e-3
     eval_limit: int | None = None
     preset: Path = TINY_PRESET
+    benchmark: object | None = None  # a data.BenchmarkConfig; default: BenchmarkConfig(seed=seed, scale=scale)
 
     def steps(self, base: int) -> int:
         return max(1, round(base * self.scale))
@@ -200,9 +201,10 @@ def run_demo(settings: DemoSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    bench_config = BenchmarkConfig(seed=settings.seed, scale=settings.scale)
-    log(f"stage 1: benchmark ({bench_config.num_rows('train')} train / {bench_config.num_rows('test')} test rows)")
+    bench_config = settings.benchmark or BenchmarkConfig(seed=settings.seed, scale=settings.scale)
+    log("stage 1: benchmark (espeak-ng speech + generated beeps)")
     splits = build_benchmark(out / "cache" / "benchmark", bench_config)
+    log("         " + ", ".join(f"{name}: {len(split)} rows" for name, split in splits.items()))
     processor = MoWEProcessor.from_pretrained(settings.preset)
 
     pretrained = pretrain_base(settings, processor, splits["train"])

@@ -120,9 +120,9 @@ class WhisperEncoderFamily:
 class WaveformEncoderFamily:
     """HuBERT, wav2vec2, WavLM, data2vec-audio: the base model without a head, on the normalised waveform.
 
-    Group-norm feature encoders (HuBERT-base, wav2vec2-base) take no attention mask and normalise over the whole
-    padded input, so zero padding changes their output: those run on groups of equal-length clips, unpadded.
-    Layer-norm variants take an attention mask and run batched.
+    Runs batched with an attention mask. The group-norm feature encoders (HuBERT-base, wav2vec2-base) normalise
+    their first conv layer's output over time, padding included, so zero padding would change every frame: for
+    those, that GroupNorm's statistics are taken over each clip's own frames only (`_masked_group_norm`).
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
@@ -165,16 +165,32 @@ class WaveformEncoderFamily:
         encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False
     ) -> torch.Tensor:
         """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size]."""
-        if getattr(encoder.config, "feat_extract_norm", "group") == "layer":
-            valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
+        valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
+        first_conv = encoder.feature_extractor.conv_layers[0]
+        norm = getattr(first_conv, "layer_norm", None)
+        if not isinstance(norm, nn.GroupNorm):
             return encoder(waveform, attention_mask=valid.long()).last_hidden_state
-        frames = int(num_frames(lengths.max(), WaveformEncoderFamily.frame_spec(encoder.config)))
-        out = waveform.new_zeros(waveform.shape[0], frames, encoder.config.hidden_size)
-        for length in torch.unique(lengths).tolist():
-            rows = (lengths == length).nonzero(as_tuple=True)[0]
-            hidden = encoder(waveform[rows, :length]).last_hidden_state
-            out = out.index_copy(0, rows, nn.functional.pad(hidden, (0, 0, 0, frames - hidden.shape[1])))
-        return out
+        conv = first_conv.conv
+        frames = (lengths - conv.kernel_size[0]) // conv.stride[0] + 1
+        handle = norm.register_forward_hook(lambda module, args, output: _masked_group_norm(module, args[0], frames))
+        try:
+            return encoder(waveform, attention_mask=valid.long()).last_hidden_state
+        finally:
+            handle.remove()
+
+
+def _masked_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`norm` applied to `hidden` [b, C, T] with statistics over each row's first `lengths[b]` frames only."""
+    batch, channels, frames = hidden.shape
+    grouped = hidden.reshape(batch, norm.num_groups, -1, frames)
+    mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)[:, None, None]
+    count = mask.sum(-1, keepdim=True).clamp(min=1) * grouped.shape[2]
+    mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
+    var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
+    normed = ((grouped - mean) / torch.sqrt(var + norm.eps)).reshape(batch, channels, frames)
+    if norm.affine:
+        normed = normed * norm.weight[None, :, None] + norm.bias[None, :, None]
+    return normed
 
 
 ENCODER_FAMILIES: dict[str, type] = {

@@ -106,8 +106,6 @@ class MoWEAudioTower(nn.Module):
         self.router_dependent = (
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
-        # How many windows each router sent to each weak encoder since the last reset (read by training callbacks).
-        self.register_buffer("routing_counts", torch.zeros(len(self.routers), num_weak), persistent=False)
 
     @property
     def output_size(self) -> int:
@@ -195,9 +193,6 @@ class MoWEAudioTower(nn.Module):
             hidden = projection(hidden.to(projection.weight.dtype))
             for r, gate in enumerate(window_gates):
                 blocks[r] = blocks[r].index_add(0, rows, hidden * gate[rows, None, None].to(hidden.dtype))
-            with torch.no_grad():
-                for r, (_, index, _) in enumerate(selections):
-                    self.routing_counts[r, expert] += (index == expert).any(-1).sum()
 
         aux_loss = None
         if "data_dependent" in self.routers:
@@ -516,8 +511,6 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             if any(p.is_meta for p in module.parameters(recurse=False)):
                 module.to_empty(device=device, recurse=False)
                 model._init_weights(module)
-        if tower.routing_counts.is_meta:
-            tower.routing_counts = torch.zeros(tower.routing_counts.shape, device=device)
         model.to(llm.dtype)
         vocab_size = model.get_input_embeddings().weight.shape[0]
         if config.audio_token_id >= vocab_size:
