@@ -235,12 +235,19 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     (out / "training.json").write_text(json.dumps({"parameters": params, "histories": histories}, indent=1))
 
-    log("stage 5: save the MoWE model, reload it with AutoModel/AutoProcessor(trust_remote_code=True), answer")
+    log("stage 5: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
     from transformers import AutoModel, AutoProcessor
 
+    from .data import load_audio
+    from .publishing import build_hub_folder
+
     model_dir = out / "mowe-model"
-    arms["MoWE"].save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    example = test[_one_per_task(test, 1)[0]]
+    wave, rate = load_audio(example["audio"])
+    build_hub_folder(
+        arms["MoWE"], processor, model_dir, results=written["json"], example_audio=wave, example_sampling_rate=rate,
+        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
+    )
     reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     examples = []

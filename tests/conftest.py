@@ -55,3 +55,38 @@ def fast_config(tiny_config):
     """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding)."""
     tiny_config.dynamic_audio_length = True
     return tiny_config
+
+
+# Prepended to scripts run by `run_without_package`: `modeling_mowe` (editable install included) cannot be imported,
+# so only the code a saved folder carries can load it, as on a machine where the package is not installed.
+BLOCK_PACKAGE = '''
+import importlib.abc, sys
+
+class _BlockPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "modeling_mowe" or fullname.startswith("modeling_mowe."):
+            raise ImportError(f"{fullname} is blocked: only a checkpoint's own code may be used")
+        return None
+
+sys.meta_path.insert(0, _BlockPackage())
+try:
+    import modeling_mowe  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("modeling_mowe is importable: the test would prove nothing")
+'''
+
+
+def run_without_package(script: str, *args: str, cwd: Path, timeout: int = 300):
+    """Run `script` (python source) in a child process where `modeling_mowe` cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules_cache"), PYTHONNOUSERSITE="1")
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_PACKAGE + script, *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import soundfile
 import soxr
 import torch
+from conftest import run_without_package
 from transformers import (
     AutoProcessor,
     HubertConfig,
@@ -428,14 +426,7 @@ def test_save_pretrained_writes_code_and_auto_maps_and_reloads(saved, processor)
 
 
 REMOTE_SCRIPT = """
-import importlib.abc, json, sys
-
-class BlockPackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "modeling_mowe" or name.startswith("modeling_mowe."):
-            raise ImportError(f"{name} is blocked: only the checkpoint's own code may be used")
-
-sys.meta_path.insert(0, BlockPackage())
+import json
 import numpy as np
 from transformers import AutoProcessor, pipeline
 
@@ -456,10 +447,7 @@ print(json.dumps({"processor": type(processor).__module__, "extractor": type(pro
 def test_loads_from_its_own_code_where_the_package_cannot_be_imported(saved, processor, tmp_path):
     clips = {"a": noise(0.7, seed=12), "b": noise(1.3, seed=13)}
     np.savez(tmp_path / "clips.npz", **clips)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(saved)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    result = run_without_package(REMOTE_SCRIPT, str(saved), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["processor"].startswith("transformers_modules.") and report["processor"].endswith(".processing_mowe")

@@ -17,7 +17,7 @@ import pytest
 import soundfile
 import torch
 import yaml
-from conftest import SR, TINY, make_clip
+from conftest import SR, TINY, make_clip, run_without_package
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
@@ -81,20 +81,6 @@ SHARED_FILES = {
 }
 
 # Runs first in child processes: only the folder's own code may serve the model, as on a machine without the package.
-BLOCKER = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "modeling_mowe" or fullname.startswith("modeling_mowe."):
-                raise ImportError(f"{fullname} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
 
 def greedy_answer(model, processor, audio, question: str, sampling_rate: int | None = None) -> str:
     """What the card, handler and scripts should print: the decoded greedy continuation of a one-clip chat."""
@@ -111,11 +97,7 @@ def greedy_answer(model, processor, audio, question: str, sampling_rate: int | N
 
 
 def run_isolated(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules_cache"), PYTHONNOUSERSITE="1")
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER + script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_without_package(script, *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

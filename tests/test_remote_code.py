@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import TINY, build_model, make_clip, make_inputs
+from conftest import TINY, build_model, make_clip, make_inputs, run_without_package
 
 import modeling_mowe  # noqa: F401  (registers the Auto classes)
 
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female? Answer:"]
 
-# Runs first in the child: the package (editable install included) cannot be imported, only the copied code can.
-BLOCKER = textwrap.dedent(
+# Runs first in the child (after conftest.BLOCK_PACKAGE): load the expected outputs.
+PRELUDE = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "modeling_mowe" or fullname.startswith("modeling_mowe."):
-                raise ImportError(f"{fullname} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _Block())
-    try:
-        import modeling_mowe  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_mowe is importable: the test would prove nothing")
     import torch
     from transformers import AutoModel, AutoProcessor
     folder, expected = sys.argv[1], torch.load(sys.argv[2], weights_only=False)
@@ -96,18 +79,7 @@ def saved(tmp_path_factory, processor):
 def _run_isolated(root, folder, check: str) -> subprocess.CompletedProcess:
     workdir = root / "isolated"
     workdir.mkdir(exist_ok=True)
-    script = workdir / "check.py"
-    script.write_text(BLOCKER + check)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "modules_cache"), PYTHONNOUSERSITE="1")
-    return subprocess.run(
-        [sys.executable, str(script), str(folder), str(root / "expected.pt")],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_without_package(PRELUDE + check, str(folder), str(root / "expected.pt"), cwd=workdir)
 
 
 def test_saved_folder_carries_the_code_and_auto_map(saved):
