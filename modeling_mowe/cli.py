@@ -101,8 +101,8 @@ def pretrain_base(settings: DemoSettings, processor, train_split) -> dict[str, d
         log(f"stage 2: reusing the pretrained base from {cache}")
         return {p: load_file(str(cache / f"{p}.safetensors")) for p in parts}
 
-    asr = train_split.filter(lambda task: task == "asr", input_columns="task")
-    log(f"stage 2: ASR-only pretraining of the base ({steps} steps on {len(asr)} clips)")
+    asr = english_speech_as_asr(train_split)
+    log(f"stage 2: ASR-only pretraining of the base ({steps} steps on {len(asr)} English training clips)")
     torch.manual_seed(settings.seed)
     model = MoWEForConditionalGeneration(demo_config(settings, "none"))
     trainer = make_sft_trainer(
@@ -118,6 +118,18 @@ def pretrain_base(settings: DemoSettings, processor, train_split) -> dict[str, d
     for part, state in weights.items():
         save_file({k: v.contiguous() for k, v in state.items()}, str(cache / f"{part}.safetensors"))
     return weights
+
+
+def english_speech_as_asr(split):
+    """Every English training utterance (the ASR, gender and rate tasks speak the same grammar) as an ASR example:
+    what a pretrained Whisper has seen plenty of. Training split only, so the held-out sentences stay unseen."""
+    from .data import TASK_PROMPTS, chat_messages
+
+    speech = split.filter(lambda lang, text: lang == "english" and bool(text), input_columns=["language", "sentence"])
+    return speech.map(
+        lambda text: {"task": "asr", "messages": chat_messages(TASK_PROMPTS["asr"], text), "answer": text},
+        input_columns="sentence",
+    )
 
 
 def build_arm(settings: DemoSettings, router_type: str, pretrained: dict):
