@@ -18,20 +18,6 @@ from .feature_extraction_mowe import to_mono_waveform
 IGNORE_INDEX = -100
 
 
-def _flatten_content(message: dict, audio_token: str) -> dict:
-    """A chat message whose content parts become one string, each audio part an `audio_token`."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return dict(message)
-    pieces = []
-    for part in content:
-        if part.get("type") == "audio":
-            pieces.append(audio_token)
-        elif part.get("type") == "text":
-            pieces.append(part.get("text") or "")
-    return {**message, "content": "".join(pieces)}
-
-
 def _row_messages(row: dict) -> list[dict]:
     """The conversation of a row: `messages`, or conversational / plain `prompt` + `completion`."""
     if "messages" in row and row["messages"] is not None:
@@ -73,10 +59,7 @@ class MoWEDataCollator:
         self.max_length = max_length
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        flat = [_flatten_content(m, self.processor.audio_token) for m in messages]
-        return self.tokenizer.apply_chat_template(
-            flat, chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_assistant) pieces."""
