@@ -36,7 +36,7 @@ class DemoSettings:
     output_dir: Path
     scale: float = 1.0
     seed: int = 0
-    pretrain_steps: int = 500
+    pretrain_steps: int = 1500
     finetune_steps: int = 700
     batch_size: int = 16
     learning_rate: float = 2e-3
