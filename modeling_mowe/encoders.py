@@ -122,7 +122,7 @@ class WaveformEncoderFamily:
 
     Runs batched with an attention mask. The group-norm feature encoders (HuBERT-base, wav2vec2-base) normalise
     their first conv layer's output over time, padding included, so zero padding would change every frame: for
-    those, that GroupNorm's statistics are taken over each clip's own frames only (`_masked_group_norm`).
+    those, that GroupNorm's statistics are taken over each clip's own frames only (`MaskedGroupNorm`).
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
@@ -154,10 +154,13 @@ class WaveformEncoderFamily:
 
     @staticmethod
     def build(config: PretrainedConfig) -> nn.Module:
-        return AutoModel.from_config(config)
+        return WaveformEncoderFamily.from_pretrained_model(AutoModel.from_config(config))
 
     @staticmethod
     def from_pretrained_model(model: nn.Module) -> nn.Module:
+        first_conv = model.feature_extractor.conv_layers[0]
+        if isinstance(getattr(first_conv, "layer_norm", None), nn.GroupNorm):
+            _use_masked_group_norm(first_conv)
         return model
 
     @staticmethod
@@ -167,30 +170,47 @@ class WaveformEncoderFamily:
         """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size]."""
         valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
         first_conv = encoder.feature_extractor.conv_layers[0]
-        norm = getattr(first_conv, "layer_norm", None)
-        if not isinstance(norm, nn.GroupNorm):
-            return encoder(waveform, attention_mask=valid.long()).last_hidden_state
-        conv = first_conv.conv
-        frames = (lengths - conv.kernel_size[0]) // conv.stride[0] + 1
-        handle = norm.register_forward_hook(lambda module, args, output: _masked_group_norm(module, args[0], frames))
-        try:
-            return encoder(waveform, attention_mask=valid.long()).last_hidden_state
-        finally:
-            handle.remove()
+        if isinstance(getattr(first_conv, "layer_norm", None), nn.GroupNorm):
+            norm = _use_masked_group_norm(first_conv)
+            norm.frame_lengths = (lengths - first_conv.conv.kernel_size[0]) // first_conv.conv.stride[0] + 1
+        return encoder(waveform, attention_mask=valid.long()).last_hidden_state
 
 
-def _masked_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """`norm` applied to `hidden` [b, C, T] with statistics over each row's first `lengths[b]` frames only."""
-    batch, channels, frames = hidden.shape
-    grouped = hidden.reshape(batch, norm.num_groups, -1, frames)
-    mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)[:, None, None]
-    count = mask.sum(-1, keepdim=True).clamp(min=1) * grouped.shape[2]
-    mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
-    var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
-    normed = ((grouped - mean) / torch.sqrt(var + norm.eps)).reshape(batch, channels, frames)
-    if norm.affine:
-        normed = normed * norm.weight[None, :, None] + norm.bias[None, :, None]
-    return normed
+class MaskedGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` over [b, C, T] whose statistics cover each row's first `frame_lengths[b]` frames only.
+
+    `WaveformEncoderFamily.encode` sets `frame_lengths` before each call; the value stays until the next call, so a
+    gradient-checkpointing recomputation of the same batch sees it too. Inputs of another shape get plain GroupNorm.
+    """
+
+    frame_lengths: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        lengths = self.frame_lengths
+        if lengths is None or lengths.shape[0] != hidden.shape[0] or int(lengths.max()) != hidden.shape[-1]:
+            return super().forward(hidden)
+        batch, channels, frames = hidden.shape
+        grouped = hidden.reshape(batch, self.num_groups, -1, frames)
+        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+        mask = mask[:, None, None]
+        count = mask.sum(-1, keepdim=True) * grouped.shape[2]
+        mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
+        var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
+        normed = ((grouped - mean) / torch.sqrt(var + self.eps)).reshape(batch, channels, frames)
+        if self.affine:
+            normed = normed * self.weight[None, :, None] + self.bias[None, :, None]
+        return normed
+
+
+def _use_masked_group_norm(conv_layer: nn.Module) -> MaskedGroupNorm:
+    """Swap the conv layer's GroupNorm for a `MaskedGroupNorm` sharing its parameters (once)."""
+    norm = conv_layer.layer_norm
+    if not isinstance(norm, MaskedGroupNorm):
+        masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
+        if norm.affine:
+            masked.weight, masked.bias = norm.weight, norm.bias
+        conv_layer.layer_norm = norm = masked
+    return norm
 
 
 ENCODER_FAMILIES: dict[str, type] = {
