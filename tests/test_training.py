@@ -232,3 +232,14 @@ if dist.get_rank() == 0:
     assert int(world) == 2
     assert float(diff) == 0.0
     assert float(changed) > 0.0
+
+
+def test_bf16_with_checkpointing_trains(splits, processor, tmp_path):
+    """The GPU recipe's flags (bf16 weights and autocast, gradient checkpointing) run; on CPU via `use_cpu`."""
+    model = tiny_model().to(torch.bfloat16)
+    args = sft_args(tmp_path, max_steps=2, bf16=True, use_cpu=True, gradient_checkpointing=True)
+    trainer = make_sft_trainer(model, processor, args, splits["train"].select(range(4)), use_lora=True, lora_r=4)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert next(p for n, p in trainer.model.named_parameters() if "base_encoder" in n).dtype == torch.bfloat16
