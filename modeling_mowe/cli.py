@@ -211,7 +211,6 @@ def run_demo(settings: DemoSettings) -> dict:
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     bench_config = settings.benchmark or BenchmarkConfig(seed=settings.seed, scale=settings.scale)
     log("stage 1: benchmark (espeak-ng speech + generated beeps)")
