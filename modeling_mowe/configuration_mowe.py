@@ -137,6 +137,23 @@ class MoWEConfig(PretrainedConfig):
             raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0.")
 
     @property
+    def _attn_implementation(self) -> str | None:
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None) -> None:
+        # transformers recurses only into declared sub-configs; MoWE's live in attributes and a list, so reach each
+        # one here (`attn_implementation="eager"` in `from_pretrained` must reach the encoders and the LLM).
+        PretrainedConfig._attn_implementation.fset(self, value)
+        if value is None:
+            return
+        subs = {"base_encoder_config": self.base_encoder_config, "text_config": self.text_config}
+        subs.update({f"weak_encoder_configs.{i}": c for i, c in enumerate(self.weak_encoder_configs)})
+        for key, sub in subs.items():
+            implementation = value.get(key, sub._attn_implementation) if isinstance(value, dict) else value
+            sub._attn_implementation = implementation
+
+    @property
     def active_routers(self) -> tuple[str, ...]:
         """Routers that run, in the order their feature blocks follow the base features."""
         return {

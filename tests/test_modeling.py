@@ -542,3 +542,17 @@ def test_from_components_keeps_pretrained_weights_and_appends_the_audio_token(ti
     assert model.config.text_config.vocab_size == 641
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied, as the LLM
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_attn_implementation_reaches_every_encoder_and_the_llm(tiny_config, processor, tmp_path):
+    build_model(tiny_config).save_pretrained(tmp_path)
+    inputs = make_inputs(processor, ["<|audio|> Transcribe the audio."], [make_clip(1.0)])
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = MoWEForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        tower = model.model.audio_tower
+        submodels = [model.model.language_model, tower.base_encoder, *tower.weak_encoders]
+        assert {m.config._attn_implementation for m in submodels} == {implementation}
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=1e-4)
