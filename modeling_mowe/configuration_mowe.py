@@ -169,9 +169,14 @@ class MoWEConfig(PretrainedConfig):
         return [self.base_encoder_config, *self.weak_encoder_configs]
 
     @property
+    def active_encoder_configs(self) -> list[PretrainedConfig]:
+        """The encoders that run: the base encoder, and the weak pool unless `router_type="none"`."""
+        return self.encoder_configs if self.active_routers else [self.base_encoder_config]
+
+    @property
     def audio_front_ends(self) -> list[dict]:
         """The distinct front-ends (log-mel sizes, waveform) the encoders that run need, in input order."""
-        return audio_front_ends(self.encoder_configs if self.router_type != "none" else [self.base_encoder_config])
+        return audio_front_ends(self.active_encoder_configs)
 
     @property
     def audio_frame_spec(self) -> dict:

@@ -47,6 +47,16 @@ def n_audio_tokens(num_samples: Any, spec: dict, stack_factor: int) -> Any:
     return -(-frames // stack_factor)
 
 
+def whisper_frame_spec(max_frames: int = 1500) -> dict:
+    """Whisper's frame spec: 160-sample mel hop, conv stride 2 (50 frames/s), `max_frames` per 30 s window."""
+    return {
+        "type": "whisper",
+        "hop_length": WHISPER_HOP_LENGTH,
+        "max_frames": max_frames,
+        "samples_per_frame": 2 * WHISPER_HOP_LENGTH,
+    }
+
+
 def min_samples(spec: dict) -> int:
     """The shortest clip (in samples) that gives at least one frame."""
     if spec["type"] == "whisper":
@@ -66,12 +76,7 @@ class WhisperEncoderFamily:
 
     @staticmethod
     def frame_spec(config: PretrainedConfig) -> dict:
-        return {
-            "type": "whisper",
-            "hop_length": WHISPER_HOP_LENGTH,
-            "max_frames": config.max_source_positions,
-            "samples_per_frame": 2 * WHISPER_HOP_LENGTH,
-        }
+        return whisper_frame_spec(config.max_source_positions)
 
     @staticmethod
     def hidden_size(config: PretrainedConfig) -> int:

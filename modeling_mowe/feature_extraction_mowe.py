@@ -11,7 +11,7 @@ import torch
 from transformers import BatchFeature, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 
-from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, audio_front_ends, frame_spec, min_samples
+from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, frame_spec, min_samples
 
 PCM_SCALES = {np.dtype("int8"): 2**7, np.dtype("int16"): 2**15, np.dtype("int32"): 2**31}
 MAX_CHANNELS = 8
@@ -228,10 +228,9 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
     @classmethod
     def from_mowe_config(cls, config, **kwargs) -> MoWEFeatureExtractor:
         """The feature extractor the encoders of a `MoWEConfig` need (only the base encoder's if `router_type="none"`)."""
-        encoders = config.encoder_configs if config.router_type != "none" else [config.base_encoder_config]
         return cls(
-            front_ends=audio_front_ends(encoders),
-            min_samples=max(min_samples(frame_spec(c)) for c in encoders),
+            front_ends=config.audio_front_ends,
+            min_samples=max(min_samples(frame_spec(c)) for c in config.active_encoder_configs),
             **kwargs,
         )
 

@@ -9,11 +9,10 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import AudioKwargs, ProcessorMixin, TextKwargs
 
-from .encoders import n_audio_tokens
+from .encoders import n_audio_tokens, whisper_frame_spec
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
 
 AUDIO_TOKEN = "<|audio|>"
-WHISPER_FRAME_SPEC = {"type": "whisper", "hop_length": 160, "max_frames": 1500, "samples_per_frame": 320}
 
 # ChatML. Content is a string (each clip one <|audio|>) or a list of {"type": "text"|"audio"} parts; assistant turns
 # sit in {% generation %} so `return_assistant_tokens_mask` works with the tokenizer.
@@ -81,7 +80,7 @@ class MoWEProcessor(ProcessorMixin):
                 "model's embeddings), or build the processor with MoWEProcessor.from_components."
             )
         self.audio_token = audio_token
-        self.frame_spec = dict(frame_spec or WHISPER_FRAME_SPEC)
+        self.frame_spec = dict(frame_spec or whisper_frame_spec())
         self.stack_factor = stack_factor
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
