@@ -6,41 +6,64 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 from .encoders import audio_front_ends, encoder_family, frame_spec
 
 ROUTER_TYPES = ("both", "data_dependent", "data_independent", "none")
 
 
-def _as_config(value: Any, what: str) -> PretrainedConfig:
+def _as_config(value: Any, what: str, default_model_type: str | None = None) -> PretrainedConfig:
     """A sub-config given as a config object (copied: the caller's object is never changed) or as a dict carrying
-    its `model_type`."""
+    its `model_type` (or falling back to `default_model_type`)."""
     if isinstance(value, PretrainedConfig):
         return copy.deepcopy(value)
     if isinstance(value, dict):
         value = dict(value)
-        model_type = value.pop("model_type", None)
+        model_type = value.pop("model_type", default_model_type)
         if model_type is None:
             raise ValueError(f"{what} is a dict without `model_type`; give a config object or add `model_type`.")
         return AutoConfig.for_model(model_type, **value)
     raise ValueError(f"{what} must be a transformers config or a dict, got {type(value).__name__}.")
 
 
+WEAK_KEY = "weak_encoder_configs."
+
+
+class _SubConfigKeys:
+    """`MoWEConfig.sub_configs`: the declared `base_encoder_config` and `text_config` and, on an instance, one key
+    per weak encoder (`"weak_encoder_configs.0"`, ...). transformers walks `config.sub_configs` to pass the attention
+    implementation and dtype down (and its tests to set `output_hidden_states`/`output_attentions`), so listing the
+    weak pool here is what makes those settings reach every weak encoder too."""
+
+    def __get__(self, config: MoWEConfig | None, owner: type) -> dict[str, type]:
+        keys = {key: spec.config_class for key, spec in owner.sub_configs_defaults.items()}
+        if config is not None:
+            weak = config.__dict__.get("weak_encoder_configs") or []
+            keys.update({f"{WEAK_KEY}{i}": AutoConfig for i in range(len(weak))})
+        return keys
+
+
 class MoWEConfig(PretrainedConfig):
     r"""
     Configuration of [`MoWEForConditionalGeneration`]: an audio LLM with a Mixture of Weak Encoders
-    (Zhang et al., arXiv 2409.06635).
+    (Zhang et al., arXiv 2409.06635). `MoWEConfig()` is a valid base-only model (default Whisper and Llama configs).
 
     Args:
-        base_encoder_config (`PretrainedConfig` or `dict`):
-            Config of the strong base encoder (e.g. Whisper-large-v3's `WhisperConfig`). Always runs.
-        weak_encoder_configs (`list` of `PretrainedConfig` or `dict`):
-            Configs of the pool of light encoders (Whisper-tiny, HuBERT-base, ...). Families may differ.
-        text_config (`PretrainedConfig` or `dict`):
-            Config of any causal LLM loadable with `AutoModelForCausalLM`.
-        router_type (`str`, defaults to `"both"`):
+        base_encoder_config (`PretrainedConfig` or `dict`, *optional*):
+            Config of the strong base encoder (e.g. Whisper-large-v3's `WhisperConfig`). Always runs. A dict without
+            `model_type` is a Whisper config; defaults to `WhisperConfig()`.
+        weak_encoder_configs (`list` of `PretrainedConfig` or `dict`, *optional*):
+            Configs of the pool of light encoders (Whisper-tiny, HuBERT-base, ...). Families may differ. Each one is
+            a sub-config (`config.sub_configs` lists it as `"weak_encoder_configs.<i>"`), so the attention
+            implementation and dtype reach it as they reach the other sub-configs. Defaults to an empty pool.
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            Config of any causal LLM loadable with `AutoModelForCausalLM`. A dict without `model_type` is a Llama
+            config; defaults to `LlamaConfig()`.
+        router_type (`str`, *optional*):
             `"data_independent"` (one learned choice for all inputs), `"data_dependent"` (chosen per clip from the
             base features), `"both"` (two blocks, concatenated) or `"none"` (the base-only ablation: no weak pool).
+            Defaults to `"both"` (the paper's best) when there is a weak pool, `"none"` when there is none.
         router_top_k (`int`, defaults to 1):
             Weak encoders each router activates.
         router_aux_loss_coef (`float`, defaults to 0.1):
@@ -53,7 +76,9 @@ class MoWEConfig(PretrainedConfig):
         projector_hidden_act (`str`, defaults to `"gelu"`):
             Activation between the projector's two linear layers.
         audio_token_id (`int`, *optional*):
-            Id of the `<|audio|>` placeholder token; defaults to the LLM's vocabulary size (one appended token).
+            Id of the `<|audio|>` placeholder token in the LLM's vocabulary: `processor.audio_token_id` (the
+            processor's tokenizer appends `<|audio|>`). `MoWEForConditionalGeneration.from_components` sets it and
+            grows the embeddings when the id lies past the LLM's vocabulary. Required to run the model on audio.
         dynamic_audio_length (`bool`, defaults to `False`):
             Encode only the batch's real audio length with Whisper encoders (slicing the positional embeddings,
             masking padded frames) instead of padding every clip to 30 s. Faster; pretrained Whisper only ever
@@ -64,13 +89,18 @@ class MoWEConfig(PretrainedConfig):
     """
 
     model_type = "mowe"
+    sub_configs_defaults = {
+        "base_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    sub_configs = _SubConfigKeys()
 
     def __init__(
         self,
         base_encoder_config: PretrainedConfig | dict | None = None,
         weak_encoder_configs: list[PretrainedConfig | dict] | None = None,
         text_config: PretrainedConfig | dict | None = None,
-        router_type: str = "both",
+        router_type: str | None = None,
         router_top_k: int = 1,
         router_aux_loss_coef: float = 0.1,
         weak_hidden_size: int = 256,
@@ -81,24 +111,20 @@ class MoWEConfig(PretrainedConfig):
         component_checkpoints: dict | None = None,
         **kwargs,
     ):
-        if base_encoder_config is None:
-            base_encoder_config = {"model_type": "whisper"}
-        if text_config is None:
-            text_config = {"model_type": "llama"}
-        self.base_encoder_config = _as_config(base_encoder_config, "base_encoder_config")
+        for key, value in (("base_encoder_config", base_encoder_config), ("text_config", text_config)):
+            default_type = self.sub_configs_defaults[key].model_type
+            setattr(self, key, _as_config({} if value is None else value, key, default_type))
         self.weak_encoder_configs = [
             _as_config(c, f"weak_encoder_configs[{i}]") for i, c in enumerate(weak_encoder_configs or [])
         ]
-        self.text_config = _as_config(text_config, "text_config")
+        if router_type is None:
+            router_type = "both" if self.weak_encoder_configs else "none"
         self.router_type = router_type
         self.router_top_k = router_top_k
         self.router_aux_loss_coef = router_aux_loss_coef
         self.weak_hidden_size = weak_hidden_size
         self.stack_factor = stack_factor
         self.projector_hidden_act = projector_hidden_act
-        if audio_token_id is None:  # append one token to the LLM's vocabulary for <|audio|>
-            audio_token_id = self.text_config.vocab_size
-            self.text_config.vocab_size += 1
         self.audio_token_id = audio_token_id
         self.dynamic_audio_length = dynamic_audio_length
         self.component_checkpoints = component_checkpoints
@@ -106,6 +132,21 @@ class MoWEConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
         self.validate_mowe()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: resolves the weak pool's `sub_configs` keys.
+        if name.startswith(WEAK_KEY) and name[len(WEAK_KEY) :].isdigit():
+            weak = self.__dict__.get("weak_encoder_configs") or []
+            index = int(name[len(WEAK_KEY) :])
+            if index < len(weak):
+                return weak[index]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith(WEAK_KEY) and name[len(WEAK_KEY) :].isdigit():
+            self.weak_encoder_configs[int(name[len(WEAK_KEY) :])] = value
+        else:
+            super().__setattr__(name, value)
 
     def validate_mowe(self) -> None:
         """Raise a `ValueError` naming the fix for any setting the model cannot be built from."""
@@ -124,10 +165,12 @@ class MoWEConfig(PretrainedConfig):
                 )
             if not 1 <= self.router_top_k <= pool:
                 raise ValueError(f"router_top_k={self.router_top_k} must be between 1 and the pool size ({pool}).")
-        if not 0 <= self.audio_token_id < self.text_config.vocab_size:
+        vocab_size = self.text_config.vocab_size
+        if self.audio_token_id is not None and not 0 <= self.audio_token_id < vocab_size:
             raise ValueError(
-                f"audio_token_id={self.audio_token_id} is outside the LLM's vocabulary "
-                f"({self.text_config.vocab_size}); leave it unset to append one token."
+                f"audio_token_id={self.audio_token_id} is outside the LLM's vocabulary ({vocab_size}); use "
+                "`MoWEForConditionalGeneration.from_components(..., audio_token_id=processor.audio_token_id)`, which "
+                "grows the embeddings, or set `text_config.vocab_size` to cover it."
             )
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor={self.stack_factor} must be >= 1.")
@@ -135,23 +178,6 @@ class MoWEConfig(PretrainedConfig):
             raise ValueError(f"weak_hidden_size={self.weak_hidden_size} must be >= 1.")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0.")
-
-    @property
-    def _attn_implementation(self) -> str | None:
-        return self._attn_implementation_internal
-
-    @_attn_implementation.setter
-    def _attn_implementation(self, value: str | dict | None) -> None:
-        # transformers recurses only into declared sub-configs; MoWE's live in attributes and a list, so reach each
-        # one here (`attn_implementation="eager"` in `from_pretrained` must reach the encoders and the LLM).
-        PretrainedConfig._attn_implementation.fset(self, value)
-        if value is None:
-            return
-        subs = {"base_encoder_config": self.base_encoder_config, "text_config": self.text_config}
-        subs.update({f"weak_encoder_configs.{i}": c for i, c in enumerate(self.weak_encoder_configs)})
-        for key, sub in subs.items():
-            implementation = value.get(key, sub._attn_implementation) if isinstance(value, dict) else value
-            sub._attn_implementation = implementation
 
     @property
     def active_routers(self) -> tuple[str, ...]:
@@ -184,18 +210,18 @@ class MoWEConfig(PretrainedConfig):
         return frame_spec(self.base_encoder_config)
 
     def to_dict(self) -> dict[str, Any]:
+        # transformers serialises declared sub-configs held in attributes, not a list of them.
         output = super().to_dict()
-        output["weak_encoder_configs"] = [_sub_config_dict(c) for c in self.weak_encoder_configs]
+        output["weak_encoder_configs"] = [_sub_config_dict(c, c.to_dict()) for c in self.weak_encoder_configs]
         return output
 
     def to_diff_dict(self) -> dict[str, Any]:
         output = super().to_diff_dict()
-        output["weak_encoder_configs"] = [_sub_config_dict(c) for c in self.weak_encoder_configs]
+        output["weak_encoder_configs"] = [_sub_config_dict(c, c.to_diff_dict()) for c in self.weak_encoder_configs]
         return output
 
 
-def _sub_config_dict(config: PretrainedConfig) -> dict[str, Any]:
-    output = config.to_diff_dict()
+def _sub_config_dict(config: PretrainedConfig, output: dict[str, Any]) -> dict[str, Any]:
     output["model_type"] = config.model_type
     output.pop("transformers_version", None)
     return output

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
 from .encoders import (
@@ -41,6 +42,25 @@ class MoWEAudioTowerOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+    valid_frames: torch.LongTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoWEAudioFeaturesOutput(BaseModelOutputWithPooling):
+    """
+    last_hidden_state (`torch.FloatTensor` of shape `(num_windows, num_frames, d_b + num_routers * d_w)`):
+        The audio tower's features: base features concatenated with one mixed weak-feature block per active router.
+    pooler_output (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`):
+        The projected audio embeddings: every window's valid audio tokens, in window order, as the `<|audio|>`
+        placeholders expect them.
+    valid_frames (`torch.LongTensor` of shape `(num_windows,)`): real (non-padding) frames per window.
+    router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
+        Logits of the active routers, in `config.active_routers` order.
+    router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
+    """
+
     valid_frames: torch.LongTensor | None = None
     router_logits: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
@@ -234,6 +254,29 @@ class MoWEProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(stacked)))
 
 
+def check_audio_inputs(
+    input_features: torch.Tensor | None, input_values: torch.Tensor | None, audio_lengths: torch.Tensor | None
+) -> None:
+    """Raise a `ValueError` for audio inputs that would otherwise end in a torch error or in silent NaN logits:
+    missing or negative `audio_lengths`, NaN/Inf features. One device sync for all checks."""
+    if audio_lengths is None:
+        raise ValueError("`audio_lengths` (real samples per audio window) is required with audio inputs.")
+    problems = {
+        "`audio_lengths` has negative values; give the real number of samples of each window (>= 0), "
+        "as MoWEProcessor returns it.": (audio_lengths < 0).any(),
+    }
+    for name, values in (("input_features", input_features), ("input_values", input_values)):
+        if values is not None:
+            problems[
+                f"`{name}` contains NaN or Inf values; check the audio (MoWEProcessor rejects NaN/Inf samples) "
+                "and any transform applied to the features after it."
+            ] = ~torch.isfinite(values).all()
+    flags = torch.stack(list(problems.values())).tolist()
+    for message, bad in zip(problems, flags):
+        if bad:
+            raise ValueError(message)
+
+
 class MoWEPreTrainedModel(PreTrainedModel):
     config_class = MoWEConfig
     base_model_prefix = "model"
@@ -245,7 +288,7 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["MoWEAudioTower", "MoWEProjector"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = ["past_key_values"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Every Auto class a user may load this folder with, so `trust_remote_code` finds the code for each.
@@ -288,25 +331,34 @@ class MoWEModel(MoWEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_audio_features(
         self,
         input_features: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
-    ) -> MoWEAudioTowerOutput:
-        """Encode and project audio windows. `pooler_output`-style result: `audio_embeds` [num_tokens, hidden]
-        holds every window's valid audio tokens, in window order, as the `<|audio|>` placeholders expect them."""
-        if audio_lengths is None:
-            raise ValueError("`audio_lengths` (real samples per audio window) is required with audio inputs.")
+    ) -> tuple | MoWEAudioFeaturesOutput:
+        """Encode and project audio windows (arguments: see [`MoWEModel.forward`]). `pooler_output` holds the
+        projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features."""
+        check_audio_inputs(input_features, input_values, audio_lengths)
         tower = self.audio_tower(input_features, input_values, audio_lengths)
-        embeds = self.multi_modal_projector(tower.last_hidden_state, tower.valid_frames)
-        tower["audio_embeds"] = embeds
-        return tower
+        return MoWEAudioFeaturesOutput(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=self.multi_modal_projector(tower.last_hidden_state, tower.valid_frames),
+            valid_frames=tower.valid_frames,
+            router_logits=tower.router_logits,
+            router_aux_loss=tower.router_aux_loss,
+        )
 
     def get_placeholder_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, num_audio_tokens: int
     ) -> torch.Tensor:
         """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count."""
+        if self.config.audio_token_id is None:
+            raise ValueError(
+                "config.audio_token_id is not set, so the `<|audio|>` placeholders cannot be found; set it to "
+                "`processor.audio_token_id` (from_components does this)."
+            )
         if input_ids is None:
             audio_embedding = self.get_input_embeddings()(
                 torch.tensor(self.config.audio_token_id, device=inputs_embeds.device)
@@ -322,6 +374,7 @@ class MoWEModel(MoWEPreTrainedModel):
             )
         return mask[..., None].expand_as(inputs_embeds)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -332,7 +385,7 @@ class MoWEModel(MoWEPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> MoWEModelOutputWithPast:
+    ) -> tuple | MoWEModelOutputWithPast:
         r"""
         input_features (`torch.FloatTensor` of shape `(num_windows, sum of distinct n_mels, 3000)`, *optional*):
             Log-mel spectrograms of every distinct mel size the encoders need, stacked on the channel axis.
@@ -349,16 +402,24 @@ class MoWEModel(MoWEPreTrainedModel):
 
         audio_embeds = router_logits = router_aux_loss = None
         if input_features is not None or input_values is not None:
-            audio = self.get_audio_features(input_features, input_values, audio_lengths)
-            audio_embeds, router_logits, router_aux_loss = audio.audio_embeds, audio.router_logits, audio.router_aux_loss
+            audio = self.get_audio_features(input_features, input_values, audio_lengths, return_dict=True)
+            audio_embeds, router_logits = audio.pooler_output, audio.router_logits
+            router_aux_loss = audio.router_aux_loss
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
             coef = self.config.router_aux_loss_coef
             if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
                 audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
 
+        for flag in ("output_hidden_states", "output_attentions"):  # the MoWE config's flags reach the LLM
+            if kwargs.get(flag) is None and getattr(self.config, flag):
+                kwargs[flag] = True
         outputs = self.language_model(
-            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
         )
         return MoWEModelOutputWithPast(
             **outputs,
@@ -393,9 +454,10 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_audio_features(self, *args, **kwargs) -> MoWEAudioTowerOutput:
+    def get_audio_features(self, *args, **kwargs) -> tuple | MoWEAudioFeaturesOutput:
         return self.model.get_audio_features(*args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -408,7 +470,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MoWECausalLMOutputWithPast:
+    ) -> tuple | MoWECausalLMOutputWithPast:
         r"""
         input_features, input_values, audio_lengths, position_ids: see [`MoWEModel.forward`] (what `MoWEProcessor`
             returns; `generate` makes `position_ids` from the attention mask).
@@ -423,6 +485,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             audio_lengths=audio_lengths,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -489,8 +552,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             },
         )
         text_config = copy.deepcopy(llm.config)
-        audio_token_id = config_kwargs.get("audio_token_id")
-        if audio_token_id is not None and audio_token_id >= text_config.vocab_size:
+        audio_token_id = config_kwargs.setdefault("audio_token_id", text_config.vocab_size)
+        if audio_token_id >= text_config.vocab_size:
             text_config.vocab_size = audio_token_id + 1  # the embeddings are resized to match below
         config = MoWEConfig(
             base_encoder_config=encoders[0].config,

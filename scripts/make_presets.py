@@ -129,10 +129,14 @@ def _drop_auto_map(data: dict) -> bool:
 
 
 def paper_pool(name: str, weak: list, weak_ids: list[str]) -> None:
+    # Llama-3's tokenizer uses all 128256 ids, so `<|audio|>` is appended as id 128256 and the embeddings grow by one
+    # row, as `from_components` does.
+    audio_token_id = LLAMA3_8B_INSTRUCT["vocab_size"]
     config = MoWEConfig(
         base_encoder_config=WhisperConfig(**WHISPER_LARGE_V3),
         weak_encoder_configs=weak,
-        text_config=LlamaConfig(**LLAMA3_8B_INSTRUCT),
+        text_config=LlamaConfig(**{**LLAMA3_8B_INSTRUCT, "vocab_size": audio_token_id + 1}),
+        audio_token_id=audio_token_id,
         router_type="both",
         router_top_k=1,
         weak_hidden_size=512,

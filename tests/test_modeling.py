@@ -377,7 +377,7 @@ def test_router_none_builds_no_pool_and_equals_a_plain_single_encoder_model(tiny
     [
         ({"router_top_k": 5}, r"router_top_k=5 must be between 1 and the pool size \(4\)"),
         ({"weak_encoder_configs": [BertConfig()]}, r"model_type='bert'.*not a supported audio encoder family"),
-        ({"weak_encoder_configs": []}, r"needs weak encoders.*router_type='none'"),
+        ({"weak_encoder_configs": [], "router_type": "both"}, r"needs weak encoders.*router_type='none'"),
         ({"router_type": "sparse"}, r"router_type='sparse' is not one of"),
     ],
     ids=["top_k_above_pool", "unknown_family", "empty_pool_with_router", "bad_router_type"],
@@ -448,18 +448,6 @@ def test_any_causal_lm_works_as_the_text_model(fast_config, processor, family):
     assert torch.isfinite(out.loss) and out.logits.shape[-1] == 640
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=1)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
-
-
-def test_building_a_config_leaves_the_given_text_config_unchanged(tiny_config):
-    text_config = _text_config("qwen2", tiny_config)
-    for _ in range(2):
-        config = MoWEConfig(
-            base_encoder_config=tiny_config.base_encoder_config,
-            weak_encoder_configs=tiny_config.weak_encoder_configs,
-            text_config=text_config,
-        )
-        assert config.audio_token_id == 640 and config.text_config.vocab_size == 641
-    assert text_config.vocab_size == 640
 
 
 # ---------------------------------------------------------------- paper presets and from_components
