@@ -111,8 +111,8 @@ def pretrain_base(settings: DemoSettings, processor, train_split) -> dict[str, d
     )
     trainer.train()
     weights = {
-        "base_encoder": model.model.audio_tower.base_encoder.state_dict(),
-        "language_model": model.model.language_model.state_dict(),
+        "base_encoder": model.get_encoder(modality="audio").base_encoder.state_dict(),
+        "language_model": model.get_decoder().state_dict(),
     }
     cache.mkdir(parents=True, exist_ok=True)
     for part, state in weights.items():
@@ -137,8 +137,8 @@ def build_arm(settings: DemoSettings, router_type: str, pretrained: dict):
 
     torch.manual_seed(settings.seed)
     model = MoWEForConditionalGeneration(demo_config(settings, router_type))
-    model.model.audio_tower.base_encoder.load_state_dict(pretrained["base_encoder"])
-    model.model.language_model.load_state_dict(pretrained["language_model"])
+    model.get_encoder(modality="audio").base_encoder.load_state_dict(pretrained["base_encoder"])
+    model.get_decoder().load_state_dict(pretrained["language_model"])
     model.tie_weights()
     return model
 
@@ -274,7 +274,7 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {answer}")
 
     log("stage 6: plots")
-    tower = arms["MoWE"].model.audio_tower
+    tower = arms["MoWE"].get_encoder(modality="audio")
     encoder_names = [f"{i}:{c.model_type}" for i, c in enumerate(tower.config.weak_encoder_configs)]
     plots = draw_plots(histories, routing_by_task(arms["MoWE"], processor, test), encoder_names, out)
     summary = {
