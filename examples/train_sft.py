@@ -6,12 +6,12 @@ Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
-On GPUs (multi-GPU DDP; not run by the tests, which run on CPU):
-    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py --dataset <folder> --output_dir out
-Real checkpoints (GPU and Hub access; not run by the tests):
+On GPUs, through accelerate:
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py --dataset <folder> --output_dir out  # GPU only, not run by the tests
+Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
     python examples/train_sft.py --base_encoder openai/whisper-large-v3 \
         --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
-        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out
+        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out  # GPU + Hub, not run by the tests
 
 Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...).
 """

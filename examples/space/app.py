@@ -2,8 +2,10 @@
 
 On a Hugging Face Space, set the Space variable `MOWE_MODEL` to a MoWE model repository. Locally:
 
-    MOWE_MODEL=<folder or Hub id> python examples/space/app.py
-    python examples/space/app.py --model <folder or Hub id> --port 7860
+    MOWE_MODEL=outputs/demo/mowe-model python examples/space/app.py
+
+with any MoWE folder or Hub id written by `build_hub_folder` (or pass `--model`); the port is gradio's
+(`$GRADIO_SERVER_PORT`, else 7860) unless `--port` says otherwise.
 
 The model's code comes from its repository (`trust_remote_code=True`), and so does the answering code: the
 repository's `handler.py` (written by `modeling_mowe.publishing.build_hub_folder`; its `load` and `answer` serve the
