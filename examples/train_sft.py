@@ -2,7 +2,7 @@
 
 Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise):
     python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
-        --model hub_configs/mowe-tiny-random --max_steps 20 --per_device_train_batch_size 4
+        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False

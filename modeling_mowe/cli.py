@@ -206,7 +206,7 @@ def run_demo(settings: DemoSettings) -> dict:
     """All demo stages; returns the results and artefact paths."""
     from . import MoWEProcessor
     from .data import BenchmarkConfig, build_benchmark
-    from .evaluation import evaluate_model, prompt_messages, results_table_markdown, write_results
+    from .evaluation import evaluate_model, results_table_markdown, write_results
     from .training import make_sft_trainer
 
     out = settings.output_dir
@@ -247,9 +247,8 @@ def run_demo(settings: DemoSettings) -> dict:
     (out / "training.json").write_text(json.dumps({"parameters": params, "histories": histories}, indent=1))
 
     log("stage 5: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
-    from transformers import AutoModel, AutoProcessor
-
     from .data import load_audio
+    from .handler import answer, load
     from .publishing import build_hub_folder
 
     model_dir = out / "mowe-model"
@@ -259,19 +258,14 @@ def run_demo(settings: DemoSettings) -> dict:
         arms["MoWE"], processor, model_dir, results=written["json"], example_audio=wave, example_sampling_rate=rate,
         example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
     )
-    reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
-    reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    reloaded, reloaded_processor = load(str(model_dir))
     examples = []
     for index in _one_per_task(test, 3):
         row = test[index]
-        inputs = reloaded_processor.apply_chat_template(
-            prompt_messages(row), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        with torch.no_grad():
-            output = reloaded.generate(**inputs, max_new_tokens=24, do_sample=False)
-        answer = reloaded_processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": answer})
-        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {answer}")
+        wave, rate = load_audio(row["audio"])
+        text = answer(reloaded, reloaded_processor, wave, row["prompt"], rate, max_new_tokens=24)
+        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": text})
+        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {text}")
 
     log("stage 6: plots")
     tower = arms["MoWE"].get_encoder(modality="audio")
