@@ -247,25 +247,8 @@ def run_demo(settings: DemoSettings) -> dict:
     (out / "training.json").write_text(json.dumps({"parameters": params, "histories": histories}, indent=1))
 
     log("stage 5: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
-    from .data import load_audio
-    from .handler import answer, load
-    from .publishing import build_hub_folder
-
     model_dir = out / "mowe-model"
-    example = test[_one_per_task(test, 1)[0]]
-    wave, rate = load_audio(example["audio"])
-    build_hub_folder(
-        arms["MoWE"], processor, model_dir, results=written["json"], example_audio=wave, example_sampling_rate=rate,
-        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
-    )
-    reloaded, reloaded_processor = load(str(model_dir))
-    examples = []
-    for index in _one_per_task(test, 3):
-        row = test[index]
-        wave, rate = load_audio(row["audio"])
-        text = answer(reloaded, reloaded_processor, wave, row["prompt"], rate, max_new_tokens=24)
-        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": text})
-        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {text}")
+    examples = publish_and_answer(arms["MoWE"], processor, test, written["json"], model_dir)
 
     log("stage 6: plots")
     tower = arms["MoWE"].get_encoder(modality="audio")
@@ -282,6 +265,30 @@ def run_demo(settings: DemoSettings) -> dict:
     for path in [*written.values(), model_dir, *plots, out / "training.json"]:
         print(f"  {path}")
     return summary
+
+
+def publish_and_answer(model, processor, test, results_json: Path, model_dir: Path) -> list[dict[str, str]]:
+    """Publish `model` as a Hub folder (a held-out clip as its example), reload it from there as a user would, and
+    answer one held-out clip per task, three at most."""
+    from .data import load_audio
+    from .handler import answer, load
+    from .publishing import build_hub_folder
+
+    example = test[_one_per_task(test, 1)[0]]
+    wave, rate = load_audio(example["audio"])
+    build_hub_folder(
+        model, processor, model_dir, results=results_json, example_audio=wave, example_sampling_rate=rate,
+        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
+    )
+    reloaded, reloaded_processor = load(str(model_dir))
+    examples = []
+    for index in _one_per_task(test, 3):
+        row = test[index]
+        wave, rate = load_audio(row["audio"])
+        text = answer(reloaded, reloaded_processor, wave, row["prompt"], rate, max_new_tokens=24)
+        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": text})
+        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {text}")
+    return examples
 
 
 def _one_per_task(dataset, count: int) -> list[int]:
