@@ -1,15 +1,17 @@
 """Fine-tune a MoWE audio LLM with TRL's SFTTrainer.
 
-Single process:
-    python examples/train_sft.py --dataset outputs/benchmark/<fingerprint> --output_dir outputs/sft \
-        --model hub_configs/mowe-tiny-random --max_steps 200 --per_device_train_batch_size 8
+Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise):
+    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
+        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
-    torchrun --nproc_per_node 2 examples/train_sft.py ...
-    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py ...
-Real checkpoints (GPU):
+    torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
+        --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
+On GPUs, through accelerate:
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py --dataset <folder> --output_dir out  # GPU only, not run by the tests
+Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
     python examples/train_sft.py --base_encoder openai/whisper-large-v3 \
         --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
-        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --bf16 --output_dir out
+        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out  # GPU + Hub, not run by the tests
 
 Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...).
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, set_seed
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
@@ -81,8 +85,18 @@ def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     )
 
 
+def with_default_precision(argv: list[str]) -> list[str]:
+    """`argv`, plus `--bf16 False` where no accelerator supports bf16 and the command line chose no precision.
+
+    TRL's `SFTConfig` turns bf16 on by default, which `TrainingArguments` refuses on a CPU-only machine.
+    """
+    chosen = any(arg.split("=", 1)[0] in ("--bf16", "--fp16") for arg in argv)
+    return argv if chosen or is_torch_bf16_gpu_available() else [*argv, "--bf16", "False"]
+
+
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ScriptArguments, SFTConfig))
+    argv = with_default_precision(sys.argv[1:] if argv is None else list(argv))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not training_args.use_cpu:
         # Without `use_cpu`, accelerate runs each torchrun rank as its own single process on CPU-only machines.

@@ -111,8 +111,8 @@ def pretrain_base(settings: DemoSettings, processor, train_split) -> dict[str, d
     )
     trainer.train()
     weights = {
-        "base_encoder": model.model.audio_tower.base_encoder.state_dict(),
-        "language_model": model.model.language_model.state_dict(),
+        "base_encoder": model.get_encoder(modality="audio").base_encoder.state_dict(),
+        "language_model": model.get_decoder().state_dict(),
     }
     cache.mkdir(parents=True, exist_ok=True)
     for part, state in weights.items():
@@ -137,8 +137,8 @@ def build_arm(settings: DemoSettings, router_type: str, pretrained: dict):
 
     torch.manual_seed(settings.seed)
     model = MoWEForConditionalGeneration(demo_config(settings, router_type))
-    model.model.audio_tower.base_encoder.load_state_dict(pretrained["base_encoder"])
-    model.model.language_model.load_state_dict(pretrained["language_model"])
+    model.get_encoder(modality="audio").base_encoder.load_state_dict(pretrained["base_encoder"])
+    model.get_decoder().load_state_dict(pretrained["language_model"])
     model.tie_weights()
     return model
 
@@ -206,7 +206,7 @@ def run_demo(settings: DemoSettings) -> dict:
     """All demo stages; returns the results and artefact paths."""
     from . import MoWEProcessor
     from .data import BenchmarkConfig, build_benchmark
-    from .evaluation import evaluate_model, prompt_messages, results_table_markdown, write_results
+    from .evaluation import evaluate_model, results_table_markdown, write_results
     from .training import make_sft_trainer
 
     out = settings.output_dir
@@ -247,34 +247,11 @@ def run_demo(settings: DemoSettings) -> dict:
     (out / "training.json").write_text(json.dumps({"parameters": params, "histories": histories}, indent=1))
 
     log("stage 5: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
-    from transformers import AutoModel, AutoProcessor
-
-    from .data import load_audio
-    from .publishing import build_hub_folder
-
     model_dir = out / "mowe-model"
-    example = test[_one_per_task(test, 1)[0]]
-    wave, rate = load_audio(example["audio"])
-    build_hub_folder(
-        arms["MoWE"], processor, model_dir, results=written["json"], example_audio=wave, example_sampling_rate=rate,
-        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
-    )
-    reloaded = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
-    reloaded_processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    examples = []
-    for index in _one_per_task(test, 3):
-        row = test[index]
-        inputs = reloaded_processor.apply_chat_template(
-            prompt_messages(row), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        with torch.no_grad():
-            output = reloaded.generate(**inputs, max_new_tokens=24, do_sample=False)
-        answer = reloaded_processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": answer})
-        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {answer}")
+    examples = publish_and_answer(arms["MoWE"], processor, test, written["json"], model_dir)
 
     log("stage 6: plots")
-    tower = arms["MoWE"].model.audio_tower
+    tower = arms["MoWE"].get_encoder(modality="audio")
     encoder_names = [f"{i}:{c.model_type}" for i, c in enumerate(tower.config.weak_encoder_configs)]
     plots = draw_plots(histories, routing_by_task(arms["MoWE"], processor, test), encoder_names, out)
     summary = {
@@ -288,6 +265,30 @@ def run_demo(settings: DemoSettings) -> dict:
     for path in [*written.values(), model_dir, *plots, out / "training.json"]:
         print(f"  {path}")
     return summary
+
+
+def publish_and_answer(model, processor, test, results_json: Path, model_dir: Path) -> list[dict[str, str]]:
+    """Publish `model` as a Hub folder (a held-out clip as its example), reload it from there as a user would, and
+    answer one held-out clip per task, three at most."""
+    from .data import load_audio
+    from .handler import answer, load
+    from .publishing import build_hub_folder
+
+    example = test[_one_per_task(test, 1)[0]]
+    wave, rate = load_audio(example["audio"])
+    build_hub_folder(
+        model, processor, model_dir, results=results_json, example_audio=wave, example_sampling_rate=rate,
+        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
+    )
+    reloaded, reloaded_processor = load(str(model_dir))
+    examples = []
+    for index in _one_per_task(test, 3):
+        row = test[index]
+        wave, rate = load_audio(row["audio"])
+        text = answer(reloaded, reloaded_processor, wave, row["prompt"], rate, max_new_tokens=24)
+        examples.append({"task": row["task"], "question": row["prompt"], "reference": row["answer"], "answer": text})
+        print(f"  [{row['task']}] Q: {row['prompt']}\n      reference: {row['answer']}\n      MoWE:      {text}")
+    return examples
 
 
 def _one_per_task(dataset, count: int) -> list[int]:

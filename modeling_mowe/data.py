@@ -1,4 +1,4 @@
-"""A synthetic multi-task speech benchmark made on the spot (DESIGN.md section 6).
+"""A synthetic multi-task speech benchmark made on the spot (docs/ARCHITECTURE.md, "The synthetic benchmark").
 
 Speech comes from the ``espeak-ng`` command-line synthesiser (22.05 kHz, resampled to 16 kHz with ``soxr``);
 sounds are generated with numpy. Nothing is downloaded. Five tasks, one instruction each:
@@ -493,7 +493,7 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
     return specs
 
 
-def _render(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
+def _make_row(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
     """The finished row of one spec: audio bytes, prompt, chat messages and metadata."""
     rng = np.random.default_rng(spec["render_seed"])
     if spec["task"] == "count":
@@ -569,7 +569,7 @@ def generate_rows(
     ):
         for split in SPLITS:
             rows[split] = []
-            for row in pool.map(functools.partial(_render, sampling_rate=config.sampling_rate), specs[split]):
+            for row in pool.map(functools.partial(_make_row, sampling_rate=config.sampling_rate), specs[split]):
                 rows[split].append(row)
                 bar.update(1)
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,175 +31,8 @@ BEEPS_QUESTION = "How many beeps do you hear?"
 TAGS = ["mowe", "audio", "audio-text-to-text", "speech", "multimodal", "mixture-of-encoders", "custom_code"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
-CITATION = """@inproceedings{zhang2025mowe,
-  title     = {MoWE-Audio: Multitask AudioLLMs with Mixture of Weak Encoders},
-  author    = {Zhang, Wenyu and others},
-  booktitle = {ICASSP 2025 - IEEE International Conference on Acoustics, Speech and Signal Processing},
-  year      = {2025},
-  eprint    = {2409.06635},
-  archivePrefix = {arXiv}
-}"""
-
-USAGE_SNIPPET = '''import torch
-from transformers import AutoModel, AutoProcessor
-from transformers.utils import cached_file
-
-repo_id = "{repo_id}"
-processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
-model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()
-
-audio_path = cached_file(repo_id, "{example}")  # or any wav/flac/ogg file
-messages = [
-    {{
-        "role": "user",
-        "content": [
-            {{"type": "audio", "path": audio_path}},
-            {{"type": "text", "text": {question}}},
-        ],
-    }}
-]
-inputs = processor.apply_chat_template(
-    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-)
-with torch.no_grad():
-    generated = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
-answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-print(answer)'''
-
-PIPELINE_SNIPPET = '''from transformers import pipeline
-from transformers.utils import cached_file
-
-repo_id = "{repo_id}"
-pipe = pipeline("any-to-any", model=repo_id, trust_remote_code=True)
-messages = [
-    {{
-        "role": "user",
-        "content": [
-            {{"type": "audio", "path": cached_file(repo_id, "{example}")}},
-            {{"type": "text", "text": {question}}},
-        ],
-    }}
-]
-result = pipe(text=messages, max_new_tokens={max_new_tokens}, do_sample=False)
-print(result[0]["generated_text"][-1]["content"])'''
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-A multi-task audio LLM with a **Mixture of Weak Encoders** (MoWE;
-[Zhang et al., ICASSP 2025](https://arxiv.org/abs/2409.06635)): a strong base audio encoder plus a pool of light
-"weak" encoders, routed per input; their features are concatenated, projected into the LLM's embedding space, and the
-LLM answers questions about the audio (transcription, paralinguistics, sounds, ...). Built with mowe-audio, a
-Hugging Face Transformers plugin; the model code ships in this repository, so load it with `trust_remote_code=True`.
-
-## Architecture
-
-| part | model |
-|---|---|
-{% for part, name in components -%}
-| {{ part }} | {{ name }} |
-{% endfor %}
-Routers: `{{ router_type }}` (top-{{ top_k }}); {{ num_parameters }} parameters, of which the weak-encoder pool is
-{{ pool_share }}.
-
-## Usage
-
-```python
-{{ usage_snippet }}
-```
-
-With transformers' own pipeline:
-
-```python
-{{ pipeline_snippet }}
-```
-
-Content parts may also carry arrays: `{"type": "audio", "audio": waveform, "sampling_rate": 16000}`. Audio of any
-rate is resampled to 16 kHz and downmixed to mono; clips longer than 30 s are encoded window by window.
-
-## Try it
-
-The Hub's serverless widget does not run custom-code models. To let people try this one:
-
-- **Space**: the Gradio demo of mowe-audio (`examples/space/`) loads any MoWE repository; set the Space variable
-  `MOWE_MODEL={{ repo_id }}`.
-- **Inference Endpoints**: this repository carries `handler.py` (a custom `EndpointHandler`) and its
-  `requirements.txt`. Send `{"inputs": {"audio": "<base64 wav>", "text": "{{ example_question }}"}}` (or
-  `"audio": [floats], "sampling_rate": 16000`) and get `[{"generated_text": "..."}]`.
-
-## Results
-{% if results_table %}
-{{ results_table }}
-WER: corpus word error rate (lower is better). Accuracy: exact match after normalisation (lowercase, punctuation
-removed). Average score: unweighted mean over tasks of accuracy, or max(0, 1 - WER).
-{% else %}
-No evaluation results were recorded for this checkpoint.
-{% endif %}
-## Citation
-
-```bibtex
-{{ citation }}
-```
-"""
-
-HANDLER_SOURCE = '''"""Inference Endpoints handler for a MoWE audio LLM (custom code: loaded with trust_remote_code)."""
-
-from __future__ import annotations
-
-import base64
-from typing import Any
-
-import numpy as np
-import torch
-from transformers import AutoModel, AutoProcessor
-
-
-class EndpointHandler:
-    """Answers a question about an audio clip.
-
-    Request: `{"inputs": {"audio": <base64 wav/flac/ogg> | [floats], "sampling_rate": int (with floats),
-    "text": question}, "parameters": {generate() options}}`; `inputs` may also be a list of such dicts.
-    Response: `[{"generated_text": answer}]`, one entry per input.
-    """
-
-    def __init__(self, path: str = ""):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-
-    def __call__(self, data: dict[str, Any]) -> list[dict[str, str]]:
-        inputs = data.get("inputs", data)
-        requests = inputs if isinstance(inputs, list) else [inputs]
-        parameters = {"max_new_tokens": 128, "do_sample": False, **(data.get("parameters") or {})}
-        return [{"generated_text": self.answer(request, parameters)} for request in requests]
-
-    def answer(self, request: dict[str, Any], parameters: dict[str, Any]) -> str:
-        if not isinstance(request, dict) or "audio" not in request or not request.get("text"):
-            raise ValueError(
-                \'Each input must be {"audio": <base64 audio file> or [floats] with "sampling_rate", "text": question}.\'
-            )
-        audio = request["audio"]
-        part = {"type": "audio"}
-        if isinstance(audio, str):
-            part["audio"] = base64.b64decode(audio.split(",", 1)[-1] if audio.startswith("data:") else audio)
-        else:
-            if "sampling_rate" not in request:
-                raise ValueError(\'Raw audio samples need their "sampling_rate" (e.g. 16000).\')
-            part.update(audio=np.asarray(audio, dtype=np.float32), sampling_rate=int(request["sampling_rate"]))
-        messages = [{"role": "user", "content": [part, {"type": "text", "text": str(request["text"])}]}]
-        inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
-        with torch.no_grad():
-            generated = self.model.generate(**inputs, **parameters)
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
-'''
+CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
+HANDLER = Path(__file__).with_name("handler.py")
 
 
 def build_hub_folder(
@@ -254,15 +88,8 @@ def build_hub_folder(
     Returns:
         The folder's path.
     """
-    import soundfile
-
-    if hasattr(model, "peft_config"):
-        raise TypeError("Merge the PEFT adapters before publishing: model = model.merge_and_unload().")
-    if getattr(getattr(model, "config", None), "model_type", None) != "mowe":
-        raise TypeError(f"build_hub_folder publishes MoWE models, got {type(model).__name__}.")
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} is not empty; choose a new folder or pass overwrite=True.")
+    _check_publishable(model, output, overwrite)
     repo_id = repo_id or DEFAULT_REPO_ID.format(name=output.name)
     model_name = model_name or repo_id.split("/")[-1]
     results = load_results(results, model_name)
@@ -271,18 +98,11 @@ def build_hub_folder(
     model.save_pretrained(output, max_shard_size=max_shard_size)
     processor.save_pretrained(output)
     _generation_config(model, processor.tokenizer).save_pretrained(output)
-
     if example_audio is None:
-        waveform, rate = _beeps(2), SAMPLING_RATE
+        example_audio, example_sampling_rate = _beeps(2), SAMPLING_RATE
         example_question = example_question or BEEPS_QUESTION
-    elif isinstance(example_audio, (str, os.PathLike)):
-        waveform, rate = soundfile.read(example_audio, dtype="float32")
-    else:
-        waveform, rate = np.asarray(example_audio, dtype=np.float32), example_sampling_rate
-    soundfile.write(output / EXAMPLE_AUDIO, waveform, rate, subtype="PCM_16")
-    example_question = example_question or DEFAULT_QUESTION
-
-    (output / "handler.py").write_text(HANDLER_SOURCE, encoding="utf-8")
+    write_example_audio(example_audio, output / EXAMPLE_AUDIO, example_sampling_rate)
+    shutil.copyfile(HANDLER, output / "handler.py")
     (output / "requirements.txt").write_text("\n".join(endpoint_requirements()) + "\n", encoding="utf-8")
 
     card = build_model_card(
@@ -291,12 +111,12 @@ def build_hub_folder(
         model_name=model_name,
         results=results,
         dataset_names=dataset_names,
-        example_question=example_question,
+        example_question=example_question or DEFAULT_QUESTION,
         base_model=base_model,
         license=license,
         language=language,
         num_parameters=model.num_parameters(),
-        pool_parameters=sum(p.numel() for p in model.model.audio_tower.weak_encoders.parameters()),
+        pool_parameters=sum(p.numel() for p in model.get_encoder(modality="audio").weak_encoders.parameters()),
         max_new_tokens=max_new_tokens,
     )
     card.save(output / "README.md")
@@ -305,6 +125,24 @@ def build_hub_folder(
     if pickles:
         raise RuntimeError(f"Pickle files were written to {output}: {pickles}; only safetensors may be published.")
     return output
+
+
+def write_example_audio(audio: np.ndarray | str | os.PathLike, path: Path, sampling_rate: int = SAMPLING_RATE) -> None:
+    """Write `audio` (a waveform at `sampling_rate`, or an audio file) to `path` as 16-bit PCM wav."""
+    import soundfile
+
+    if isinstance(audio, (str, os.PathLike)):
+        audio, sampling_rate = soundfile.read(audio, dtype="float32")
+    soundfile.write(path, np.asarray(audio, dtype=np.float32), sampling_rate, subtype="PCM_16")
+
+
+def _check_publishable(model, output: Path, overwrite: bool) -> None:
+    if hasattr(model, "peft_config"):
+        raise TypeError("Merge the PEFT adapters before publishing: model = model.merge_and_unload().")
+    if getattr(getattr(model, "config", None), "model_type", None) != "mowe":
+        raise TypeError(f"build_hub_folder publishes MoWE models, got {type(model).__name__}.")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; choose a new folder or pass overwrite=True.")
 
 
 def build_model_card(
@@ -343,15 +181,9 @@ def build_model_card(
             }
         ],
     )
-    snippet_args = {
-        "repo_id": repo_id,
-        "example": EXAMPLE_AUDIO,
-        "question": json.dumps(example_question),
-        "max_new_tokens": max_new_tokens,
-    }
     return ModelCard.from_template(
         card_data,
-        template_str=CARD_TEMPLATE,
+        template_path=str(CARD_TEMPLATE),
         model_name=model_name,
         repo_id=repo_id,
         components=_component_rows(config, components),
@@ -359,11 +191,10 @@ def build_model_card(
         top_k=config.router_top_k,
         num_parameters=_human(num_parameters) if num_parameters else "?",
         pool_share=f"{pool_parameters / num_parameters:.1%}" if num_parameters and pool_parameters is not None else "?",
-        usage_snippet=USAGE_SNIPPET.format(**snippet_args),
-        pipeline_snippet=PIPELINE_SNIPPET.format(**snippet_args),
+        example_audio=EXAMPLE_AUDIO,
         example_question=example_question,
+        max_new_tokens=max_new_tokens,
         results_table=results_table_markdown(results) if results else None,
-        citation=CITATION,
     )
 
 

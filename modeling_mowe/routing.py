@@ -1,4 +1,4 @@
-"""Routers over the weak-encoder pool, top-k selection and the load-balancing loss (DESIGN.md section 2)."""
+"""Routers over the weak-encoder pool, top-k selection and the load-balancing loss (docs/ARCHITECTURE.md, "Routing")."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ Tooling wing: imports the model code, never the other way round (remote code mus
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,8 +135,10 @@ class MoWEDataCollator:
 
 
 def _audio_tower(model: nn.Module) -> nn.Module | None:
-    # By class name: a model loaded with trust_remote_code has its own copy of the class.
-    return next((m for m in model.modules() if type(m).__name__ == "MoWEAudioTower"), None)
+    """The audio tower of a MoWE model (also inside a PEFT wrapper), found with transformers' own accessor."""
+    get_encoder = getattr(model, "get_encoder", None)
+    tower = get_encoder(modality="audio") if get_encoder is not None else None
+    return tower if tower is not None and hasattr(tower, "weak_encoders") else None
 
 
 class RoutingStatsCallback(TrainerCallback):
@@ -201,14 +204,16 @@ def add_routing_stats_callback(trainer) -> RoutingStatsCallback:
 
 
 def trainable_module_names(model: nn.Module) -> list[str]:
-    """Names (relative to `MoWEForConditionalGeneration`) of the modules MoWE trains in full: each weak encoder, its
-    projection, the routers and the projector. The base encoder stays frozen; the LLM takes LoRA."""
-    tower = _audio_tower(model)
-    names = ["multi_modal_projector"]
-    if tower is not None:
-        names += [f"weak_encoders.{i}" for i in range(len(tower.weak_encoders))]
-        names += [f"weak_projections.{i}" for i in range(len(tower.weak_projections))]
-        names += [name for name in ("router_independent", "router_dependent") if getattr(tower, name) is not None]
+    """Names, relative to their owner, of the modules MoWE trains in full: the audio tower's parts other than its base
+    encoder (each weak encoder and its projection, the routers) and the base model's parts other than the audio tower
+    and the LLM (the projector). The base encoder stays frozen; the LLM takes LoRA or stays frozen."""
+    tower, language_model = model.get_encoder(modality="audio"), model.get_decoder()
+    names = []
+    for name, child in tower.named_children():
+        if child is not tower.base_encoder:
+            names += [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name]
+    owner = model.base_model
+    names += [name for name, child in owner.named_children() if child is not tower and child is not language_model]
     return names
 
 
@@ -217,22 +222,21 @@ def freeze_for_training(
 ) -> dict[str, int]:
     """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool + routers +
     projector trainable (but for each family's `frozen_in_training` parts, e.g. HuBERT's conv feature encoder), the
-    LLM trainable only if `train_language_model`. Returns trainable / total counts."""
+    LLM and its head trainable only if `train_language_model`. Returns trainable / total counts."""
     model.requires_grad_(False)
-    owners = dict(model.named_modules())
-    for name, module in owners.items():
-        if any(name == t or name.endswith("." + t) for t in trainable_module_names(model)):
+    trainable = trainable_module_names(model)
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in trainable):
             module.requires_grad_(True)
-    tower = _audio_tower(model)
-    if tower is not None:
-        for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
-            for name in encoder_family(config).frozen_in_training:
-                getattr(encoder, name).requires_grad_(False)
+    tower = model.get_encoder(modality="audio")
+    for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
+        for name in encoder_family(config).frozen_in_training:
+            getattr(encoder, name).requires_grad_(False)
     if train_language_model:
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+        model.get_decoder().requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
     if train_base_encoder:
-        model.model.audio_tower.base_encoder.requires_grad_(True)
+        tower.base_encoder.requires_grad_(True)
     return {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
@@ -245,13 +249,14 @@ def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropou
     full and saved with the adapter (`modules_to_save`). Pass it as `SFTTrainer(peft_config=...)`."""
     from peft import LoraConfig
 
-    language_model = model.model.language_model
+    language_model = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in language_model.named_modules() if isinstance(m, nn.Linear)})
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=rf"(.*\.)?model\.language_model\..*\.({'|'.join(leaf_names)})",
+        target_modules=rf"(.*\.)?{re.escape(prefix)}\..*\.({'|'.join(leaf_names)})",
         modules_to_save=trainable_module_names(model),
         task_type="CAUSAL_LM",
         **kwargs,

@@ -33,7 +33,7 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor, handler
 from modeling_mowe.evaluation import write_results
 from modeling_mowe.publishing import BEEPS_QUESTION, build_hub_folder, load_results
 
@@ -93,7 +93,7 @@ def greedy_answer(model, processor, audio, question: str, sampling_rate: int | N
     )
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 def run_isolated(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -288,6 +288,22 @@ def test_endpoint_handler_answers_base64_and_raw_samples(published):
         [{"generated_text": published["expected"]}],
     ]
     assert "sampling_rate" in report["error"]
+
+
+def test_folder_ships_the_one_answering_function_for_paths_bytes_and_samples(published):
+    """The folder's handler.py is `modeling_mowe/handler.py` itself, whose `answer` (used by the handler, the
+    inference script and the Space) gives the greedy answer whether the clip is a path, file bytes or samples."""
+    folder, model, processor = published["folder"], published["model"], published["processor"]
+    assert (folder / "handler.py").read_bytes() == Path(handler.__file__).read_bytes()
+    wav = folder / "example.wav"
+    samples, rate = soundfile.read(wav, dtype="int16")
+    answers = [
+        handler.answer(model, processor, clip, BEEPS_QUESTION, sampling_rate, max_new_tokens=MAX_NEW_TOKENS)
+        for clip, sampling_rate in ((str(wav), None), (wav.read_bytes(), None), (samples, rate))
+    ]
+    assert answers == [published["expected"]] * 3
+    with pytest.raises(ValueError, match="sampling_rate"):
+        handler.answer(model, processor, samples.astype(np.float32), BEEPS_QUESTION)
 
 
 def test_inference_script_answers_about_a_wav_file(published):

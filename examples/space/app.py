@@ -2,11 +2,15 @@
 
 On a Hugging Face Space, set the Space variable `MOWE_MODEL` to a MoWE model repository. Locally:
 
-    MOWE_MODEL=<folder or Hub id> python examples/space/app.py
-    python examples/space/app.py --model <folder or Hub id> --port 7860
+    MOWE_MODEL=outputs/demo/mowe-model python examples/space/app.py
 
-The model's code comes from its repository (`trust_remote_code=True`): the app needs only gradio, transformers,
-torch, soundfile and soxr.
+with any MoWE folder or Hub id written by `build_hub_folder` (or pass `--model`); the port is gradio's
+(`$GRADIO_SERVER_PORT`, else 7860) unless `--port` says otherwise.
+
+The model's code comes from its repository (`trust_remote_code=True`), and so does the answering code: the
+repository's `handler.py` (written by `modeling_mowe.publishing.build_hub_folder`; its `load` and `answer` serve the
+Inference Endpoints handler and `examples/inference.py` too). The app needs only gradio, transformers, torch,
+soundfile and soxr.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-import torch
-from transformers import AutoModel, AutoProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 DEFAULT_QUESTION = "Transcribe the audio."
 EXAMPLE_AUDIO = "example.wav"
@@ -29,10 +32,9 @@ class MoWEDemo:
 
     def __init__(self, model_id: str, device: str | None = None):
         self.model_id = model_id
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-        self.model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=dtype).to(device).eval()
+        load = get_class_from_dynamic_module("handler.load", model_id)
+        self._answer = get_class_from_dynamic_module("handler.answer", model_id)
+        self.model, self.processor = load(model_id, device)
 
     def answer(self, audio: tuple[int, np.ndarray] | None, question: str, max_new_tokens: int = 64) -> str:
         """The greedy answer to `question` about `audio`, given as Gradio's numpy audio `(sampling_rate, samples)`."""
@@ -41,26 +43,12 @@ class MoWEDemo:
         if not question or not question.strip():
             raise gr.Error("Type a question about the audio.")
         sampling_rate, waveform = audio
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "audio", "audio": waveform, "sampling_rate": sampling_rate},
-                    {"type": "text", "text": question.strip()},
-                ],
-            }
-        ]
         try:
-            inputs = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            return self._answer(
+                self.model, self.processor, waveform, question.strip(), sampling_rate, max_new_tokens=int(max_new_tokens)
             )
         except (TypeError, ValueError) as err:
             raise gr.Error(str(err)) from err
-        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
-        with torch.no_grad():
-            generated = self.model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
 
 def model_example(model_id: str) -> tuple[str, str] | None:

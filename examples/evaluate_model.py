@@ -1,7 +1,7 @@
 """Evaluate a MoWE model on the synthetic benchmark (or any dataset with `audio`, `messages`, `task`, `answer`).
 
-    python examples/evaluate.py --model outputs/demo/mowe-model --dataset outputs/benchmark/<fingerprint> \
-        --split test --output_dir outputs/eval
+    python examples/evaluate_model.py --model outputs/demo/mowe-model \
+        --dataset outputs/demo/cache/benchmark/<fingerprint> --split test --output_dir outputs/eval
 
 Prints the per-task table (WER for ASR, accuracy elsewhere) and writes results.json + results.md.
 Importable: `evaluate_model` and `generate_answers` live in `modeling_mowe.evaluation`.
@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from transformers import AutoModel, AutoProcessor
-
 from modeling_mowe.evaluation import evaluate_model, results_table_markdown, write_results
+from modeling_mowe.handler import load
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,9 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     split = data[args.split]
     if args.limit:
         split = split.select(range(min(args.limit, len(split))))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load(args.model)
     results = evaluate_model(model, processor, split, batch_size=args.batch_size)
     name = Path(args.model).name or args.model
     print(results_table_markdown({name: results}))
