@@ -192,13 +192,16 @@ class MoWEAudioTower(nn.Module):
             hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
             hidden = projection(hidden.to(projection.weight.dtype))
             for r, gate in enumerate(window_gates):
-                blocks[r] = blocks[r].index_add(0, rows, hidden * gate[rows, None, None].to(hidden.dtype))
+                # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
+                # the base features' dtype (fp32 for fp32 weights), as do the sums over experts.
+                weighted = hidden * gate[rows, None, None].to(hidden.dtype)
+                blocks[r] = blocks[r].index_add(0, rows, weighted.to(blocks[r].dtype))
 
         aux_loss = None
         if "data_dependent" in self.routers:
             probs, index, _ = selections[self.routers.index("data_dependent")]
             aux_loss = load_balancing_loss(probs, index)
-        hidden = torch.cat([base_hidden, *[b.to(base_hidden.dtype) for b in blocks]], dim=-1)
+        hidden = torch.cat([base_hidden, *blocks], dim=-1)
         return MoWEAudioTowerOutput(
             last_hidden_state=self._touch_all_parameters(hidden),
             valid_frames=valid_frames,
