@@ -140,21 +140,24 @@ from test_mixed_precision import user_sft_config
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.training import make_sft_trainer
 
-dataset, output_dir, bf16 = sys.argv[1], sys.argv[2], sys.argv[3] == "bf16"
-torch.manual_seed(0)
-model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
-args = user_sft_config(output_dir, max_steps=2, **({{}} if bf16 else {{"bf16": False}}))
-trainer = make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), args, datasets.load_from_disk(dataset)["train"])
-trainer.train()
-flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])
-gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, flat)
-if dist.get_rank() == 0:
-    print("RESULT " + json.dumps({{
+data, output_dir = datasets.load_from_disk(sys.argv[1])["train"], sys.argv[2]
+results = {{}}
+for precision, overrides in (("bf16", {{}}), ("fp32", {{"bf16": False}})):
+    torch.manual_seed(0)
+    model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
+    args = user_sft_config(output_dir + "/" + precision, max_steps=2, **overrides)
+    trainer = make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), args, data)
+    trainer.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    results[precision] = {{
         "world": dist.get_world_size(), "bf16": args.bf16, "dtype": str(flat.dtype),
         "rank_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-    }}))
+    }}
+if dist.get_rank() == 0:
+    print("RESULT " + json.dumps(results))
 """
 
 
@@ -165,15 +168,12 @@ def test_two_process_ddp_with_default_bf16_matches_fp32(benchmark_dir, tmp_path)
     script = tmp_path / "ddp_mixed_precision.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    results = {}
-    for precision in ("bf16", "fp32"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   str(script), str(benchmark_dir), str(tmp_path / precision), precision]
-        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-4000:]
-        line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-        results[precision] = json.loads(line[len("RESULT "):])
-    bf16, fp32 = results["bf16"], results["fp32"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(benchmark_dir), str(tmp_path)]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    bf16, fp32 = json.loads(line[len("RESULT "):]).values()
     assert bf16["world"] == 2 and bf16["bf16"] and not fp32["bf16"]
     assert bf16["dtype"] == "torch.float32"  # fp32 master weights, bf16 compute
     assert bf16["rank_diff"] == 0.0  # DDP kept the ranks identical
