@@ -246,16 +246,16 @@ class MaskedGroupNorm(nn.GroupNorm):
         if lengths is None or lengths.shape[0] != hidden.shape[0] or int(lengths.max()) != hidden.shape[-1]:
             return super().forward(hidden)
         batch, channels, frames = hidden.shape
-        grouped = hidden.reshape(batch, self.num_groups, -1, frames)
-        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-        mask = mask[:, None, None]
+        # Statistics in fp32, as `group_norm` runs under autocast: bf16 sums over thousands of frames drift.
+        grouped = hidden.float().reshape(batch, self.num_groups, -1, frames)
+        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).float()[:, None, None]
         count = mask.sum(-1, keepdim=True) * grouped.shape[2]
         mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
         var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
         normed = ((grouped - mean) / torch.sqrt(var + self.eps)).reshape(batch, channels, frames)
         if self.affine:
-            normed = normed * self.weight[None, :, None] + self.bias[None, :, None]
-        return normed
+            normed = normed * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        return normed.to(hidden.dtype)
 
 
 def _use_masked_group_norm(conv_layer: nn.Module) -> MaskedGroupNorm:
