@@ -43,9 +43,15 @@ def loss_and_router_grads(model, inputs, labels, autocast_dtype=None):
     return out.loss.detach(), [g.clone() for g in grads]
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("dynamic", [False, True], ids=["whisper_30s", "dynamic_length"])
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    ("dtype", "dynamic", "training"),  # eval under autocast in dynamic mode: the generate test below
+    [
+        pytest.param(torch.bfloat16, False, False, id="bf16-whisper_30s-eval"),
+        pytest.param(torch.bfloat16, False, True, id="bf16-whisper_30s-train"),
+        pytest.param(torch.bfloat16, True, True, id="bf16-dynamic_length-train"),
+        pytest.param(torch.float16, True, True, id="fp16-dynamic_length-train"),
+    ],
+)
 def test_fp32_model_under_autocast_matches_fp32_loss_and_backpropagates(processor, dtype, dynamic, training):
     config = MoWEConfig.from_pretrained(TINY, dynamic_audio_length=dynamic)
     model = build_model(config).train(training)
@@ -99,7 +105,7 @@ def user_sft_config(output_dir, **overrides):
     bf16/gpu. You need to assign use_cpu ..."), so that is what a CPU user passes."""
     from trl import SFTConfig
 
-    args = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+    args = dict(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
                 save_strategy="no", report_to="none", disable_tqdm=True, seed=0, data_seed=0)
     if not torch.cuda.is_available():
         args["use_cpu"] = True
@@ -121,12 +127,12 @@ def sft_losses(processor, data, args) -> list[float]:
 def test_sft_trainer_with_default_sft_config_trains_fp32_model_like_fp32(benchmark_dir, processor, tmp_path):
     import datasets
 
-    data = datasets.load_from_disk(str(benchmark_dir))["train"].select(range(6))
+    data = datasets.load_from_disk(str(benchmark_dir))["train"].select(range(4))
     args = user_sft_config(tmp_path / "default")
     assert args.bf16 and args.gradient_checkpointing  # TRL's defaults, untouched
     losses = sft_losses(processor, data, args)
     reference = sft_losses(processor, data, user_sft_config(tmp_path / "fp32", bf16=False))
-    assert len(losses) == len(reference) == 3
+    assert len(losses) == len(reference) == 2
     assert all(torch.isfinite(torch.tensor(losses)))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=LOSS_RTOL, atol=0.0)
 
