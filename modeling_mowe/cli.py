@@ -144,7 +144,7 @@ def build_arm(settings: DemoSettings, router_type: str, pretrained: dict):
 
 
 def routing_by_task(model, processor, dataset) -> dict:
-    """Fraction of test windows each router sent to each weak encoder, per task."""
+    """Fraction of test windows each router sent to each weak encoder, per task (rows sum to `router_top_k`)."""
     from .evaluation import prompt_messages
 
     tower = model.model.audio_tower
@@ -156,8 +156,9 @@ def routing_by_task(model, processor, dataset) -> dict:
             return_tensors="pt", padding=True,
         )
         with torch.no_grad():
-            logits = model(**inputs).router_logits  # [windows, routers, experts]
-        chosen = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float().mean(0)
+            selected = model(**inputs).router_indices  # [windows, routers, top_k]
+        num_weak = len(tower.weak_encoders)
+        chosen = torch.nn.functional.one_hot(selected, num_weak).sum(-2).float().mean(0)  # [routers, weak encoders]
         for r, router in enumerate(tower.routers):
             table[router][task] = chosen[r].tolist()
     return table

@@ -13,6 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils.output_capturing import capture_outputs
 
 SAMPLING_RATE = 16_000
 WHISPER_HOP_LENGTH = 160  # samples per log-mel frame at 16 kHz
@@ -20,21 +24,13 @@ WHISPER_CHUNK_SECONDS = 30
 
 
 def num_frames(num_samples: Any, spec: dict) -> Any:
-    """Valid encoder frames for clips of `num_samples` samples; works on ints and integer tensors alike."""
-    if spec["type"] == "whisper":
-        mel_frames = num_samples // spec["hop_length"]
-        frames = (mel_frames + 1) // 2  # conv2 has stride 2, padding 1, kernel 3
-        if isinstance(frames, torch.Tensor):
-            return frames.clamp(max=spec["max_frames"])
-        return min(frames, spec["max_frames"])
-    if spec["type"] == "conv":
-        length = num_samples
-        for kernel, stride in zip(spec["kernels"], spec["strides"]):
-            length = (length - kernel) // stride + 1
-        if isinstance(length, torch.Tensor):
-            return length.clamp(min=0)
-        return max(length, 0)
-    raise ValueError(f"Unknown frame spec type {spec['type']!r}.")
+    """Valid encoder frames for clips of `num_samples` samples under frame `spec`; works on ints and integer tensors."""
+    return _frame_family(spec).num_frames(num_samples, spec)
+
+
+def min_samples(spec: dict) -> int:
+    """The shortest clip (in samples) that gives at least one frame under frame `spec`."""
+    return _frame_family(spec).min_samples(spec)
 
 
 def n_audio_tokens(num_samples: Any, spec: dict, stack_factor: int) -> Any:
@@ -50,25 +46,31 @@ def n_audio_tokens(num_samples: Any, spec: dict, stack_factor: int) -> Any:
 def whisper_frame_spec(max_frames: int = 1500) -> dict:
     """Whisper's frame spec: 160-sample mel hop, conv stride 2 (50 frames/s), `max_frames` per 30 s window."""
     return {
-        "type": "whisper",
+        "type": WhisperEncoderFamily.frame_type,
         "hop_length": WHISPER_HOP_LENGTH,
         "max_frames": max_frames,
         "samples_per_frame": 2 * WHISPER_HOP_LENGTH,
     }
 
 
-def min_samples(spec: dict) -> int:
-    """The shortest clip (in samples) that gives at least one frame."""
-    if spec["type"] == "whisper":
-        return spec["hop_length"]
-    return spec["receptive_field"]
-
-
 class WhisperEncoderFamily:
     """Whisper's encoder: log-mel input (n_mels from the config), 50 frames/s, every clip padded to 30 s."""
 
     model_types = ("whisper",)
+    frame_type = "whisper"
     frozen_in_training: tuple[str, ...] = ()
+
+    @staticmethod
+    def num_frames(num_samples: Any, spec: dict) -> Any:
+        mel_frames = num_samples // spec["hop_length"]
+        frames = (mel_frames + 1) // 2  # conv2 has stride 2, padding 1, kernel 3
+        if isinstance(frames, torch.Tensor):
+            return frames.clamp(max=spec["max_frames"])
+        return min(frames, spec["max_frames"])
+
+    @staticmethod
+    def min_samples(spec: dict) -> int:
+        return spec["hop_length"]
 
     @staticmethod
     def front_end(config: PretrainedConfig) -> dict:
@@ -84,13 +86,17 @@ class WhisperEncoderFamily:
 
     @staticmethod
     def build(config: PretrainedConfig) -> nn.Module:
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        return WhisperEncoder(config)
+        return DynamicLengthWhisperEncoder(config)
 
     @staticmethod
     def from_pretrained_model(model: nn.Module) -> nn.Module:
-        return model.get_encoder() if hasattr(model, "get_encoder") else model
+        encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
+        if isinstance(encoder, DynamicLengthWhisperEncoder):
+            return encoder
+        with torch.device("meta"):
+            dynamic = DynamicLengthWhisperEncoder(encoder.config)
+        dynamic.load_state_dict(encoder.state_dict(), assign=True)
+        return dynamic.train(encoder.training)
 
     @staticmethod
     def encode(
@@ -99,27 +105,58 @@ class WhisperEncoderFamily:
         """Encode log-mel `features` [b, n_mels, 3000] of clips of `lengths` samples [b] -> [b, T, d_model].
 
         `dynamic=False` runs the stock encoder on the full 30 s (T = 1500), as Whisper was trained. `dynamic=True`
-        keeps only the batch's longest clip (T = its frames), slices the positional embeddings and masks every
-        clip's padded frames in attention, so each clip's features match the clip encoded alone.
+        keeps only the batch's longest clip (T = its frames) and masks every clip's padded frames, so each clip's
+        features match the clip encoded alone.
         """
         if not dynamic:
             return encoder(input_features=features).last_hidden_state
         mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=features.shape[-1])
-        frame_lengths = (mel_lengths + 1) // 2
-        frames = int(frame_lengths.max())
-        mel = features[..., : 2 * frames]
-        mel_valid = torch.arange(mel.shape[-1], device=mel.device)[None, :] < mel_lengths[:, None]
-        mel = mel * mel_valid[:, None, :].to(mel.dtype)
-        hidden = nn.functional.gelu(encoder.conv1(mel))
-        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + encoder.embed_positions.weight[:frames].to(hidden.dtype)
-        hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
-        frame_valid = torch.arange(frames, device=hidden.device)[None, :] < frame_lengths[:, None]
-        attention_mask = torch.zeros(frame_valid.shape, dtype=hidden.dtype, device=hidden.device)
-        attention_mask = attention_mask.masked_fill(~frame_valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
-        for layer in encoder.layers:
-            hidden = layer(hidden, attention_mask)
-        return encoder.layer_norm(hidden)
+        mel_frames = 2 * int((mel_lengths.max() + 1) // 2)  # conv2's stride: an even number of mel frames
+        mel_mask = torch.arange(mel_frames, device=features.device)[None, :] < mel_lengths[:, None]
+        return encoder(input_features=features[..., :mel_frames], attention_mask=mel_mask.long()).last_hidden_state
+
+
+class DynamicLengthWhisperEncoder(WhisperEncoder):
+    """`WhisperEncoder` that also takes log-mels shorter than 30 s, and masks padded mel frames.
+
+    The only differences from the stock forward: the positional embeddings are sliced to the input's frames (the
+    stock encoder insists on 3000 mel frames), and `attention_mask` is used. The layers run through transformers'
+    attention interface with a mask from its mask utilities, so every attention backend (eager, sdpa, flash, flex),
+    layerdrop, gradient checkpointing and `output_hidden_states`/`output_attentions` work as in the stock encoder.
+    On 3000 mel frames without a mask it computes exactly what `WhisperEncoder` does. Same weights, same keys.
+    """
+
+    @capture_outputs
+    def forward(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutput:
+        """
+        Args:
+            input_features: `(batch, n_mels, mel_frames)` log-mels, `mel_frames <= 2 * max_source_positions`.
+            attention_mask: `(batch, mel_frames)`, 1 for real mel frames, 0 for padding (zeroed before the convs).
+        Returns:
+            `last_hidden_state` `(batch, ceil(mel_frames / 2), d_model)`.
+        """
+        max_mel_frames = self.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        if input_features.shape[-1] > max_mel_frames:
+            raise ValueError(
+                f"Whisper takes at most {max_mel_frames} mel frames (30 s) per window, got {input_features.shape[-1]}; "
+                "split longer audio into 30 s windows (MoWEProcessor does)."
+            )
+        frame_mask = None
+        if attention_mask is not None:
+            input_features = input_features * attention_mask[:, None, :].to(input_features.dtype)
+            frame_mask = attention_mask[:, :: self.conv2.stride[0]]
+        hidden = nn.functional.gelu(self.conv1(input_features))
+        hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=frame_mask)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue  # LayerDrop, as the stock encoder
+            hidden = layer(hidden, mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
 
 
 class WaveformEncoderFamily:
@@ -131,6 +168,7 @@ class WaveformEncoderFamily:
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
+    frame_type = "conv"
     # The conv feature encoder stays frozen when fine-tuning, as in wav2vec2/HuBERT recipes (`freeze_feature_encoder`):
     # its backward over raw 16 kHz samples costs more than the rest of a small encoder.
     frozen_in_training: tuple[str, ...] = ("feature_extractor",)
@@ -146,12 +184,25 @@ class WaveformEncoderFamily:
         for kernel, stride in zip(reversed(kernels), reversed(strides)):
             receptive_field = (receptive_field - 1) * stride + kernel
         return {
-            "type": "conv",
+            "type": WaveformEncoderFamily.frame_type,
             "kernels": kernels,
             "strides": strides,
             "samples_per_frame": math.prod(strides),
             "receptive_field": receptive_field,
         }
+
+    @staticmethod
+    def num_frames(num_samples: Any, spec: dict) -> Any:
+        length = num_samples
+        for kernel, stride in zip(spec["kernels"], spec["strides"]):
+            length = (length - kernel) // stride + 1
+        if isinstance(length, torch.Tensor):
+            return length.clamp(min=0)
+        return max(length, 0)
+
+    @staticmethod
+    def min_samples(spec: dict) -> int:
+        return spec["receptive_field"]
 
     @staticmethod
     def hidden_size(config: PretrainedConfig) -> int:
@@ -195,16 +246,16 @@ class MaskedGroupNorm(nn.GroupNorm):
         if lengths is None or lengths.shape[0] != hidden.shape[0] or int(lengths.max()) != hidden.shape[-1]:
             return super().forward(hidden)
         batch, channels, frames = hidden.shape
-        grouped = hidden.reshape(batch, self.num_groups, -1, frames)
-        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-        mask = mask[:, None, None]
+        # Statistics in fp32, as `group_norm` runs under autocast: bf16 sums over thousands of frames drift.
+        grouped = hidden.float().reshape(batch, self.num_groups, -1, frames)
+        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).float()[:, None, None]
         count = mask.sum(-1, keepdim=True) * grouped.shape[2]
         mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
         var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
         normed = ((grouped - mean) / torch.sqrt(var + self.eps)).reshape(batch, channels, frames)
         if self.affine:
-            normed = normed * self.weight[None, :, None] + self.bias[None, :, None]
-        return normed
+            normed = normed * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        return normed.to(hidden.dtype)
 
 
 def _use_masked_group_norm(conv_layer: nn.Module) -> MaskedGroupNorm:
@@ -223,6 +274,15 @@ ENCODER_FAMILIES: dict[str, type] = {
     for family in (WhisperEncoderFamily, WaveformEncoderFamily)
     for model_type in family.model_types
 }
+
+
+FRAME_TYPES: dict[str, type] = {family.frame_type: family for family in set(ENCODER_FAMILIES.values())}
+
+
+def _frame_family(spec: dict):
+    if spec.get("type") not in FRAME_TYPES:
+        raise ValueError(f"Unknown frame spec type {spec.get('type')!r}; known: {sorted(FRAME_TYPES)}.")
+    return FRAME_TYPES[spec["type"]]
 
 
 def encoder_family(config: PretrainedConfig, what: str = "encoder config"):

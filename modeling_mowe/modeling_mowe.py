@@ -39,12 +39,18 @@ class MoWEAudioTowerOutput(ModelOutput):
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
         Logits of the active routers, in `config.active_routers` order.
     router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
+    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The weak encoders each active router selected for each window (the routing decision, made once here).
+    router_gates (`torch.FloatTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The selected encoders' gates (router probabilities) that weighted their features.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     valid_frames: torch.LongTensor | None = None
     router_logits: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
+    router_indices: torch.LongTensor | None = None
+    router_gates: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -59,11 +65,16 @@ class MoWEAudioFeaturesOutput(BaseModelOutputWithPooling):
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
         Logits of the active routers, in `config.active_routers` order.
     router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
+    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, top_k)`, *optional*): the weak encoders
+        each router selected for each window.
+    router_gates (`torch.FloatTensor` of shape `(num_windows, num_routers, top_k)`, *optional*): their gates.
     """
 
     valid_frames: torch.LongTensor | None = None
     router_logits: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
+    router_indices: torch.LongTensor | None = None
+    router_gates: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -73,11 +84,14 @@ class MoWEModelOutputWithPast(BaseModelOutputWithPast):
         Projected audio embeddings that replaced the `<|audio|>` placeholders.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
     router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The weak encoders each router selected per window.
     """
 
     audio_hidden_states: torch.FloatTensor | None = None
     router_logits: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
+    router_indices: torch.LongTensor | None = None
 
 
 @dataclass
@@ -86,10 +100,13 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     loss: LM loss + `router_aux_loss_coef * router_aux_loss`.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
     router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The weak encoders each router selected per window.
     """
 
     router_logits: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
+    router_indices: torch.LongTensor | None = None
 
 
 class MoWEAudioTower(nn.Module):
@@ -212,18 +229,23 @@ class MoWEAudioTower(nn.Module):
             hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
             hidden = projection(hidden.to(projection.weight.dtype))
             for r, gate in enumerate(window_gates):
-                blocks[r] = blocks[r].index_add(0, rows, hidden * gate[rows, None, None].to(hidden.dtype))
+                # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
+                # the base features' dtype (fp32 for fp32 weights), as do the sums over experts.
+                weighted = hidden * gate[rows, None, None].to(hidden.dtype)
+                blocks[r] = blocks[r].index_add(0, rows, weighted.to(blocks[r].dtype))
 
         aux_loss = None
         if "data_dependent" in self.routers:
             probs, index, _ = selections[self.routers.index("data_dependent")]
             aux_loss = load_balancing_loss(probs, index)
-        hidden = torch.cat([base_hidden, *[b.to(base_hidden.dtype) for b in blocks]], dim=-1)
+        hidden = torch.cat([base_hidden, *blocks], dim=-1)
         return MoWEAudioTowerOutput(
             last_hidden_state=self._touch_all_parameters(hidden),
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
+            router_indices=torch.stack([index for _, index, _ in selections], dim=1),
+            router_gates=torch.stack([gates for _, _, gates in selections], dim=1),
         )
 
 
@@ -242,10 +264,10 @@ class MoWEProjector(nn.Module):
         """Frames [N, T, D] with `valid_frames` [N] real frames -> the valid audio tokens of all windows, in order,
         [sum_n ceil(valid_frames[n] / stack_factor), hidden_size]. Padded frames are zeroed before stacking, so a
         window's tokens never depend on the batch it came in."""
-        num_windows, num_frames_, dim = hidden.shape
-        frame_valid = torch.arange(num_frames_, device=hidden.device)[None, :] < valid_frames[:, None]
+        num_windows, frames, dim = hidden.shape
+        frame_valid = torch.arange(frames, device=hidden.device)[None, :] < valid_frames[:, None]
         hidden = hidden * frame_valid[..., None].to(hidden.dtype)
-        pad = -num_frames_ % self.stack_factor
+        pad = -frames % self.stack_factor
         hidden = nn.functional.pad(hidden, (0, 0, 0, pad))
         stacked = hidden.reshape(num_windows, -1, dim * self.stack_factor)
         tokens_per_window = -(-valid_frames // self.stack_factor)
@@ -286,7 +308,6 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
-    _supports_attention_backend = True
     _no_split_modules = ["MoWEAudioTower", "MoWEProjector"]
     _skip_keys_device_placement = ["past_key_values"]
 
@@ -348,6 +369,8 @@ class MoWEModel(MoWEPreTrainedModel):
             valid_frames=tower.valid_frames,
             router_logits=tower.router_logits,
             router_aux_loss=tower.router_aux_loss,
+            router_indices=tower.router_indices,
+            router_gates=tower.router_gates,
         )
 
     def get_placeholder_mask(
@@ -400,11 +423,11 @@ class MoWEModel(MoWEPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        audio_embeds = router_logits = router_aux_loss = None
+        audio_embeds = router_logits = router_aux_loss = router_indices = None
         if input_features is not None or input_values is not None:
             audio = self.get_audio_features(input_features, input_values, audio_lengths, return_dict=True)
             audio_embeds, router_logits = audio.pooler_output, audio.router_logits
-            router_aux_loss = audio.router_aux_loss
+            router_aux_loss, router_indices = audio.router_aux_loss, audio.router_indices
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
             coef = self.config.router_aux_loss_coef
             if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
@@ -426,6 +449,7 @@ class MoWEModel(MoWEPreTrainedModel):
             audio_hidden_states=audio_embeds,
             router_logits=router_logits,
             router_aux_loss=None if router_aux_loss is None else router_aux_loss.detach(),
+            router_indices=router_indices,
         )
 
 

@@ -157,11 +157,10 @@ class RoutingStatsCallback(TrainerCallback):
         self._names: list[str] = []
 
     def _record(self, tower: nn.Module, inputs, output) -> None:
-        if not tower.training or output.router_logits is None:
+        if not tower.training or output.router_indices is None:
             return
-        with torch.no_grad():
-            index = output.router_logits.float().topk(tower.config.router_top_k, dim=-1).indices  # [N, R, k]
-            counts = torch.nn.functional.one_hot(index, output.router_logits.shape[-1]).sum(dim=(0, 2)).cpu()
+        num_weak = len(tower.config.weak_encoder_configs)
+        counts = torch.nn.functional.one_hot(output.router_indices.detach(), num_weak).sum(dim=(0, 2)).cpu()  # [R, E]
         self._counts = counts if self._counts is None else self._counts + counts
         if output.router_aux_loss is not None:
             self._aux_sum += float(output.router_aux_loss.detach())

@@ -21,7 +21,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 import modeling_mowe  # noqa: F401  (registers the Auto classes)
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
-from modeling_mowe.routing import load_balancing_loss, top_k_gates
+from modeling_mowe.routing import load_balancing_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female? Answer:"]
@@ -49,12 +49,11 @@ def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
         tower.router_dependent.classifier.bias[dependent] = margin
 
 
-def selected_windows(router_logits, top_k):
-    """Per weak encoder, the windows any router routed to it: {expert: set(rows)}."""
+def selected_windows(router_indices):
+    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {expert: set(rows)}."""
     chosen: dict[int, set] = {}
-    for r in range(router_logits.shape[1]):
-        index = router_logits[:, r].topk(top_k, dim=-1).indices
-        for row, experts in enumerate(index.tolist()):
+    for row, per_router in enumerate(router_indices.tolist()):
+        for experts in per_router:
             for e in experts:
                 chosen.setdefault(e, set()).add(row)
     return chosen
@@ -78,6 +77,7 @@ def test_forward_gives_logits_router_outputs_and_finite_loss(tiny_config, proces
     batch, seq = inputs["input_ids"].shape
     assert out.logits.shape == (batch, seq, tiny_config.text_config.vocab_size)
     assert out.router_logits.shape == (2, 2, 4)  # windows, routers (independent, dependent), pool
+    assert out.router_indices.shape == (2, 2, tiny_config.router_top_k)
     assert out.router_aux_loss.ndim == 0 and torch.isfinite(out.router_aux_loss)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     assert torch.isfinite(out.logits).all()
@@ -118,7 +118,7 @@ def test_only_selected_weak_encoders_run_on_their_rows(tiny_config, processor, f
         out = model(**make_inputs(processor, texts, clips))
     for h in handles:
         h.remove()
-    expected = {e: len(r) for e, r in selected_windows(out.router_logits, tiny_config.router_top_k).items()}
+    expected = {e: len(r) for e, r in selected_windows(out.router_indices).items()}
     if forced:
         assert expected == {3: 4, 0: 4}
     assert rows == expected
@@ -148,12 +148,12 @@ def test_model_router_aux_loss_matches_formula_on_its_router_logits(fast_config,
     clips = [make_clip(s, seed=i) for i, s in enumerate((0.6, 1.2, 2.1))]
     with torch.no_grad():
         out = model(**make_inputs(processor, [f"<|audio|> {i}" for i in range(3)], clips))
-    logits = out.router_logits[:, fast_config.active_routers.index("data_dependent")]
-    probs = logits.softmax(-1)
-    fraction = torch.nn.functional.one_hot(probs.argmax(-1), 4).float().mean(0)
+    dependent = fast_config.active_routers.index("data_dependent")
+    probs = out.router_logits[:, dependent].softmax(-1)
+    fraction = torch.nn.functional.one_hot(out.router_indices[:, dependent, 0], 4).float().mean(0)
     expected = 4 * (fraction * probs.mean(0)).sum()
     torch.testing.assert_close(out.router_aux_loss, expected)
-    torch.testing.assert_close(out.router_aux_loss, load_balancing_loss(*top_k_gates(logits, 1)[:2]))
+    torch.testing.assert_close(out.router_aux_loss, load_balancing_loss(probs, out.router_indices[:, dependent]))
 
 
 def _user_loop_loss(model, inputs, labels):

@@ -1,0 +1,161 @@
+"""The encoder registry: Whisper's dynamic-length encoder on transformers' attention backends, frame arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, make_clip, make_inputs
+from transformers import HubertConfig, WhisperConfig, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from modeling_mowe import MoWEForConditionalGeneration
+from modeling_mowe.encoders import (
+    ENCODER_FAMILIES,
+    DynamicLengthWhisperEncoder,
+    WaveformEncoderFamily,
+    WhisperEncoderFamily,
+    min_samples,
+    num_frames,
+    whisper_frame_spec,
+)
+
+LENGTHS = torch.tensor([16_000, 6_100, 11_040])  # samples: 1 s, and two shorter clips padded in the batch
+
+
+def whisper_config(**overrides) -> WhisperConfig:
+    return WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, **overrides,
+    )
+
+
+def whisper_encoders(implementations, seed: int = 0, **overrides) -> dict[str, DynamicLengthWhisperEncoder]:
+    """The same random weights under each attention implementation, in eval mode."""
+    torch.manual_seed(seed)
+    reference = WhisperEncoderFamily.build(whisper_config(**overrides)).eval()
+    encoders = {}
+    for implementation in implementations:
+        encoder = WhisperEncoderFamily.build(whisper_config(**overrides, attn_implementation=implementation))
+        encoder.load_state_dict(reference.state_dict())
+        assert encoder.config._attn_implementation == implementation
+        encoders[implementation] = encoder.eval()
+    return encoders
+
+
+def log_mels(lengths: torch.Tensor, n_mels: int = 16, seed: int = 1) -> torch.Tensor:
+    """Random log-mels [b, n_mels, 3000] with each clip's frames past its length set to Whisper's padding value."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(len(lengths), n_mels, 3000, generator=generator)
+    valid = torch.arange(3000)[None, :] < (lengths // 160)[:, None]
+    return torch.where(valid[:, None, :], features, torch.full_like(features, -0.8))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_dynamic_length_batch_equals_each_clip_alone(implementation):
+    encoder = whisper_encoders([implementation])[implementation]
+    features = log_mels(LENGTHS)
+    with torch.no_grad():
+        batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True)
+        assert batched.shape[1] == int(num_frames(int(LENGTHS.max()), whisper_frame_spec()))
+        for row, length in enumerate(LENGTHS.tolist()):
+            alone = WhisperEncoderFamily.encode(encoder, features[row : row + 1], LENGTHS[row : row + 1], dynamic=True)
+            valid = int(num_frames(length, whisper_frame_spec()))
+            assert alone.shape[1] == valid
+            torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_length_eager_and_sdpa_agree_on_a_padded_batch():
+    encoders = whisper_encoders(["eager", "sdpa"])
+    features = log_mels(LENGTHS)
+    with torch.no_grad():
+        out = {name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True) for name, enc in encoders.items()}
+    valid = torch.arange(out["eager"].shape[1])[None, :] < num_frames(LENGTHS, whisper_frame_spec())[:, None]
+    torch.testing.assert_close(out["eager"][valid], out["sdpa"][valid], atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_length_model_logits_agree_under_eager_and_sdpa(fast_config, processor, tmp_path):
+    build_model(fast_config, seed=7).save_pretrained(tmp_path)
+    inputs = make_inputs(processor, ["<|audio|> Transcribe.", "Q: <|audio|> A:"], [make_clip(0.6), make_clip(1.7, 2)])
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = MoWEForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert model.config.dynamic_audio_length
+        assert model.model.audio_tower.base_encoder.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits["eager"][valid], logits["sdpa"][valid], atol=1e-4, rtol=1e-4)
+
+
+def test_full_30s_input_without_mask_is_the_stock_whisper_encoder():
+    torch.manual_seed(0)
+    stock = WhisperEncoder(whisper_config()).eval()
+    dynamic = WhisperEncoderFamily.from_pretrained_model(stock)
+    assert type(dynamic) is DynamicLengthWhisperEncoder and not dynamic.training
+    assert dynamic.state_dict().keys() == stock.state_dict().keys()
+    features = log_mels(LENGTHS)
+    with torch.no_grad():
+        expected = stock(input_features=features).last_hidden_state
+        torch.testing.assert_close(WhisperEncoderFamily.encode(dynamic, features, LENGTHS), expected)
+
+
+def test_pretrained_whisper_model_gives_its_encoder_weights():
+    torch.manual_seed(0)
+    model = WhisperModel(whisper_config())
+    encoder = WhisperEncoderFamily.from_pretrained_model(model)
+    assert isinstance(encoder, DynamicLengthWhisperEncoder)
+    for key, value in model.get_encoder().state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value), key
+    assert not encoder.embed_positions.weight.requires_grad and encoder.conv1.weight.requires_grad
+
+
+def test_dynamic_length_keeps_layerdrop_in_training_only():
+    encoder = whisper_encoders(["sdpa"], encoder_layerdrop=1.0)["sdpa"]
+    calls = []
+    for layer in encoder.layers:
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    features = log_mels(LENGTHS)
+    WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True)
+    assert len(calls) == len(encoder.layers)  # eval: every layer runs
+    calls.clear()
+    WhisperEncoderFamily.encode(encoder.train(), features, LENGTHS, dynamic=True)
+    assert calls == []  # training with layerdrop=1.0: every layer is skipped
+
+
+def test_dynamic_length_returns_hidden_states_and_attentions_on_request():
+    encoder = whisper_encoders(["eager"])["eager"]
+    features = log_mels(LENGTHS)[:, :, :200]
+    with torch.no_grad():
+        out = encoder(features, attention_mask=torch.ones(3, 200, dtype=torch.long), output_hidden_states=True,
+                      output_attentions=True)
+    assert len(out.hidden_states) == len(encoder.layers) + 1 and len(out.attentions) == len(encoder.layers)
+    assert out.last_hidden_state.shape == (3, 100, 32) and out.attentions[0].shape == (3, 2, 100, 100)
+
+
+def test_more_than_30s_of_log_mels_is_a_clear_error():
+    encoder = whisper_encoders(["sdpa"])["sdpa"]
+    with pytest.raises(ValueError, match="30 s"):
+        encoder(torch.zeros(1, 16, 3002))
+
+
+# ---------------------------------------------------------------- frame arithmetic: one entry per family
+
+
+def test_frame_arithmetic_is_the_family_s_own():
+    hubert = HubertConfig()
+    conv_spec = WaveformEncoderFamily.frame_spec(hubert)
+    for spec, family in ((whisper_frame_spec(), WhisperEncoderFamily), (conv_spec, WaveformEncoderFamily)):
+        assert ENCODER_FAMILIES[family.model_types[0]] is family
+        for samples in (0, 399, 400, 16_000, 480_000, 600_000):
+            assert num_frames(samples, spec) == family.num_frames(samples, spec)
+        lengths = torch.tensor([0, 399, 400, 16_000])
+        assert num_frames(lengths, spec).tolist() == [family.num_frames(n, spec) for n in lengths.tolist()]
+        assert min_samples(spec) == family.min_samples(spec)
+        assert num_frames(min_samples(spec), spec) == 1 and num_frames(min_samples(spec) - 1, spec) == 0
+    assert num_frames(16_000, whisper_frame_spec()) == 50 and num_frames(16_000, conv_spec) == 49
+    assert num_frames(600_000, whisper_frame_spec()) == 1500  # one 30 s window at most
+
+
+def test_unknown_frame_spec_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="frame spec type 'mystery'"):
+        num_frames(16_000, {"type": "mystery"})
