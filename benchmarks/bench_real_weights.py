@@ -87,8 +87,9 @@ def ctranslate2_comparison(name: str, model, processor, clips: list[np.ndarray])
         with open(Path(tmp) / "model.bin", "wb") as out:
             for part in source.weights:
                 out.write(part.locate().read_bytes())
-        for extra in (source.tokenizer, source.ctranslate2_config):
-            (Path(tmp) / Path(extra.path).name).write_bytes(extra.locate().read_bytes())
+        for extra in source.ctranslate2_config.locate().parent.iterdir():  # config, tokenizer, vocabulary
+            if not extra.name.startswith("model.bin"):
+                (Path(tmp) / extra.name).write_bytes(extra.read_bytes())
         ct2 = ctranslate2.models.Whisper(tmp, device="cpu", compute_type="float32", intra_threads=2)
         features = processor.feature_extractor(clips, sampling_rate=16_000, return_tensors="np").input_features
         storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(features))
@@ -112,8 +113,8 @@ def ctranslate2_comparison(name: str, model, processor, clips: list[np.ndarray])
     )
 
 
-def bench_whisper(clips: list[np.ndarray]) -> None:
-    for name in ("whisper-tiny.en", "whisper-base"):
+def bench_whisper(clips: list[np.ndarray], names: list[str]) -> None:
+    for name in names:
         folder, _ = folder_info(name)
         model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
         processor = WhisperProcessor.from_pretrained(folder)
@@ -203,7 +204,13 @@ def bench_mowe(clips: list[np.ndarray]) -> None:
     )
 
     messages = [
-        {"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "Transcribe."}]}
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": clips[0], "sampling_rate": 16_000},
+                {"type": "text", "text": "Transcribe."},
+            ],
+        }
     ]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -263,7 +270,13 @@ def bench_step(batch_size: int = 8, seconds: float = 3.0) -> None:
     clips = [c + rng.normal(0, 1e-3, c.shape).astype(np.float32) for c in clips]
     conversations = [
         [
-            {"role": "user", "content": [{"type": "audio", "audio": c}, {"type": "text", "text": "Transcribe."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "audio": c, "sampling_rate": 16_000},
+                    {"type": "text", "text": "Transcribe."},
+                ],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": s}]},
         ]
         for c, s in zip(clips, sentences)
@@ -292,11 +305,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="whisper,gemma,mowe,dynamic,step")
     parser.add_argument("--sentences", type=int, default=len(ENGLISH_SENTENCES))
+    parser.add_argument("--whisper", default="whisper-tiny.en,whisper-base", help="the Whisper parts to check")
     args = parser.parse_args()
     parts = args.parts.split(",")
     clips = english_speech(ENGLISH_SENTENCES[: args.sentences])
     if "whisper" in parts:
-        bench_whisper(clips)
+        bench_whisper(clips, args.whisper.split(","))
     if "gemma" in parts:
         bench_gemma()
     if "mowe" in parts:
