@@ -383,8 +383,6 @@ def test_chat_audio_rates_and_clips_given_separately(processor):
         )
     with pytest.raises(ValueError, match="Unsupported content part of type 'image'"):
         processor.apply_chat_template(chat({"type": "image", "url": "cat.png"}))
-    with pytest.raises(ValueError, match="return_assistant_tokens_mask is not supported"):
-        processor.apply_chat_template(chat({"type": "text", "text": "hi"}), return_assistant_tokens_mask=True)
 
 
 # ---- transformers' pipeline and persistence ---------------------------------------------------------------------
@@ -540,8 +538,10 @@ def test_from_components_builds_front_ends_and_adds_the_audio_token(components):
     ]
     assert processor.feature_extractor.min_samples == 400  # HuBERT's receptive field
     tokenizer = processor.tokenizer
-    assert processor.audio_token_id == len(tokenizer) - 1 == 6
-    assert tokenizer.tokenize("hello <|audio|>") == ["hello", "<|audio|>"]
+    assert processor.audio_token_id == len(tokenizer) - 1 == 8  # after <|im_start|>, <|im_end|>: no own template
+    assert tokenizer.tokenize("<|im_start|>hello <|audio|><|im_end|>") == [
+        "<|im_start|>", "hello", "<|audio|>", "<|im_end|>"
+    ]
     assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"
     assert processor.frame_spec["type"] == "whisper" and processor.stack_factor == 4
     base_only = MoWEProcessor.from_components(
