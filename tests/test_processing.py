@@ -438,7 +438,7 @@ messages = [{"role": "user", "content": [{"type": "audio", "audio": data["a"], "
                                          {"type": "text", "text": "Transcribe the audio."}]}]
 answer = pipe(text=messages, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]["content"]
 print(json.dumps({"processor": type(processor).__module__, "extractor": type(processor.feature_extractor).__module__,
-                  "answer": answer}))
+                  "answer": answer, "chat_template": processor.chat_template}))
 """
 
 
@@ -450,6 +450,7 @@ def test_loads_from_its_own_code_where_the_package_cannot_be_imported(saved, pro
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["processor"].startswith("transformers_modules.") and report["processor"].endswith(".processing_mowe")
     assert report["extractor"].endswith(".feature_extraction_mowe") and isinstance(report["answer"], str)
+    assert report["chat_template"] == processor.chat_template == (saved / "chat_template.jinja").read_text()
     remote = np.load(tmp_path / "remote.npz")
     expected = processor(text=["<|audio|> hi", "and <|audio|>"], audio=[clips["a"], clips["b"]], sampling_rate=SR)
     assert sorted(remote.files) == sorted(expected)
