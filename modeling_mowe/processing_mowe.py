@@ -255,7 +255,7 @@ class MoWEProcessor(ProcessorMixin):
         `continue_final_message`, `return_dict`, `return_tensors`, `tools`, ...); keyword arguments the template does
         not use go to `__call__` (`padding`, `audio`, `sampling_rate`, ...).
         """
-        return_tensors = kwargs.pop("return_tensors", "auto")
+        return_tensors, return_dict = kwargs.pop("return_tensors", "auto"), kwargs.pop("return_dict", False)
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({key: kwargs.pop(key) for key in list(kwargs) if key in _PROCESSOR_KWARGS})
         conversations, batched = self._normalize_conversations(conversation)
@@ -275,6 +275,7 @@ class MoWEProcessor(ProcessorMixin):
             return_assistant_tokens_mask=return_assistant_tokens_mask and not by_prefix,
             processor_kwargs=processor_kwargs,
             return_tensors=None if by_prefix else return_tensors,
+            return_dict=return_dict or by_prefix,
             **kwargs,
         )
         if not tokenize:
@@ -282,12 +283,10 @@ class MoWEProcessor(ProcessorMixin):
         if by_prefix:
             spans = [self._assistant_spans(conv, template, kwargs) for conv in conversations]
             out = self._adjust_assistant_masks_indices(out, spans)
-            if not kwargs.get("return_dict"):
-                return out["input_ids"]
         if isinstance(out, BatchFeature) and isinstance(out.get("assistant_masks"), list):
             out["assistant_masks"] = np.asarray(out["assistant_masks"], dtype=np.int64)  # so that it converts
             out.convert_to_tensors(tensor_type=None if return_tensors == "auto" else return_tensors)
-        return out
+        return out if return_dict or not by_prefix else out["input_ids"]
 
     def _load_chat_audio(self, conversations: list[list[dict]], processor_kwargs: dict) -> list[list[dict]]:
         """Copies of `conversations` whose audio parts hold their clip as a mono waveform at `self.sampling_rate`
@@ -334,7 +333,7 @@ class MoWEProcessor(ProcessorMixin):
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
             return ProcessorMixin.apply_chat_template(
                 self, messages, chat_template=template, add_generation_prompt=add_generation_prompt,
-                **{k: v for k, v in template_kwargs.items() if k not in ("return_dict", "add_generation_prompt")},
+                **{k: v for k, v in template_kwargs.items() if k != "add_generation_prompt"},
             )
 
         spans, done = [], ""
@@ -405,10 +404,10 @@ class MoWEProcessor(ProcessorMixin):
     ) -> MoWEProcessor:
         """The processor for the model `MoWEForConditionalGeneration.from_components` builds from the same parts.
 
-        Front-ends come from the encoders' configs (Hub ids or local folders), the tokenizer from `text_model` with
-        `<|audio|>` added as a special token if missing, a pad token (EOS) if missing and `padding_side` (left, for
-        batched generation). `config_kwargs` (`router_type`, `stack_factor`, ...) must match the model's. Build the
-        model with `audio_token_id=processor.audio_token_id`.
+        Front-ends come from the encoders' configs (Hub ids or local folders), the tokenizer and chat template from
+        `text_model` as [`~MoWEProcessor.from_mowe_config`] sets them up, with `padding_side` (left, for batched
+        generation). `config_kwargs` (`router_type`, `stack_factor`, ...) must match the model's. Build the model
+        with `MoWEForConditionalGeneration.from_components(..., processor=processor)`.
         """
         from .configuration_mowe import MoWEConfig
 

@@ -102,8 +102,28 @@ def test_assistant_tokens_mask_marks_the_answer_and_its_end_of_turn(processor):
         conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
     assert out["assistant_masks"].shape == out["input_ids"].shape and out["assistant_masks"].dtype == torch.int64
-    answers = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(out["input_ids"], out["assistant_masks"])]
+    marked = zip(out["input_ids"], out["assistant_masks"])
+    answers = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in marked]
     assert answers == ["low<|im_end|>", "high<|im_end|>"]
+
+
+def test_assistant_tokens_mask_without_generation_tags_covers_what_the_turn_adds(processor):
+    as_parts = "([{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'])"
+    template = PARTS_TEMPLATE.replace("m['content'] %}", as_parts + " %}")
+    template += "{% if add_generation_prompt %}<assistant>{% endif %}"
+    conversation = chat({"type": "audio"}, {"type": "text", "text": "Pitch?"})
+    conversation += [{"role": "assistant", "content": "low"}]
+    out = processor.apply_chat_template(
+        conversation, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        audio=[sine(0.5, 200)], sampling_rate=SR, return_tensors="pt",
+    )
+    marked = out["input_ids"][0][out["assistant_masks"][0].bool()]
+    assert processor.tokenizer.decode(marked).replace(" ", "") == "low</assistant>"
+    ids_only = processor.apply_chat_template(
+        conversation, chat_template=template, tokenize=True, return_assistant_tokens_mask=True,
+        audio=[sine(0.5, 200)], sampling_rate=SR, return_tensors="pt",
+    )
+    assert torch.equal(ids_only, out["input_ids"])
 
 
 def test_sampling_rate_is_accepted_named_or_in_audio_kwargs(processor):
@@ -139,8 +159,9 @@ def byte_level_tokenizer(special: list[str], eos: str, chat_template: str | None
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     corpus = ["Is there a tone?", "yes", "no", "user assistant system"] * 20
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     backend.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=alphabet)
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos)
     tokenizer.chat_template = chat_template

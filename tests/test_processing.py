@@ -557,7 +557,7 @@ def test_from_components_processor_and_model_agree(components, tmp_path, llm):
     weak = [components["whisper80"], components["hubert"]]
     processor = MoWEProcessor.from_components(components["base"], weak, components[llm], dynamic_audio_length=True)
     model = MoWEForConditionalGeneration.from_components(
-        components["base"], weak, components[llm], audio_token_id=processor.audio_token_id, dynamic_audio_length=True
+        components["base"], weak, components[llm], processor=processor, dynamic_audio_length=True
     ).eval()
     assert model.get_input_embeddings().weight.shape[0] >= len(processor.tokenizer)
     inputs = processor.apply_chat_template(
