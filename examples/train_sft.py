@@ -58,7 +58,7 @@ def load_model_and_processor(args: ScriptArguments, dtype: torch.dtype | None = 
         processor = MoWEProcessor.from_components(args.base_encoder, args.weak_encoders, args.text_model, **overrides)
         model = MoWEForConditionalGeneration.from_components(
             args.base_encoder, args.weak_encoders, args.text_model, dtype=dtype,
-            audio_token_id=processor.audio_token_id, **overrides,
+            processor=processor, **overrides,
         )
         return model, processor
     processor = MoWEProcessor.from_pretrained(args.model)

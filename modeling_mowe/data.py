@@ -20,7 +20,7 @@ frequency bands and its sentences never occur in ``train``. Sentences are assign
 their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosses splits, for every task.
 :func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`.
 
-This module belongs to the tooling wing: it imports no other ``modeling_mowe`` module.
+This module belongs to the tooling wing; it reads audio with the model's own helpers (``feature_extraction_mowe``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import soxr
+
+from .feature_extraction_mowe import downmix, read_audio, resample
 
 GENERATOR_VERSION = "1"
 
@@ -265,10 +266,8 @@ def synthesize(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise RuntimeError(f"espeak-ng failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace').strip()}")
-    wave, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
-    if wave.ndim == 2:
-        wave = wave.mean(axis=1)
-    return wave, int(sr)
+    samples, sr = read_audio(proc.stdout)
+    return downmix(samples), int(sr)
 
 
 def _trim(wave: np.ndarray, threshold: float = 0.01) -> np.ndarray:
@@ -293,8 +292,7 @@ def make_speech(text: str, voice: str, rate: int, sampling_rate: int, rng: np.ra
     """
     wave, sr = synthesize(text, voice, rate)
     wave = _trim(wave)
-    if sr != sampling_rate:
-        wave = soxr.resample(wave, sr, sampling_rate, quality="HQ").astype(np.float32)
+    wave = resample(wave, sr, sampling_rate)
     return _finish(wave, sampling_rate, rng, noise=(0.0005, 0.003))
 
 
@@ -348,11 +346,12 @@ def to_wav_bytes(wave: np.ndarray, sampling_rate: int) -> bytes:
 
 
 def load_audio(example_audio: Any) -> tuple[np.ndarray, int]:
-    """Read one cell of a ``datasets`` Audio column, decoded or not.
+    """Read one cell of a ``datasets`` Audio column, decoded or not, at its own rate.
 
     Accepted forms: ``{"array": ..., "sampling_rate": ...}`` (decoded); ``{"bytes": ..., "path": ...}``
     (``Audio(decode=False)``; the bytes are read from memory, or the file at ``path`` when ``bytes`` is None);
-    a torchcodec ``AudioDecoder`` (what ``datasets`` >= 4 decodes to).
+    a torchcodec ``AudioDecoder`` (what ``datasets`` >= 4 decodes to). Reading and downmixing are the model's own
+    (:func:`feature_extraction_mowe.read_audio` and :func:`~feature_extraction_mowe.downmix`).
 
     Returns:
         ``(waveform, sampling_rate)``: float32 mono samples of shape ``[num_samples]`` (channels are averaged) and
@@ -361,30 +360,22 @@ def load_audio(example_audio: Any) -> tuple[np.ndarray, int]:
     Raises:
         ValueError: for anything else, or a cell with neither bytes nor path.
     """
-    if hasattr(example_audio, "get_all_samples"):
-        samples = example_audio.get_all_samples()
-        wave = np.asarray(samples.data, dtype=np.float32)
-        return (wave.mean(axis=0) if wave.ndim == 2 else wave), int(samples.sample_rate)
-    if isinstance(example_audio, Mapping):
-        if "array" in example_audio and "sampling_rate" in example_audio:
-            wave = np.asarray(example_audio["array"], dtype=np.float32)
-            if wave.ndim == 2:
-                wave = wave.mean(axis=0 if wave.shape[0] < wave.shape[1] else 1)
-            return wave, int(example_audio["sampling_rate"])
-        if "bytes" in example_audio or "path" in example_audio:
-            data, path = example_audio.get("bytes"), example_audio.get("path")
-            if data is not None:
-                source = io.BytesIO(data)
-            elif path:
-                source = path
-            else:
-                raise ValueError("Audio cell has neither bytes nor a path: nothing to read.")
-            wave, sr = sf.read(source, dtype="float32", always_2d=True)
-            return wave.mean(axis=1), int(sr)
-    raise ValueError(
-        "Expected a datasets Audio cell: {'array', 'sampling_rate'} (decoded), {'bytes', 'path'} "
-        f"(Audio(decode=False)) or an AudioDecoder; got {type(example_audio).__name__}: {example_audio!r:.100}"
+    is_cell = hasattr(example_audio, "get_all_samples") or (
+        isinstance(example_audio, Mapping)
+        and (
+            example_audio.get("array") is not None
+            and example_audio.get("sampling_rate") is not None
+            or example_audio.get("bytes") is not None
+            or example_audio.get("path") is not None
+        )
     )
+    if not is_cell:
+        raise ValueError(
+            "Expected a datasets Audio cell: {'array', 'sampling_rate'} (decoded), {'bytes', 'path'} "
+            f"(Audio(decode=False)) or an AudioDecoder; got {type(example_audio).__name__}: {example_audio!r:.100}"
+        )
+    samples, rate = read_audio(dict(example_audio) if isinstance(example_audio, Mapping) else example_audio)
+    return downmix(samples), int(rate)
 
 
 # ---------------------------------------------------------------------------------------------- row specs

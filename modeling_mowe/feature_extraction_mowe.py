@@ -20,11 +20,17 @@ MAX_CHANNELS = 8
 def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int]:
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         raise ValueError(f"Audio URLs are not fetched ({source!r}); download the file and pass its path or an array.")
-    if not isinstance(source, bytes) and not os.path.isfile(source):
-        raise ValueError(
-            f"Audio file {os.fspath(source)!r} does not exist; pass an existing wav/flac/ogg path, or an array "
-            "with its sampling_rate."
-        )
+    if not isinstance(source, bytes):
+        if os.path.isdir(source):
+            raise ValueError(
+                f"Audio path {os.fspath(source)!r} is a directory, not an audio file; pass the path of one "
+                "wav/flac/ogg file (or list the files in the directory and pass them as a list of clips)."
+            )
+        if not os.path.isfile(source):
+            raise ValueError(
+                f"Audio file {os.fspath(source)!r} does not exist; pass an existing wav/flac/ogg path, or an array "
+                "with its sampling_rate."
+            )
     try:
         import soundfile
     except ImportError as err:
@@ -37,12 +43,15 @@ def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int
     return data, rate
 
 
-def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """A float mono waveform at `rate` Hz -> float32 at `target` Hz (soxr, high quality); unchanged if equal."""
+    if int(rate) == target:
+        return wave.astype(np.float32)
     try:
         import soxr
     except ImportError as err:
         raise ImportError(f"Resampling {rate} Hz audio to {target} Hz needs `soxr`: pip install soxr") from err
-    return soxr.resample(wave, rate, target, quality="HQ").astype(np.float32)
+    return soxr.resample(wave, int(rate), target, quality="HQ").astype(np.float32)
 
 
 def _is_single_clip(audio: Any) -> bool:
@@ -55,15 +64,12 @@ def _is_single_clip(audio: Any) -> bool:
     return True  # not a batch: `to_mono_waveform` says what is wrong with it
 
 
-def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """One clip in any form users hand in -> float32 mono waveform at `target_rate`, shape `(num_samples,)`.
+def read_audio(audio: Any, sampling_rate: int | None = None) -> tuple[np.ndarray, int | None]:
+    """One clip as users hand it in -> `(samples, rate)`: the samples as a numpy array of any dtype and 1-2 dims.
 
-    Accepts float or integer-PCM numpy arrays (int8/16/32 and uint8 are scaled to [-1, 1]), python lists of floats,
-    torch tensors, multi-channel audio in either axis order (channels averaged), file paths or bytes (wav/flac/ogg via
-    soundfile), and `datasets` Audio cells: decoded `{"array", "sampling_rate"}`, undecoded `{"bytes", "path"}`, or
-    torchcodec `AudioDecoder` objects. Raw arrays need `sampling_rate`; files and decoders carry their own.
-
-    Raises `ValueError` (`TypeError` for objects that are not audio) naming the problem and the fix.
+    Files and bytes (wav/flac/ogg via soundfile), `datasets` Audio cells (decoded `{"array", "sampling_rate"}`,
+    undecoded `{"bytes", "path"}`) and torchcodec `AudioDecoder`s carry their own rate; arrays, lists and tensors
+    take `sampling_rate` (which may be `None`: [`downmix`] and [`to_mono_waveform`] check it).
     """
     rate = sampling_rate
     if isinstance(audio, dict):
@@ -99,7 +105,13 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
             "Expected audio as a numpy array, list of floats, torch tensor, file path, bytes or datasets Audio cell, "
             f"got {type(audio).__name__}; convert it to one of those."
         )
+    return audio, rate
 
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """Samples of one clip -> float32 mono `(num_samples,)`: integer PCM (int8/16/32, uint8) scaled to [-1, 1],
+    channels averaged (`(channels, samples)` or `(samples, channels)`, at most `MAX_CHANNELS`); empty, 3-D and
+    NaN/Inf clips raise `ValueError`."""
     if audio.dtype in PCM_SCALES:
         audio = audio.astype(np.float32) / PCM_SCALES[audio.dtype]
     elif audio.dtype == np.uint8:
@@ -108,7 +120,6 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
         raise TypeError(
             f"Audio arrays must hold float or integer PCM samples, got dtype {audio.dtype}; convert to float32."
         )
-
     if audio.ndim == 0 or audio.ndim > 2:
         raise ValueError(
             f"An audio clip must be 1-D (mono) or 2-D (channels x samples, either order); got shape {audio.shape}. "
@@ -130,7 +141,10 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
             f"Audio clip has {bad} NaN/Inf samples; clean the signal first (e.g. np.nan_to_num(clip, posinf=0, "
             "neginf=0))."
         )
+    return audio.astype(np.float32)
 
+
+def _check_rate(rate: Any, target_rate: int) -> None:
     if rate is None:
         raise ValueError(
             "A raw audio array was given without its sampling rate; pass `sampling_rate=` (e.g. 16000) so it can be "
@@ -141,10 +155,19 @@ def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = S
             f"sampling_rate must be a positive number of Hz, got {rate!r}; pass the rate the audio was recorded at "
             "(e.g. sampling_rate=16000)."
         )
-    audio = audio.astype(np.float32)
-    if int(rate) != target_rate:
-        audio = _resample(audio, int(rate), target_rate)
-    return audio
+
+
+def to_mono_waveform(audio: Any, sampling_rate: int | None, target_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """One clip in any form users hand in -> float32 mono waveform at `target_rate`, shape `(num_samples,)`.
+
+    [`read_audio`] (files, bytes, `datasets` cells, decoders, arrays, lists, tensors), then [`downmix`] (integer
+    PCM scaled, channels averaged, checks), then [`resample`]. Raw arrays need `sampling_rate`; files and decoders
+    carry their own. Raises `ValueError` (`TypeError` for objects that are not audio) naming the problem and the fix.
+    """
+    samples, rate = read_audio(audio, sampling_rate)
+    wave = downmix(samples)
+    _check_rate(rate, target_rate)
+    return resample(wave, rate, target_rate)
 
 
 def to_mono_waveforms(audio: Any, sampling_rate: int | None, target_rate: int = SAMPLING_RATE) -> list[np.ndarray]:
@@ -339,4 +362,4 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         return BatchFeature(data, tensor_type=return_tensors)
 
 
-__all__ = ["MoWEFeatureExtractor", "to_mono_waveform", "to_mono_waveforms"]
+__all__ = ["MoWEFeatureExtractor", "downmix", "read_audio", "resample", "to_mono_waveform", "to_mono_waveforms"]

@@ -535,6 +535,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         weak_encoders: list[str | Path | PreTrainedModel] = (),
         text_model: str | Path | PreTrainedModel | None = None,
         *,
+        processor=None,
         dtype: torch.dtype | str | None = None,
         **config_kwargs,
     ) -> MoWEForConditionalGeneration:
@@ -542,8 +543,10 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
 
         The encoders and the LLM keep their pretrained weights; routers, weak projections and the projector are
         freshly initialised. `config_kwargs` go to [`MoWEConfig`] (`router_type`, `top_k`, `audio_token_id`, ...).
-        Without `audio_token_id`, one embedding row is appended for `<|audio|>`; pass
-        `audio_token_id=processor.audio_token_id` when the processor was built with `MoWEProcessor.from_components`.
+        Pass `processor=` (built with `MoWEProcessor.from_components` from the same parts): the model takes its
+        `audio_token_id`, grows its embeddings to the tokenizer's added tokens (audio placeholder, chat turn markers)
+        and its generation config stops at the template's end-of-turn token(s) and EOS, so answers end. Without
+        it, `audio_token_id` (default: one row appended for `<|audio|>`) is the only token added.
 
         Example:
             model = MoWEForConditionalGeneration.from_components(
@@ -552,6 +555,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         """
         if text_model is None:
             raise ValueError("from_components needs `text_model` (an AutoModelForCausalLM id, folder or model).")
+        if processor is not None:
+            config_kwargs["audio_token_id"] = processor.audio_token_id
 
         def load(part, auto_class):
             if isinstance(part, PreTrainedModel):
@@ -599,11 +604,14 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
                 module.to_empty(device=device, recurse=False)
                 model._init_weights(module)
         model.to(llm.dtype)
-        vocab_size = model.get_input_embeddings().weight.shape[0]
-        if config.audio_token_id >= vocab_size:
-            model.resize_token_embeddings(config.audio_token_id + 1)
+        needed = max(config.audio_token_id + 1, len(processor.tokenizer) if processor is not None else 0)
+        if needed > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(needed)
         config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
         model.tie_weights()
+        if processor is not None:
+            model.generation_config.eos_token_id = processor.end_of_turn_token_ids
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
         return model
 
 

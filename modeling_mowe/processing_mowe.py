@@ -2,37 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
-from transformers.processing_utils import AudioKwargs, ProcessorMixin, TextKwargs
+from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessorMixin, TextKwargs
 
 from .encoders import n_audio_tokens, whisper_frame_spec
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
 
 AUDIO_TOKEN = "<|audio|>"
+# The fallback chat template's turn markers: single special tokens, added to a tokenizer that lacks them.
+TURN_TOKENS = ("<|im_start|>", "<|im_end|>")
+TEMPLATE_FILE = "chat_template.jinja"
 
-# ChatML. Content is a string (each clip one <|audio|>) or a list of {"type": "text"|"audio"} parts; assistant turns
-# sit in {% generation %} so `return_assistant_tokens_mask` works with the tokenizer.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}"
-    "{%- if part['type'] == 'audio' -%}<|audio|>{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
+# Put in front of an LLM's own (text-only) template: list content becomes one string, each audio part one
+# <|audio|>, so the LLM's turn markers and end-of-turn token are kept and audio sits where the user put it.
+AUDIO_PARTS_AS_TEXT = (
+    "{%- set mowe = namespace(messages=[]) -%}"
     "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ render(message['content']) + '<|im_end|>' }}{% endgeneration %}"
-    "{%- else -%}{{ render(message['content']) + '<|im_end|>' }}{%- endif -%}"
-    "{{ '\n' }}"
+    "{%- if message['content'] is string or message['content'] is none -%}"
+    "{%- set mowe.messages = mowe.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'audio' -%}{%- set text.value = text.value + '<|audio|>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    "{%- set mowe.messages = mowe.messages + [dict(message, content=text.value)] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = mowe.messages -%}\n"
 )
-
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 _PROCESSOR_KWARGS = (
     set(TextKwargs.__annotations__)
     | set(AudioKwargs.__annotations__)
@@ -40,8 +44,28 @@ _PROCESSOR_KWARGS = (
 )
 
 
+def default_chat_template() -> str | None:
+    """MoWE's default (ChatML) template, read from `chat_template.jinja` beside this file when called.
+
+    `None` where the file is absent: a checkpoint's copy of this code carries `.py` files only, and its processor
+    loads its template from the checkpoint's own `chat_template.jinja`.
+    """
+    path = Path(__file__).with_name(TEMPLATE_FILE)
+    return path.read_text() if path.is_file() else None
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _check_parts(content: Any) -> None:
+    for part in content if isinstance(content, (list, tuple)) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "audio"):
+            raise ValueError(
+                f"Unsupported content part of type {kind!r}; MoWE chats hold {{'type': 'text', 'text': ...}} "
+                "and {'type': 'audio', 'audio'|'path': ...} parts."
+            )
 
 
 class MoWEProcessor(ProcessorMixin):
@@ -55,7 +79,8 @@ class MoWEProcessor(ProcessorMixin):
     Args:
         feature_extractor ([`MoWEFeatureExtractor`]): computes the encoders' shared front-ends.
         tokenizer ([`PreTrainedTokenizerBase`]): the LLM's tokenizer, holding `audio_token` as a special token.
-        chat_template (`str`, *optional*): Jinja template; defaults to a ChatML template that renders audio parts.
+        chat_template (`str`, *optional*): Jinja template; defaults to `chat_template.jinja` (ChatML, audio parts
+            as `<|audio|>`, assistant turns in `{% generation %}`).
         audio_token (`str`, defaults to `"<|audio|>"`): the placeholder, one per clip.
         frame_spec (`dict`, *optional*): the base encoder's frame spec (`MoWEConfig.audio_frame_spec`); defaults to
             Whisper's (50 frames/s, 1500 per window).
@@ -82,7 +107,7 @@ class MoWEProcessor(ProcessorMixin):
         self.audio_token = audio_token
         self.frame_spec = dict(frame_spec or whisper_frame_spec())
         self.stack_factor = stack_factor
-        super().__init__(feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template or default_chat_template())
 
     @property
     def audio_token_id(self) -> int:
@@ -113,7 +138,7 @@ class MoWEProcessor(ProcessorMixin):
             audio (*optional*): a clip or a list of clips: float/int-PCM arrays, lists, torch tensors (mono or
                 multi-channel, averaged), file paths, `datasets` Audio cells (see [`to_mono_waveform`]).
             sampling_rate (`int`, *optional*): rate of raw arrays (required for them); all audio is resampled to
-                `self.sampling_rate`.
+                `self.sampling_rate`. May also come as `audio_kwargs={"sampling_rate": ...}`.
             **kwargs: tokenizer options (`padding`, defaults to `True`; `truncation`, `max_length`, ...) and
                 `return_tensors`.
 
@@ -122,6 +147,7 @@ class MoWEProcessor(ProcessorMixin):
             audio inputs `input_features`, `input_values`, `audio_lengths` (one row per 30 s window, clips in order;
             see [`MoWEFeatureExtractor`]), ready for `model(**inputs)` and `model.generate(**inputs)`.
         """
+        sampling_rate = self._pop_sampling_rate(sampling_rate, kwargs)
         for modality in ("images", "videos"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"MoWE models read audio and text only; `{modality}` cannot be processed.")
@@ -142,6 +168,19 @@ class MoWEProcessor(ProcessorMixin):
         if texts is None:
             return self.feature_extractor(clips, sampling_rate=self.sampling_rate, **kwargs)
         return super().__call__(text=list(texts), audio=clips or None, sampling_rate=self.sampling_rate, **kwargs)
+
+    @staticmethod
+    def _pop_sampling_rate(sampling_rate: int | None, kwargs: dict) -> int | None:
+        """The rate given as `sampling_rate=` or in `audio_kwargs` (removed from `kwargs`); both must agree."""
+        if not kwargs.get("audio_kwargs") or "sampling_rate" not in kwargs["audio_kwargs"]:
+            return sampling_rate
+        kwargs["audio_kwargs"] = dict(kwargs["audio_kwargs"])
+        nested = kwargs["audio_kwargs"].pop("sampling_rate")
+        if sampling_rate is not None and nested is not None and nested != sampling_rate:
+            raise ValueError(
+                f"sampling_rate={sampling_rate} and audio_kwargs['sampling_rate']={nested} disagree; give it once."
+            )
+        return nested if sampling_rate is None else sampling_rate
 
     def _check_placeholders(self, texts: list[str], audio: Any, sources: list) -> None:
         placeholders = sum(t.count(self.audio_token) for t in texts)
@@ -178,134 +217,176 @@ class MoWEProcessor(ProcessorMixin):
         kinds = {f["kind"] for f in self.feature_extractor.front_ends}
         return names + ["input_features"] * ("log_mel" in kinds) + ["input_values"] * ("waveform" in kinds)
 
+    def _get_num_multimodal_tokens(self, audio_lengths: list[int] | None = None, **kwargs) -> MultiModalData:
+        """Audio tokens each clip becomes, for serving stacks that budget tokens before processing.
+
+        Args:
+            audio_lengths (`list[int]`, *optional*): clip lengths in samples at `self.sampling_rate`.
+        """
+        if audio_lengths is None:
+            return MultiModalData()
+        return MultiModalData(num_audio_tokens=[self.num_audio_tokens(int(length)) for length in audio_lengths])
+
     def apply_chat_template(
         self,
         conversation: list[dict] | list[list[dict]],
         chat_template: str | None = None,
-        tools: list[dict] | None = None,
-        documents: list[dict[str, str]] | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
         tokenize: bool = False,
-        return_tensors: str | None = None,
-        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
         processor_kwargs: dict | None = None,
         **kwargs,
     ) -> str | list[str] | BatchFeature | Any:
-        """Render chat `conversation`(s) and, with `tokenize=True`, process them with their audio.
+        """Render chat `conversation`(s) with [`~ProcessorMixin.apply_chat_template`] and, with `tokenize=True`,
+        process them with their audio.
 
-        Message content is a string (one `<|audio|>` per clip of `audio=`) or a list of parts:
-        `{"type": "text", "text": ...}`, `{"type": "audio", "audio": array | tensor | datasets cell | path}` (an
-        array part may carry its `"sampling_rate"`), `{"type": "audio", "path": file}`, or `{"type": "audio"}`,
-        which takes the next clip of `audio=`. Each audio part becomes one `<|audio|>` in text order, so any text
-        chat template works. Raw arrays without a part rate use `sampling_rate=` (required for them).
+        Messages may be dicts or message objects; content is a string (one `<|audio|>` per clip of `audio=`) or a
+        list of parts, which reach the template as given: `{"type": "text", "text": ...}`,
+        `{"type": "audio", "audio": array | tensor | datasets cell | path}` (an array part may carry its
+        `"sampling_rate"`), `{"type": "audio", "path": file}`, or `{"type": "audio"}`, which takes the next clip of
+        `audio=`. Audio is read, downmixed and resampled by [`to_mono_waveform`]; raw arrays without a part rate use
+        `sampling_rate` (required for them), given as a keyword, in `processor_kwargs` or in its `audio_kwargs`.
 
-        Args:
-            conversation: one conversation (a list of `{"role", "content"}` messages) or a list of them.
-            tokenize (`bool`, defaults to `False`): return the rendered text(s) if `False`; else tokenise.
-            return_dict (`bool`, defaults to `False`): with `tokenize`, return the full [`BatchFeature`] (what
-                `model(**inputs)` and `model.generate(**inputs)` take) instead of `input_ids` only.
-            processor_kwargs (`dict`, *optional*): options for `__call__` (`sampling_rate`, `audio`, `padding`, ...);
-                such options given as keyword arguments are accepted too. Other keyword arguments go to the template.
+        With `return_assistant_tokens_mask=True` (and `tokenize=True, return_dict=True`) the output holds
+        `assistant_masks` `(batch_size, sequence_length)`: 1 on the tokens of assistant turns. Templates with
+        `{% generation %}` mark them (the default template does, end-of-turn token included); for templates without
+        it, an assistant turn is what rendering it adds after the generation prompt of the turns before it.
 
-        Returns:
-            The rendered string (a list of them for a batch), or with `tokenize=True` the [`BatchFeature`] /
-            `input_ids` `(batch_size, sequence_length)`; batches are padded on the tokenizer's side.
+        Other arguments are those of [`~ProcessorMixin.apply_chat_template`] (`add_generation_prompt`,
+        `continue_final_message`, `return_dict`, `return_tensors`, `tools`, ...); keyword arguments the template does
+        not use go to `__call__` (`padding`, `audio`, `sampling_rate`, ...).
         """
-        if kwargs.pop("return_assistant_tokens_mask", False):
-            raise ValueError(
-                "return_assistant_tokens_mask is not supported by MoWEProcessor; MoWEDataCollator (training.py) "
-                "builds assistant-only labels."
-            )
+        return_tensors, return_dict = kwargs.pop("return_tensors", "auto"), kwargs.pop("return_dict", False)
         processor_kwargs = dict(processor_kwargs or {})
-        for key in [k for k in kwargs if k in _PROCESSOR_KWARGS]:
-            processor_kwargs[key] = kwargs.pop(key)
-        sampling_rate = processor_kwargs.pop("sampling_rate", None)
-        if "audio_kwargs" in processor_kwargs:
-            processor_kwargs["audio_kwargs"] = dict(processor_kwargs["audio_kwargs"])
-            sampling_rate = processor_kwargs["audio_kwargs"].pop("sampling_rate", sampling_rate)
-        extra_audio = processor_kwargs.pop("audio", None)
-        extra_sources = (
-            [] if extra_audio is None else ([extra_audio] if _is_single_clip(extra_audio) else list(extra_audio))
-        )
-
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
-        flat_conversations, audio_parts = [], []
-        for conv in conversations:
-            flat_conversations.append([self._flatten_message(message, audio_parts) for message in conv])
-        rendered = self.tokenizer.apply_chat_template(
-            flat_conversations,
-            chat_template=chat_template or self.chat_template,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=False,
+        processor_kwargs.update({key: kwargs.pop(key) for key in list(kwargs) if key in _PROCESSOR_KWARGS})
+        conversations, batched = self._normalize_conversations(conversation)
+        for message in (m for conv in conversations for m in conv):
+            _check_parts(message.get("content"))
+        if tokenize:
+            conversations = self._load_chat_audio(conversations, processor_kwargs)
+            processor_kwargs.setdefault("add_special_tokens", False)  # the template writes the special tokens
+        template = self._resolve_chat_template(chat_template)
+        by_prefix = return_assistant_tokens_mask and tokenize and not _GENERATION_TAG.search(template)
+        if by_prefix:
+            processor_kwargs.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        out = super().apply_chat_template(
+            conversations,
+            chat_template=template,
+            tokenize=tokenize,
+            return_assistant_tokens_mask=return_assistant_tokens_mask and not by_prefix,
+            processor_kwargs=processor_kwargs,
+            return_tensors=None if by_prefix else return_tensors,
+            return_dict=return_dict or by_prefix,
             **kwargs,
         )
         if not tokenize:
-            return rendered if batched else rendered[0]
+            return out if batched else out[0]
+        if by_prefix:
+            spans = [self._assistant_spans(conv, template, kwargs) for conv in conversations]
+            out = self._adjust_assistant_masks_indices(out, spans)
+        if isinstance(out, BatchFeature) and isinstance(out.get("assistant_masks"), list):
+            out["assistant_masks"] = np.asarray(out["assistant_masks"], dtype=np.int64)  # so that it converts
+            out.convert_to_tensors(tensor_type=None if return_tensors == "auto" else return_tensors)
+        return out if return_dict or not by_prefix else out["input_ids"]
 
-        clips = []
-        for part in audio_parts:
-            source = next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
-            if source is None:
-                if not extra_sources:
-                    raise ValueError(
-                        "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
-                        "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
-                    )
-                source = extra_sources.pop(0)
-            clips.append(to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate))
-        if extra_sources:
-            verb = "has" if len(extra_sources) == 1 else "have"
+    def _load_chat_audio(self, conversations: list[list[dict]], processor_kwargs: dict) -> list[list[dict]]:
+        """Copies of `conversations` whose audio parts hold their clip as a mono waveform at `self.sampling_rate`
+        (`{"type": "audio"}` parts take the clips of `processor_kwargs["audio"]` in order); `processor_kwargs`
+        then says that rate."""
+        sampling_rate = self._pop_sampling_rate(processor_kwargs.pop("sampling_rate", None), processor_kwargs)
+        extra = processor_kwargs.pop("audio", None)
+        extra = [] if extra is None else ([extra] if _is_single_clip(extra) else list(extra))
+        loaded = []
+        for conversation in conversations:
+            loaded.append([])
+            for message in conversation:
+                content = message.get("content")
+                if isinstance(content, (list, tuple)):
+                    message = {**message, "content": [self._load_part(p, extra, sampling_rate) for p in content]}
+                loaded[-1].append(message)
+        if extra:
+            verb = "has" if len(extra) == 1 else "have"
             raise ValueError(
-                f"{_plural(len(extra_sources), 'audio clip')} given as `audio=` {verb} no {{'type': 'audio'}} part "
-                "in the chat; add one part per clip."
+                f"{_plural(len(extra), 'audio clip')} given as `audio=` {verb} no {{'type': 'audio'}} part in the "
+                "chat; add one part per clip."
             )
-        processor_kwargs.setdefault("add_special_tokens", False)  # the template writes the special tokens
-        outputs = self(
-            text=rendered,
-            audio=clips or None,
-            sampling_rate=self.sampling_rate,
-            return_tensors=return_tensors,
-            **processor_kwargs,
-        )
-        return outputs if return_dict else outputs["input_ids"]
+        processor_kwargs["sampling_rate"] = self.sampling_rate
+        return loaded
 
-    def _flatten_message(self, message: dict, audio_parts: list[dict]) -> dict:
-        """`message` with list content joined into one string, each audio part an `audio_token` (collected)."""
-        content = message.get("content")
-        if not isinstance(content, (list, tuple)):
-            return message
-        pieces = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "audio":
-                pieces.append(self.audio_token)
-                audio_parts.append(part)
-            elif kind == "text":
-                pieces.append(part.get("text") or "")
-            else:
+    def _load_part(self, part: dict, extra: list, sampling_rate: int | None) -> dict:
+        if part.get("type") != "audio":
+            return part
+        source = next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
+        if source is None:
+            if not extra:
                 raise ValueError(
-                    f"Unsupported content part of type {kind!r}; MoWE chats hold {{'type': 'text', 'text': ...}} "
-                    "and {'type': 'audio', 'audio'|'path': ...} parts."
+                    "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
+                    "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
                 )
-        return {**message, "content": "".join(pieces)}
+            source = extra.pop(0)
+        wave = to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate)
+        return {"type": "audio", "audio": wave}
+
+    def _assistant_spans(self, conversation: list[dict], template: str, template_kwargs: dict) -> list[tuple]:
+        """Character spans of the assistant turns of `conversation` rendered with `template`: what rendering each
+        turn adds after the generation prompt of the turns before it (its end-of-turn marker included)."""
+
+        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+            return ProcessorMixin.apply_chat_template(
+                self, messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in template_kwargs.items() if k != "add_generation_prompt"},
+            )
+
+        spans, done = [], ""
+        for i, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            prompt, full = render(conversation[:i], True), render(conversation[: i + 1], False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError(
+                    "The chat template does not render a conversation as a prefix of its continuation, so assistant "
+                    "tokens cannot be found; add {% generation %} ... {% endgeneration %} around assistant turns."
+                )
+            spans.append((len(prompt), len(full)))
+            done = full
+        return spans
+
+    @property
+    def end_of_turn_token_ids(self) -> list[int]:
+        """Token ids that end an assistant turn under this processor's chat template, then the tokenizer's EOS:
+        what `generation_config.eos_token_id` must hold so that `generate` stops where training labels end."""
+        marker = "MoWE-turn-end-probe"
+        rendered = self.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
+        )
+        after = rendered[rendered.rindex(marker) + len(marker) :]
+        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        stops = [i for i in ids if i in self.tokenizer.added_tokens_decoder]
+        eos = self.tokenizer.eos_token_id
+        return stops + ([eos] if eos is not None and eos not in stops else [])
 
     @classmethod
     def from_mowe_config(cls, config, tokenizer, chat_template: str | None = None, **kwargs) -> MoWEProcessor:
-        """The processor for a `MoWEConfig` and an LLM tokenizer, which gets `<|audio|>` (as a special token) and a
-        pad token (its EOS) if it lacks them."""
-        if AUDIO_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
+        """The processor for a `MoWEConfig` and an LLM tokenizer.
+
+        The chat template is `chat_template`, else the tokenizer's own with audio parts rendered as `<|audio|>` (so
+        the LLM keeps its turn markers and end-of-turn token), else MoWE's ChatML default, whose turn markers are
+        then added to the tokenizer as special tokens. The tokenizer also gets `<|audio|>` (special) and a pad token
+        (its EOS) if it lacks them. Build the model with `MoWEForConditionalGeneration.from_components(...,
+        processor=processor)`, which grows its embeddings to the tokenizer and stops `generate` at the end of turn.
+        """
+        own = getattr(tokenizer, "chat_template", None)
+        if chat_template is None and isinstance(own, str):
+            chat_template = AUDIO_PARTS_AS_TEXT + own
+        new_tokens = [] if chat_template is not None else list(TURN_TOKENS)
+        new_tokens = [t for t in [*new_tokens, AUDIO_TOKEN] if t not in tokenizer.get_vocab()]
+        if new_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": new_tokens}, replace_extra_special_tokens=False)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(
             feature_extractor=MoWEFeatureExtractor.from_mowe_config(config),
             tokenizer=tokenizer,
-            chat_template=chat_template or getattr(tokenizer, "chat_template", None),
+            chat_template=chat_template,
             frame_spec=config.audio_frame_spec,
             stack_factor=config.stack_factor,
             **kwargs,
@@ -323,10 +404,10 @@ class MoWEProcessor(ProcessorMixin):
     ) -> MoWEProcessor:
         """The processor for the model `MoWEForConditionalGeneration.from_components` builds from the same parts.
 
-        Front-ends come from the encoders' configs (Hub ids or local folders), the tokenizer from `text_model` with
-        `<|audio|>` added as a special token if missing, a pad token (EOS) if missing and `padding_side` (left, for
-        batched generation). `config_kwargs` (`router_type`, `stack_factor`, ...) must match the model's. Build the
-        model with `audio_token_id=processor.audio_token_id`.
+        Front-ends come from the encoders' configs (Hub ids or local folders), the tokenizer and chat template from
+        `text_model` as [`~MoWEProcessor.from_mowe_config`] sets them up, with `padding_side` (left, for batched
+        generation). `config_kwargs` (`router_type`, `stack_factor`, ...) must match the model's. Build the model
+        with `MoWEForConditionalGeneration.from_components(..., processor=processor)`.
         """
         from .configuration_mowe import MoWEConfig
 
@@ -344,4 +425,4 @@ class MoWEProcessor(ProcessorMixin):
         return cls.from_mowe_config(config, tokenizer, chat_template=chat_template)
 
 
-__all__ = ["MoWEProcessor", "DEFAULT_CHAT_TEMPLATE", "AUDIO_TOKEN"]
+__all__ = ["MoWEProcessor", "AUDIO_TOKEN", "default_chat_template"]

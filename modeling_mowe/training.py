@@ -46,9 +46,10 @@ class MoWEDataCollator:
 
     Rows carry an `audio` column (a `datasets` Audio cell, decoded `{"array", "sampling_rate"}` or undecoded
     `{"bytes", "path"}`, or a list of them) and `messages` whose `{"type": "audio"}` parts take the clips in order
-    (or `prompt` + `completion`). Like TRL's own collators, each assistant turn is tokenised after the rendered
-    prompt that precedes it (`add_generation_prompt=True`), exactly as `generate` will see it, and only assistant
-    tokens are trained: prompt, audio and padding labels are -100.
+    (or `prompt` + `completion`). The batch is the processor's own `apply_chat_template(..., tokenize=True,
+    return_assistant_tokens_mask=True)`, so prompts are tokenised exactly as `generate` sees them, and only the
+    assistant tokens the chat template marks are trained, its end-of-turn token included (so the model learns to
+    stop): prompt, audio and padding labels are -100.
 
     Returns `input_ids`, `attention_mask`, `labels` [batch, seq] (right-padded) and the audio inputs of every clip
     in row order (`input_features`, `input_values`, `audio_lengths`).
@@ -59,79 +60,58 @@ class MoWEDataCollator:
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
-    def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered conversation cut into (text, is_assistant) pieces."""
-        segments, done = [], ""
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = self._render(messages[:i], add_generation_prompt=True)
-            full = self._render(messages[: i + 1], add_generation_prompt=False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise ValueError(
-                    "The chat template does not render a conversation as a prefix of its continuation; "
-                    "assistant-only labels cannot be placed. Use a template without such rewriting."
-                )
-            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-            done = full
-        rest = self._render(messages, add_generation_prompt=False)[len(done) :]
-        if rest:
-            segments.append((rest, False))
-        return segments
+    def _row_conversation(self, row: dict) -> list[dict]:
+        """The row's messages with each data-less `{"type": "audio"}` part holding its clip (in order)."""
+        rate = self.processor.sampling_rate
+        clips = [to_mono_waveform(cell, None, rate) for cell in _row_audio(row)]
+        queue = list(clips)
+        messages = []
+        for message in _row_messages(row):
+            content = message.get("content")
+            if isinstance(content, (list, tuple)):
+                parts = []
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "audio" and not _has_audio_data(part):
+                        if not queue:
+                            raise ValueError(
+                                f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "
+                                "give one clip per {'type': 'audio'} part."
+                            )
+                        part = {"type": "audio", "audio": queue.pop(0), "sampling_rate": rate}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            messages.append(message)
+        if queue:
+            raise ValueError(
+                f"A row has {len(clips)} audio clip(s) but only {len(clips) - len(queue)} audio part(s) in its "
+                "messages; add one {'type': 'audio'} part per clip."
+            )
+        return messages
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rate = self.processor.feature_extractor.sampling_rate
-        audio_token = self.processor.audio_token
-        all_clips, all_ids, all_labels = [], [], []
-        for row in rows:
-            clips = [to_mono_waveform(cell, None, rate) for cell in _row_audio(row)]
-            messages = _row_messages(row)
-            queue = list(clips)
-            ids: list[int] = []
-            labels: list[int] = []
-            for text, is_assistant in self._segments(messages):
-                pieces = text.split(audio_token)
-                if len(pieces) - 1 > len(queue):
-                    raise ValueError(
-                        f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "
-                        "give one clip per {'type': 'audio'} part."
-                    )
-                expanded = pieces[0]
-                for piece in pieces[1:]:
-                    expanded += audio_token * self.processor.num_audio_tokens(len(queue.pop(0))) + piece
-                piece_ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                labels += piece_ids if is_assistant else [IGNORE_INDEX] * len(piece_ids)
-            if queue:
+        batch = self.processor.apply_chat_template(
+            [self._row_conversation(row) for row in rows],
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "right"},
+        )
+        masks = batch.pop("assistant_masks")
+        batch["labels"] = batch["input_ids"].masked_fill(masks == 0, IGNORE_INDEX)
+        if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+            if (batch["input_ids"][:, self.max_length :] == self.processor.audio_token_id).any():
                 raise ValueError(
-                    f"A row has {len(clips)} audio clip(s) but only {len(clips) - len(queue)} audio part(s) in its "
-                    "messages; add one {'type': 'audio'} part per clip."
+                    f"max_length={self.max_length} would cut audio tokens of a row of "
+                    f"{batch['input_ids'].shape[1]} tokens; raise max_length or shorten the audio."
                 )
-            if self.max_length is not None and len(ids) > self.max_length:
-                audio_id = self.processor.audio_token_id
-                if audio_id in ids[self.max_length :]:
-                    raise ValueError(
-                        f"max_length={self.max_length} would cut audio tokens of a row of {len(ids)} tokens; "
-                        "raise max_length or shorten the audio."
-                    )
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
-            all_clips += clips
-            all_ids.append(ids)
-            all_labels.append(labels)
+            for key in ("input_ids", "attention_mask", "labels"):
+                batch[key] = batch[key][:, : self.max_length]
+        return dict(batch)
 
-        longest = max(len(ids) for ids in all_ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = {
-            "input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids in all_ids]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in all_ids]),
-            "labels": torch.tensor([lab + [IGNORE_INDEX] * (longest - len(lab)) for lab in all_labels]),
-        }
-        if all_clips:
-            batch.update(self.processor.feature_extractor(all_clips, sampling_rate=rate, return_tensors="pt"))
-        return batch
+
+def _has_audio_data(part: dict) -> bool:
+    return any(part.get(key) is not None for key in ("audio", "path", "url"))
 
 
 def _audio_tower(model: nn.Module) -> nn.Module | None:

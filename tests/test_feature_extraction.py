@@ -297,6 +297,13 @@ def test_objects_that_are_not_audio(value, error, match):
         to_mono_waveform(value, SR)
 
 
+def test_a_directory_is_not_an_audio_file(tmp_path):
+    with pytest.raises(ValueError, match="is a directory, not an audio file; pass the path of one"):
+        to_mono_waveform(tmp_path, SR)
+    with pytest.raises(ValueError, match="is a directory"):
+        to_mono_waveform({"bytes": None, "path": str(tmp_path)}, None)
+
+
 def test_text_file_is_not_audio(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not audio")

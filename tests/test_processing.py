@@ -383,8 +383,6 @@ def test_chat_audio_rates_and_clips_given_separately(processor):
         )
     with pytest.raises(ValueError, match="Unsupported content part of type 'image'"):
         processor.apply_chat_template(chat({"type": "image", "url": "cat.png"}))
-    with pytest.raises(ValueError, match="return_assistant_tokens_mask is not supported"):
-        processor.apply_chat_template(chat({"type": "text", "text": "hi"}), return_assistant_tokens_mask=True)
 
 
 # ---- transformers' pipeline and persistence ---------------------------------------------------------------------
@@ -440,7 +438,7 @@ messages = [{"role": "user", "content": [{"type": "audio", "audio": data["a"], "
                                          {"type": "text", "text": "Transcribe the audio."}]}]
 answer = pipe(text=messages, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]["content"]
 print(json.dumps({"processor": type(processor).__module__, "extractor": type(processor.feature_extractor).__module__,
-                  "answer": answer}))
+                  "answer": answer, "chat_template": processor.chat_template}))
 """
 
 
@@ -452,6 +450,7 @@ def test_loads_from_its_own_code_where_the_package_cannot_be_imported(saved, pro
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["processor"].startswith("transformers_modules.") and report["processor"].endswith(".processing_mowe")
     assert report["extractor"].endswith(".feature_extraction_mowe") and isinstance(report["answer"], str)
+    assert report["chat_template"] == processor.chat_template == (saved / "chat_template.jinja").read_text()
     remote = np.load(tmp_path / "remote.npz")
     expected = processor(text=["<|audio|> hi", "and <|audio|>"], audio=[clips["a"], clips["b"]], sampling_rate=SR)
     assert sorted(remote.files) == sorted(expected)
@@ -540,8 +539,10 @@ def test_from_components_builds_front_ends_and_adds_the_audio_token(components):
     ]
     assert processor.feature_extractor.min_samples == 400  # HuBERT's receptive field
     tokenizer = processor.tokenizer
-    assert processor.audio_token_id == len(tokenizer) - 1 == 6
-    assert tokenizer.tokenize("hello <|audio|>") == ["hello", "<|audio|>"]
+    assert processor.audio_token_id == len(tokenizer) - 1 == 8  # after <|im_start|>, <|im_end|>: no own template
+    assert tokenizer.tokenize("<|im_start|>hello <|audio|><|im_end|>") == [
+        "<|im_start|>", "hello", "<|audio|>", "<|im_end|>"
+    ]
     assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"
     assert processor.frame_spec["type"] == "whisper" and processor.stack_factor == 4
     base_only = MoWEProcessor.from_components(
@@ -556,7 +557,7 @@ def test_from_components_processor_and_model_agree(components, tmp_path, llm):
     weak = [components["whisper80"], components["hubert"]]
     processor = MoWEProcessor.from_components(components["base"], weak, components[llm], dynamic_audio_length=True)
     model = MoWEForConditionalGeneration.from_components(
-        components["base"], weak, components[llm], audio_token_id=processor.audio_token_id, dynamic_audio_length=True
+        components["base"], weak, components[llm], processor=processor, dynamic_audio_length=True
     ).eval()
     assert model.get_input_embeddings().weight.shape[0] >= len(processor.tokenizer)
     inputs = processor.apply_chat_template(

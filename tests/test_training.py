@@ -70,7 +70,7 @@ def test_labels_cover_assistant_tokens_only(splits, processor):
     assert batch["labels"].shape == batch["input_ids"].shape
     for i, row in enumerate(rows):
         trained = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
-        assert processor.tokenizer.decode(trained) == row["answer"] + "<|im_end|>\n"
+        assert processor.tokenizer.decode(trained) == row["answer"] + "<|im_end|>"  # the end of turn, not after
         audio_positions = batch["input_ids"][i] == processor.audio_token_id
         assert audio_positions.any() and (batch["labels"][i][audio_positions] == IGNORE_INDEX).all()
         padding = batch["attention_mask"][i] == 0
