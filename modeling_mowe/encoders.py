@@ -112,7 +112,8 @@ class WhisperEncoderFamily:
         mel = mel * mel_valid[:, None, :].to(mel.dtype)
         hidden = nn.functional.gelu(encoder.conv1(mel))
         hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + encoder.embed_positions.weight[:frames].to(hidden.dtype)
+        # Called, not `.weight` read: an offloaded embedding (`device_map` with disk/CPU offload) loads on call.
+        hidden = hidden + encoder.embed_positions(torch.arange(frames, device=hidden.device)).to(hidden.dtype)
         hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
         frame_valid = torch.arange(frames, device=hidden.device)[None, :] < frame_lengths[:, None]
         attention_mask = torch.zeros(frame_valid.shape, dtype=hidden.dtype, device=hidden.device)

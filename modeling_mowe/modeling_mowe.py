@@ -106,6 +106,11 @@ class MoWEAudioTower(nn.Module):
         self.router_dependent = (
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
+        # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
+        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do).
+        self._no_split_modules = sorted(
+            {name for encoder in (self.base_encoder, *self.weak_encoders) for name in encoder._no_split_modules or ()}
+        )
 
     @property
     def output_size(self) -> int:
@@ -170,7 +175,8 @@ class MoWEAudioTower(nn.Module):
                 logits = self.router_independent(num_windows)
             else:
                 logits = self.router_dependent(base_hidden, valid_frames)
-            probs, index, gates = top_k_gates(logits, config.router_top_k)
+            # With `device_map` the routers may sit on another device than the base features: route where they are.
+            probs, index, gates = top_k_gates(logits.to(base_hidden.device), config.router_top_k)
             router_logits.append(logits)
             selections.append((probs, index, gates))
 
@@ -183,14 +189,15 @@ class MoWEAudioTower(nn.Module):
             rows = chosen.nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            lengths = audio_lengths[rows]
-            inputs = self.encoder_inputs(weak_config, input_features, input_values)[rows]
+            lengths = audio_lengths.to(rows.device)[rows]
+            inputs = self.encoder_inputs(weak_config, input_features, input_values)
+            inputs = inputs[rows.to(inputs.device)]
             if inputs.ndim == 2:
                 inputs = inputs[:, : int(lengths.max())]
-            hidden = self.run_encoder(weak_config, encoder, inputs, lengths)
+            hidden = self.run_encoder(weak_config, encoder, inputs, lengths).to(base_hidden.device)
             weak_valid = num_frames(lengths, self.weak_specs[expert]).clamp(max=hidden.shape[1])
             hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
-            hidden = projection(hidden.to(projection.weight.dtype))
+            hidden = projection(hidden.to(projection.weight.dtype)).to(base_hidden.device)
             for r, gate in enumerate(window_gates):
                 blocks[r] = blocks[r].index_add(0, rows, hidden * gate[rows, None, None].to(hidden.dtype))
 
@@ -244,7 +251,8 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["MoWEAudioTower", "MoWEProjector"]
+    # Plus the encoders' and the LLM's layer classes, gathered from the sub-models by `post_init`.
+    _no_split_modules = ["MoWEProjector"]
     _skip_keys_device_placement = "past_key_values"
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -355,7 +363,7 @@ class MoWEModel(MoWEPreTrainedModel):
             coef = self.config.router_aux_loss_coef
             if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
                 audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
 
         outputs = self.language_model(
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
