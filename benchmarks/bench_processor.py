@@ -52,7 +52,9 @@ def bench_front_ends(processor: MoWEProcessor, config: MoWEConfig, seconds: list
             "per front-end": lambda: extract(per_front_end, clips),
             "per encoder": lambda: extract(per_encoder, clips),
         },
-        repeats, clock=CLOCK)
+        repeats,
+        clock=CLOCK,
+    )
     return {name: len(clips) / t for name, t in times.items()}  # clips per second
 
 
