@@ -68,9 +68,9 @@ def build(config: MoWEConfig, seed: int = 0) -> MoWEForConditionalGeneration:
     return MoWEForConditionalGeneration(config)
 
 
-def make_inputs(config: MoWEConfig, seconds: list[float]) -> dict:
+def make_inputs(config: MoWEConfig, seconds: list[float], seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Features from MoWEFeatureExtractor; prompts of PROMPT_TOKENS random text tokens around each clip's audio tokens."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     clips = [(0.1 * rng.standard_normal(int(s * SR))).astype(np.float32) for s in seconds]
     features = MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR, return_tensors="pt")
     rows = []

@@ -78,10 +78,11 @@ class MoWEAudioTower(nn.Module):
     Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
     no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
     the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
-    `AddAuxiliaryLoss`. In training, every trainable parameter of the tower also joins the graph through one
-    zero-weighted term (`_touch_all_parameters`), so that DDP with `find_unused_parameters=False` sees a gradient for
-    every parameter in every step: encoders that got no window, layers skipped by layerdrop, SpecAugment's mask
-    embedding.
+    `AddAuxiliaryLoss`. In training, every trainable parameter of the weak pool also joins the graph through one
+    zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
+    parameters in every step whatever its clips picked (encoders that got no window, layers skipped by layerdrop,
+    SpecAugment's mask embedding): DDP runs with `find_unused_parameters=False` and FSDP2's reduce-scatter of the
+    unit holding the pool has the same tensors on every rank.
     """
 
     def __init__(self, config: MoWEConfig):
@@ -138,12 +139,14 @@ class MoWEAudioTower(nn.Module):
         dtype = next(encoder.parameters()).dtype
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
 
-    def _touch_all_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` plus 0 x one element of every trainable tower parameter (training only): each gets a (zero)
-        gradient even if this step did not use it, as DDP with `find_unused_parameters=False` requires."""
+    def _touch_routed_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` plus 0 x one element of every trainable weak-pool parameter (training only): each gets a (zero)
+        gradient even if no window was routed to its encoder. Only the pool: the base encoder runs every step (and
+        may be sharded per layer by FSDP2, whose parameters are not to be read outside their layer's forward)."""
         if not (self.training and torch.is_grad_enabled()):
             return hidden
-        touched = [p.view(-1)[:1].to(hidden.dtype) for p in self.parameters() if p.requires_grad]
+        pool = [*self.weak_encoders.parameters(), *self.weak_projections.parameters()]
+        touched = [p.view(-1)[:1].to(hidden.dtype) for p in pool if p.requires_grad]
         if not touched:
             return hidden
         return hidden + 0.0 * torch.cat(touched).sum()
@@ -166,8 +169,7 @@ class MoWEAudioTower(nn.Module):
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            hidden = self._touch_all_parameters(base_hidden)
-            return MoWEAudioTowerOutput(last_hidden_state=hidden, valid_frames=valid_frames)
+            return MoWEAudioTowerOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
 
         router_logits, selections = [], []
         for router in self.routers:
@@ -207,7 +209,7 @@ class MoWEAudioTower(nn.Module):
             aux_loss = load_balancing_loss(probs, index)
         hidden = torch.cat([base_hidden, *[b.to(base_hidden.dtype) for b in blocks]], dim=-1)
         return MoWEAudioTowerOutput(
-            last_hidden_state=self._touch_all_parameters(hidden),
+            last_hidden_state=self._touch_routed_parameters(hidden),
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
