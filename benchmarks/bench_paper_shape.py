@@ -1,6 +1,6 @@
 """MoWE at the paper's proportions, and the DDP policy for sparse routing: ratios measured in one run.
 
-    .venv/bin/python benchmarks/bench_paper_shape.py [--repeats 5] [--ddp-steps 5] [--skip-ddp]
+    .venv/bin/python benchmarks/bench_paper_shape.py [--repeats 7] [--ddp-steps 9] [--threads 1] [--skip-ddp]
 
 1. MoWE / base-only train step where base : weak : LLM parameters follow Whisper-large-v3 encoder : Whisper-tiny
    encoder : Llama-3-8B (about 0.64 B : 8.2 M : 8.0 B), all three scaled down by one factor, trained as the recipe
@@ -127,12 +127,16 @@ def count(module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ddp-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ddp-steps", type=int, default=9)
     parser.add_argument("--skip-ddp", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="1 by default: on a loaded machine, more threads spin-wait and inflate CPU time"
+    )
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     seconds = [2.0, 3.0]
+    torch.set_num_threads(args.threads)
     if args.ddp_worker:
         ddp_worker(args.ddp_steps, seconds)
         return

@@ -79,6 +79,18 @@ def experts_used(router_logits: torch.Tensor) -> list[int]:
     return sorted(set(router_logits.argmax(-1).reshape(-1).tolist()))
 
 
+def single_process_step(model: MoWEForConditionalGeneration, halves: list) -> tuple[float, dict]:
+    """What data parallel computes for the global batch, in one process: the mean of the halves' losses and of their
+    gradients. One backward per half, then / 2 (not `(loss / 2).backward()`: `AddAuxiliaryLoss` injects the balancing
+    loss's gradient at weight 1, whatever the LM loss is scaled by)."""
+    mean_loss = 0.0
+    for inputs, labels in halves:
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        mean_loss += loss.item() / len(halves)
+    return mean_loss, {n: p.grad / len(halves) for n, p in model.named_parameters() if p.grad is not None}
+
+
 def fsdp_worker(out_dir: Path) -> None:
     """One rank: the single-process reference on the global batch, then the same step under FSDP2, compared; an SGD
     step, eval logits, and a sharded (torch distributed checkpoint) save of the model."""
@@ -97,16 +109,7 @@ def fsdp_worker(out_dir: Path) -> None:
     route_by_rank(model, halves)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = copy.deepcopy(model)
-    # Data parallel averages the ranks' gradients (and we report the mean loss): the single-process run does the same,
-    # one backward per half, then / world. (Not `(loss / world).backward()`: the balancing loss's gradient is injected
-    # at weight 1 by `AddAuxiliaryLoss`, whatever the LM loss is scaled by.)
-    reference_loss = 0.0
-    for inputs, labels in halves:
-        loss = reference(**inputs, labels=labels).loss
-        loss.backward()
-        reference_loss += loss.item() / world
-    reference_grads = {n: p.grad / world for n, p in reference.named_parameters() if p.grad is not None}
+    reference_loss, reference_grads = single_process_step(copy.deepcopy(model), halves)
 
     shard_with_fsdp2(model, mesh)
     inputs, labels = halves[rank]
@@ -135,10 +138,9 @@ def fsdp_worker(out_dir: Path) -> None:
     dcp.save(get_model_state_dict(model), checkpoint_id=str(out_dir / "dcp"))
     save_file({"logits": logits.contiguous()}, str(out_dir / f"logits_{rank}.safetensors"))
     result = {
-        "loss": loss.item() / world, "reference_loss": reference_loss,
-        "missing_grads": missing, "mismatched": mismatched, "compared": compared, "reference_params": len(reference_grads),
-        "sharded_params": sharded,
-        "experts_used": used,
+        "loss": loss.item() / world, "reference_loss": reference_loss, "missing_grads": missing,
+        "mismatched": mismatched, "compared": compared, "reference_params": len(reference_grads),
+        "sharded_params": sharded, "experts_used": used,
     }
     (out_dir / f"result_{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
