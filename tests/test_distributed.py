@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,6 +158,7 @@ def sharded_checkpoint_to_folder(dcp_dir: Path, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_fsdp2_step_equals_one_process_and_sharded_checkpoint_reloads(processor, tmp_path):
     """2 gloo ranks, FSDP2 per encoder/decoder layer, sparse routing, gradient checkpointing: loss and every gradient
     equal the single-process run on the same global batch (atol 1e-5, rtol 1e-4); the sharded checkpoint turns into
