@@ -10,7 +10,8 @@ from collections.abc import Callable
 def median_seconds(
     fns: dict, repeats: int, warmup: int = 1, clock: Callable[[], float] = time.process_time
 ) -> dict:
-    """Median `clock` time of each of `fns` (name -> callable) over `repeats` rounds, after `warmup` rounds.
+    """Median `clock` time of each of `fns` (name -> callable) over `repeats` rounds, after `warmup` rounds; the order
+    of the calls alternates between rounds.
 
     `clock` is this process's CPU time by default (less hurt by other processes on a shared machine); pass
     `time.perf_counter` for wall time (needed when the work waits on other processes, as DDP ranks do)."""
@@ -18,8 +19,9 @@ def median_seconds(
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        # Every other round in reverse order: the first call of a round tends to pay for what ran before it.
+        for name, fn in list(fns.items())[:: -1 if round_ % 2 else 1]:
             start = clock()
             fn()
             times[name].append(clock() - start)
