@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
+from timing import median_seconds
 from transformers import LlamaConfig, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor, MoWEForConditionalGeneration
@@ -68,9 +68,9 @@ def build(config: MoWEConfig, seed: int = 0) -> MoWEForConditionalGeneration:
     return MoWEForConditionalGeneration(config)
 
 
-def make_inputs(config: MoWEConfig, seconds: list[float]) -> dict:
+def make_inputs(config: MoWEConfig, seconds: list[float], seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Features from MoWEFeatureExtractor; prompts of PROMPT_TOKENS random text tokens around each clip's audio tokens."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     clips = [(0.1 * rng.standard_normal(int(s * SR))).astype(np.float32) for s in seconds]
     features = MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR, return_tensors="pt")
     rows = []
@@ -88,21 +88,6 @@ def make_inputs(config: MoWEConfig, seconds: list[float]) -> dict:
 
 
 CLOCK = time.process_time
-
-
-def median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median time (`CLOCK`: this process's CPU time by default, wall time with --clock wall) of each of `fns`
-    (name -> callable); the calls are interleaved so that machine load drifts hit every candidate alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def count(module) -> int:
@@ -124,7 +109,7 @@ def bench_train_step(repeats: int, seconds: list[float]) -> tuple[float, str]:
             optimizer.step()
 
         steps[router_type] = step
-    times = median_seconds(steps, repeats)
+    times = median_seconds(steps, repeats, clock=CLOCK)
     tower = build(make_config("both")).model.audio_tower
     ratio = count(tower.base_encoder) / count(tower.weak_encoders[0])
     note = f"none {times['none'] * 1e3:.0f} ms, MoWE {times['both'] * 1e3:.0f} ms; base/weak params {ratio:.1f}x"
@@ -168,7 +153,7 @@ def bench_glue(repeats: int, seconds: list[float]) -> tuple[float, str]:
         with torch.no_grad():
             model(**inputs)
 
-    times = median_seconds({"mowe": mowe, "direct": lambda: run_components(model, inputs, choice)}, repeats)
+    times = median_seconds({"mowe": mowe, "direct": lambda: run_components(model, inputs, choice)}, repeats, clock=CLOCK)
     note = f"MoWE {times['mowe'] * 1e3:.0f} ms, components {times['direct'] * 1e3:.0f} ms"
     return times["mowe"] / times["direct"], note + f"; experts {choice.unique().tolist()}"
 
@@ -202,11 +187,11 @@ def bench_sparse_vs_dense(repeats: int, seconds: list[float], router_type: str) 
         return run
 
     pool = median_seconds(
-        {k: no_grad(lambda m=m: m.model.audio_tower(*tower_args)) for k, m in models.items()}, repeats
+        {k: no_grad(lambda m=m: m.model.audio_tower(*tower_args)) for k, m in models.items()}, repeats, clock=CLOCK
     )
     for model in models.values():
         del model.model.audio_tower.run_encoder
-    whole = median_seconds({k: no_grad(lambda m=m: m(**inputs)) for k, m in models.items()}, repeats)
+    whole = median_seconds({k: no_grad(lambda m=m: m(**inputs)) for k, m in models.items()}, repeats, clock=CLOCK)
     note = (
         f"pool {pool['sparse'] * 1e3:.0f} vs {pool['dense'] * 1e3:.0f} ms, "
         f"forward {whole['sparse'] * 1e3:.0f} vs {whole['dense'] * 1e3:.0f} ms"
@@ -224,7 +209,7 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
         with torch.no_grad():
             family.encode(encoder, inputs["input_features"][:, :128], inputs["audio_lengths"], dynamic=dynamic)
 
-    times = median_seconds({False: lambda: encode(False), True: lambda: encode(True)}, repeats)
+    times = median_seconds({False: lambda: encode(False), True: lambda: encode(True)}, repeats, clock=CLOCK)
     note = f"30 s {times[False] * 1e3:.0f} ms, dynamic {times[True] * 1e3:.0f} ms"
     return times[False] / times[True], note
 

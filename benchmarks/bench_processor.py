@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_seconds
 from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
 from modeling_mowe import MoWEConfig, MoWEProcessor
@@ -27,20 +27,6 @@ from modeling_mowe.encoders import encoder_family
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
 SR = 16_000
 CLOCK = time.process_time
-
-
-def median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median `CLOCK` time of each of `fns` (name -> callable), calls interleaved so load drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def stock_extractor(front_end: dict):
@@ -67,6 +53,7 @@ def bench_front_ends(processor: MoWEProcessor, config: MoWEConfig, seconds: list
             "per encoder": lambda: extract(per_encoder, clips),
         },
         repeats,
+        clock=CLOCK,
     )
     return {name: len(clips) / t for name, t in times.items()}  # clips per second
 

@@ -149,7 +149,9 @@ class DynamicLengthWhisperEncoder(WhisperEncoder):
             frame_mask = attention_mask[:, :: self.conv2.stride[0]]
         hidden = nn.functional.gelu(self.conv1(input_features))
         hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        # Called, not `.weight` read: an offloaded embedding (`device_map` with disk/CPU offload) loads on call.
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        hidden = hidden + self.embed_positions(positions).to(hidden.dtype)
         hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=frame_mask)
         for layer in self.layers:

@@ -115,10 +115,11 @@ class MoWEAudioTower(nn.Module):
     Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
     no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
     the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
-    `AddAuxiliaryLoss`. In training, every trainable parameter of the tower also joins the graph through one
-    zero-weighted term (`_touch_all_parameters`), so that DDP with `find_unused_parameters=False` sees a gradient for
-    every parameter in every step: encoders that got no window, layers skipped by layerdrop, SpecAugment's mask
-    embedding.
+    `AddAuxiliaryLoss`. In training, every trainable parameter of the weak pool also joins the graph through one
+    zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
+    parameters in every step whatever its clips picked (encoders that got no window, layers skipped by layerdrop,
+    SpecAugment's mask embedding): DDP runs with `find_unused_parameters=False` and FSDP2's reduce-scatter of the
+    unit holding the pool has the same tensors on every rank.
     """
 
     def __init__(self, config: MoWEConfig):
@@ -142,6 +143,11 @@ class MoWEAudioTower(nn.Module):
         self.router_independent = DataIndependentRouter(num_weak) if "data_independent" in self.routers else None
         self.router_dependent = (
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
+        )
+        # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
+        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do).
+        self._no_split_modules = sorted(
+            {name for encoder in (self.base_encoder, *self.weak_encoders) for name in encoder._no_split_modules or ()}
         )
 
     @property
@@ -170,12 +176,14 @@ class MoWEAudioTower(nn.Module):
         dtype = next(encoder.parameters()).dtype
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
 
-    def _touch_all_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` plus 0 x one element of every trainable tower parameter (training only): each gets a (zero)
-        gradient even if this step did not use it, as DDP with `find_unused_parameters=False` requires."""
+    def _touch_routed_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` plus 0 x one element of every trainable weak-pool parameter (training only): each gets a (zero)
+        gradient even if no window was routed to its encoder. Only the pool: the base encoder runs every step (and
+        may be sharded per layer by FSDP2, whose parameters are not to be read outside their layer's forward)."""
         if not (self.training and torch.is_grad_enabled()):
             return hidden
-        touched = [p.view(-1)[:1].to(hidden.dtype) for p in self.parameters() if p.requires_grad]
+        pool = [*self.weak_encoders.parameters(), *self.weak_projections.parameters()]
+        touched = [p.view(-1)[:1].to(hidden.dtype) for p in pool if p.requires_grad]
         if not touched:
             return hidden
         return hidden + 0.0 * torch.cat(touched).sum()
@@ -198,8 +206,7 @@ class MoWEAudioTower(nn.Module):
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            hidden = self._touch_all_parameters(base_hidden)
-            return MoWEAudioTowerOutput(last_hidden_state=hidden, valid_frames=valid_frames)
+            return MoWEAudioTowerOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
 
         router_logits, selections = [], []
         for router in self.routers:
@@ -207,7 +214,8 @@ class MoWEAudioTower(nn.Module):
                 logits = self.router_independent(num_windows)
             else:
                 logits = self.router_dependent(base_hidden, valid_frames)
-            probs, index, gates = top_k_gates(logits, config.router_top_k)
+            # With `device_map` the routers may sit on another device than the base features: route where they are.
+            probs, index, gates = top_k_gates(logits.to(base_hidden.device), config.router_top_k)
             router_logits.append(logits)
             selections.append((probs, index, gates))
 
@@ -220,14 +228,15 @@ class MoWEAudioTower(nn.Module):
             rows = chosen.nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            lengths = audio_lengths[rows]
-            inputs = self.encoder_inputs(weak_config, input_features, input_values)[rows]
+            lengths = audio_lengths.to(rows.device)[rows]
+            inputs = self.encoder_inputs(weak_config, input_features, input_values)
+            inputs = inputs[rows.to(inputs.device)]
             if inputs.ndim == 2:
                 inputs = inputs[:, : int(lengths.max())]
-            hidden = self.run_encoder(weak_config, encoder, inputs, lengths)
+            hidden = self.run_encoder(weak_config, encoder, inputs, lengths).to(base_hidden.device)
             weak_valid = num_frames(lengths, self.weak_specs[expert]).clamp(max=hidden.shape[1])
             hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
-            hidden = projection(hidden.to(projection.weight.dtype))
+            hidden = projection(hidden.to(projection.weight.dtype)).to(base_hidden.device)
             for r, gate in enumerate(window_gates):
                 # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
                 # the base features' dtype (fp32 for fp32 weights), as do the sums over experts.
@@ -240,7 +249,7 @@ class MoWEAudioTower(nn.Module):
             aux_loss = load_balancing_loss(probs, index)
         hidden = torch.cat([base_hidden, *blocks], dim=-1)
         return MoWEAudioTowerOutput(
-            last_hidden_state=self._touch_all_parameters(hidden),
+            last_hidden_state=self._touch_routed_parameters(hidden),
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
@@ -308,7 +317,8 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
-    _no_split_modules = ["MoWEAudioTower", "MoWEProjector"]
+    # Plus the encoders' and the LLM's layer classes, gathered from the sub-models by `post_init`.
+    _no_split_modules = ["MoWEProjector"]
     _skip_keys_device_placement = ["past_key_values"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -432,7 +442,7 @@ class MoWEModel(MoWEPreTrainedModel):
             coef = self.config.router_aux_loss_coef
             if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
                 audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
 
         for flag in ("output_hidden_states", "output_attentions"):  # the MoWE config's flags reach the LLM
             if kwargs.get(flag) is None and getattr(self.config, flag):

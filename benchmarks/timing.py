@@ -1,0 +1,28 @@
+"""The benchmarks' one timer: interleaved medians, so machine load drifts hit every candidate alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(
+    fns: dict, repeats: int, warmup: int = 1, clock: Callable[[], float] = time.process_time
+) -> dict:
+    """Median `clock` time of each of `fns` (name -> callable) over `repeats` rounds, after `warmup` rounds; the order
+    of the calls alternates between rounds.
+
+    `clock` is this process's CPU time by default (less hurt by other processes on a shared machine); pass
+    `time.perf_counter` for wall time (needed when the work waits on other processes, as DDP ranks do)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for round_ in range(repeats):
+        # Every other round in reverse order: the first call of a round tends to pay for what ran before it.
+        for name, fn in list(fns.items())[:: -1 if round_ % 2 else 1]:
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
