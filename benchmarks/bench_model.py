@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import median_seconds, print_ratio_table
 from transformers import LlamaConfig, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor, MoWEForConditionalGeneration
@@ -238,14 +238,11 @@ def main() -> None:
     ratio, note = bench_dynamic_length(max(3, args.repeats // 2))
     rows.append(("Whisper 30 s / dynamic (3 s clip)", ratio, ">= 5", ratio >= 5, note))
 
-    print(
+    print_ratio_table(
+        rows,
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} time, clips {seconds} s, "
-        "dynamic length on (except the last row)"
+        "dynamic length on (except the last row)",
     )
-    print(f"{'benchmark':<44} {'ratio':>7}  {'goal':>8}  {'met':>4}  detail")
-    for name, ratio, goal, met, note in rows:
-        flag = "-" if met is None else ("yes" if met else "NO")
-        print(f"{name:<44} {ratio:>6.2f}x  {goal:>8}  {flag:>4}  {note}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from bench_model import make_inputs, whisper_config
-from timing import median_seconds
+from timing import median_seconds, print_ratio_table
 from transformers import LlamaConfig
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
@@ -159,11 +159,8 @@ def main() -> None:
         ratio, note = bench_ddp_policy(args.ddp_steps, seconds)
         rows.append(("DDP step: find_unused=True / touch", ratio, "(info)", None, note))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; clips {seconds} s; {shape}")
-    print(f"{'benchmark':<50} {'ratio':>7}  {'goal':>8}  {'met':>4}  detail")
-    for name, ratio, goal, met, note in rows:
-        flag = "-" if met is None else ("yes" if met else "NO")
-        print(f"{name:<50} {ratio:>6.3f}x  {goal:>8}  {flag:>4}  {note}")
+    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads; clips {seconds} s; {shape}"
+    print_ratio_table(rows, header, precision=3)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import median_seconds, print_ratio_table
 from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
 from modeling_mowe import MoWEConfig, MoWEProcessor
@@ -87,15 +87,12 @@ def main() -> None:
     ratio = short / long
     rows.append(("audio tokens 3 s / 30 s", ratio, "<= 0.12", ratio <= 0.12, f"{short} vs {long} tokens"))
 
-    print(
+    print_ratio_table(
+        rows,
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} time, median of {args.repeats}; "
         f"tiny preset: {len(config.encoder_configs)} encoders, {len(processor.feature_extractor.front_ends)} "
-        "distinct front-ends"
+        "distinct front-ends",
     )
-    print(f"{'benchmark':<46} {'ratio':>7}  {'goal':>8}  {'met':>4}  detail")
-    for name, ratio, goal, met, note in rows:
-        flag = "-" if met is None else ("yes" if met else "NO")
-        print(f"{name:<46} {ratio:>6.2f}x  {goal:>8}  {flag:>4}  {note}")
 
 
 if __name__ == "__main__":

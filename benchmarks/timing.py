@@ -1,4 +1,5 @@
-"""The benchmarks' one timer: interleaved medians, so machine load drifts hit every candidate alike."""
+"""The benchmarks' one timer (interleaved medians, so machine load drifts hit every candidate alike) and their one
+ratio table."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def median_seconds(
             fn()
             times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_ratio_table(rows: list[tuple], header: str, precision: int = 2) -> None:
+    """Print `header`, then one line per `(name, ratio, goal, met, detail)` row (`met` None: information only)."""
+    print(header)
+    width = max(len(name) for name, *_ in rows) + 2
+    print(f"{'benchmark':<{width}} {'ratio':>7}  {'goal':>8}  {'met':>4}  detail")
+    for name, ratio, goal, met, note in rows:
+        flag = "-" if met is None else ("yes" if met else "NO")
+        print(f"{name:<{width}} {ratio:>6.{precision}f}x  {goal:>8}  {flag:>4}  {note}")

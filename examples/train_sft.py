@@ -52,20 +52,21 @@ class ScriptArguments:
     train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
 
 
-def load_model_and_processor(args: ScriptArguments, dtype: torch.dtype | None = None):
+def load_model_and_processor(args: ScriptArguments):
+    """The model in fp32 (with `--bf16`/`--fp16` the Trainer runs it under autocast: fp32 master weights) and its
+    processor."""
     overrides = {k: v for k, v in {"router_type": args.router_type, "router_top_k": args.router_top_k}.items() if v}
     if args.base_encoder:
         processor = MoWEProcessor.from_components(args.base_encoder, args.weak_encoders, args.text_model, **overrides)
         model = MoWEForConditionalGeneration.from_components(
-            args.base_encoder, args.weak_encoders, args.text_model, dtype=dtype,
-            processor=processor, **overrides,
+            args.base_encoder, args.weak_encoders, args.text_model, processor=processor, **overrides
         )
         return model, processor
     processor = MoWEProcessor.from_pretrained(args.model)
     if (Path(args.model) / "config.json").exists() and not any(Path(args.model).glob("*.safetensors")):
         config = MoWEConfig.from_pretrained(args.model, **overrides)  # a preset: random initialisation
-        return MoWEForConditionalGeneration(config).to(dtype or torch.float32), processor
-    return MoWEForConditionalGeneration.from_pretrained(args.model, dtype=dtype, **overrides), processor
+        return MoWEForConditionalGeneration(config), processor
+    return MoWEForConditionalGeneration.from_pretrained(args.model, **overrides), processor
 
 
 def load_splits(args: ScriptArguments):
@@ -78,7 +79,7 @@ def load_splits(args: ScriptArguments):
 
 def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     train_dataset, eval_dataset = load_splits(args)
-    model, processor = load_model_and_processor(args, torch.bfloat16 if training_args.bf16 else None)
+    model, processor = load_model_and_processor(args)
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,
         use_lora=args.use_lora, lora_r=args.lora_r, train_language_model=args.train_language_model,

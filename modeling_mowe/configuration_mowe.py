@@ -169,7 +169,7 @@ class MoWEConfig(PretrainedConfig):
         if self.audio_token_id is not None and not 0 <= self.audio_token_id < vocab_size:
             raise ValueError(
                 f"audio_token_id={self.audio_token_id} is outside the LLM's vocabulary ({vocab_size}); use "
-                "`MoWEForConditionalGeneration.from_components(..., audio_token_id=processor.audio_token_id)`, which "
+                "`MoWEForConditionalGeneration.from_components(..., processor=processor)`, which "
                 "grows the embeddings, or set `text_config.vocab_size` to cover it."
             )
         if self.stack_factor < 1:

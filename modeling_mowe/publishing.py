@@ -22,6 +22,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .evaluation import results_table_markdown
+from .feature_extraction_mowe import read_audio
 
 EXAMPLE_AUDIO = "example.wav"
 SAMPLING_RATE = 16_000
@@ -47,7 +48,7 @@ def build_hub_folder(
     repo_id: str | None = None,
     model_name: str | None = None,
     base_model: Sequence[str] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     language: str | Sequence[str] | None = "en",
     max_shard_size: int | str = "5GB",
     max_new_tokens: int = 64,
@@ -78,7 +79,9 @@ def build_hub_folder(
         model_name: the card's title; defaults to the repository name.
         base_model: Hub ids for the card's `base_model`; defaults to the Hub ids among
             `config.component_checkpoints` (local folders cannot be listed there).
-        license: the card's license.
+        license: the card's license (a Hub licence id); defaults to `gemma` when a part is under the Gemma Terms of
+            Use (recorded in `config.component_checkpoints["licenses"]`), which pass on to derivatives, else
+            `apache-2.0` (this project's).
         language: the card's language(s).
         max_shard_size: largest weights file before sharding (e.g. `"5GB"`).
         max_new_tokens: `max_new_tokens` in the usage snippets.
@@ -132,8 +135,14 @@ def write_example_audio(audio: np.ndarray | str | os.PathLike, path: Path, sampl
     import soundfile
 
     if isinstance(audio, (str, os.PathLike)):
-        audio, sampling_rate = soundfile.read(audio, dtype="float32")
+        audio, sampling_rate = read_audio(audio)
     soundfile.write(path, np.asarray(audio, dtype=np.float32), sampling_rate, subtype="PCM_16")
+
+
+def _card_license(components: Mapping[str, Any]) -> str:
+    licences = components.get("licenses") or {}
+    parts = [licences.get("base_encoder"), licences.get("text_model"), *(licences.get("weak_encoders") or [])]
+    return "gemma" if any(str(part).lower().startswith("gemma") for part in parts if part) else "apache-2.0"
 
 
 def _check_publishable(model, output: Path, overwrite: bool) -> None:
@@ -153,7 +162,7 @@ def build_model_card(
     dataset_names: Sequence[str] | None = None,
     example_question: str = DEFAULT_QUESTION,
     base_model: Sequence[str] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     language: str | Sequence[str] | None = "en",
     num_parameters: int | None = None,
     pool_parameters: int | None = None,
@@ -171,7 +180,7 @@ def build_model_card(
         base_model=list(dict.fromkeys(base_model)) or None,
         datasets=list(dataset_names) if dataset_names else None,
         metrics=metrics or None,
-        license=license,
+        license=license or _card_license(components),
         language=language,
         widget=[
             {

@@ -50,6 +50,35 @@ def build_model(config, seed: int = 0):
     return MoWEForConditionalGeneration(config).eval()
 
 
+@pytest.fixture(scope="session")
+def benchmark_dir(tmp_path_factory):
+    """The tiny synthetic benchmark (espeak-ng speech and beeps), built once per test run."""
+    import shutil
+
+    from modeling_mowe.data import BenchmarkConfig, build_benchmark
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
+    cache = tmp_path_factory.mktemp("benchmark")
+    config = BenchmarkConfig.tiny()
+    build_benchmark(cache, config, progress=False)
+    return cache / config.fingerprint()
+
+
+def greedy_answer(model, processor, audio, question: str, sampling_rate: int | None = None, max_new_tokens: int = 64):
+    """What the card, handler, scripts and Space should print: the decoded greedy continuation of a one-clip chat."""
+    part = {"type": "audio", "path": audio} if isinstance(audio, (str, Path)) else {"type": "audio", "audio": audio}
+    if sampling_rate is not None:
+        part["sampling_rate"] = sampling_rate
+    messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+
 @pytest.fixture
 def fast_config(tiny_config):
     """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding)."""

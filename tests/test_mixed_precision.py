@@ -8,7 +8,6 @@ layers of rounding on a loss of ~6.5 nats stay well inside that).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,18 +83,6 @@ def test_fp32_model_generates_under_autocast(fast_config, processor, dtype):
 
 
 # ---------------------------------------------------------------- TRL's SFTTrainer with its default precision
-
-
-@pytest.fixture(scope="module")
-def benchmark_dir(tmp_path_factory):
-    from modeling_mowe.data import BenchmarkConfig, build_benchmark
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
-    cache = tmp_path_factory.mktemp("benchmark")
-    config = BenchmarkConfig.tiny()
-    build_benchmark(cache, config, progress=False)
-    return cache / config.fingerprint()
 
 
 def user_sft_config(output_dir, **overrides):

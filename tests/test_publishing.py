@@ -17,7 +17,7 @@ import pytest
 import soundfile
 import torch
 import yaml
-from conftest import SR, TINY, make_clip, run_without_package
+from conftest import SR, TINY, greedy_answer, make_clip, run_without_package
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
@@ -82,20 +82,6 @@ SHARED_FILES = {
 
 # Runs first in child processes: only the folder's own code may serve the model, as on a machine without the package.
 
-def greedy_answer(model, processor, audio, question: str, sampling_rate: int | None = None) -> str:
-    """What the card, handler and scripts should print: the decoded greedy continuation of a one-clip chat."""
-    part = {"type": "audio", "path": audio} if isinstance(audio, (str, Path)) else {"type": "audio", "audio": audio}
-    if sampling_rate is not None:
-        part["sampling_rate"] = sampling_rate
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
-
-
 def run_isolated(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_without_package(script, *args, cwd=cwd)
 
@@ -123,7 +109,7 @@ def published(tmp_path_factory):
         max_shard_size="1MB",
         max_new_tokens=MAX_NEW_TOKENS,
     )
-    expected = greedy_answer(model, processor, str(folder / "example.wav"), BEEPS_QUESTION)
+    expected = greedy_answer(model, processor, str(folder / "example.wav"), BEEPS_QUESTION, max_new_tokens=MAX_NEW_TOKENS)
     assert expected.strip(), "the fixture model should answer with visible text"
     return {"root": root, "folder": folder, "model": model, "processor": processor, "expected": expected}
 
@@ -281,7 +267,9 @@ def test_endpoint_handler_answers_base64_and_raw_samples(published):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.")
-    expected_raw = greedy_answer(model, processor, np.asarray(samples, dtype=np.float32), "Transcribe the audio.", 8000)
+    expected_raw = greedy_answer(
+        model, processor, np.asarray(samples, dtype=np.float32), "Transcribe the audio.", 8000, MAX_NEW_TOKENS
+    )
     assert report["outputs"] == [
         [{"generated_text": published["expected"]}],
         [{"generated_text": expected_raw}],
@@ -385,5 +373,5 @@ def test_model_composed_from_real_checkpoints_publishes_and_loads_back(tmp_path)
 
     loaded_processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     audio = str(folder / "example.wav")
-    expected = greedy_answer(model, processor, audio, "Transcribe the audio.")
-    assert greedy_answer(loaded, loaded_processor, audio, "Transcribe the audio.") == expected
+    expected = greedy_answer(model, processor, audio, "Transcribe the audio.", max_new_tokens=MAX_NEW_TOKENS)
+    assert greedy_answer(loaded, loaded_processor, audio, "Transcribe the audio.", max_new_tokens=MAX_NEW_TOKENS) == expected

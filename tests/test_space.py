@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import SR, TINY, make_clip
+from conftest import SR, TINY, greedy_answer, make_clip
 from huggingface_hub import SpaceCard
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -30,17 +30,6 @@ HAS_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 QUESTION = "Is the speaker male or female?"
 MAX_NEW_TOKENS = 64  # the app's default
-
-
-def greedy_answer(model, processor, audio, sampling_rate: int, question: str) -> str:
-    part = {"type": "audio", "audio": audio, "sampling_rate": sampling_rate}
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +68,7 @@ def test_app_answers_gradio_audio_and_rejects_missing_input(published):
 
     stereo = (np.stack([make_clip(1.0, seed=1, kind="sine"), make_clip(1.0, seed=2)], axis=1)[::2] * 32767)
     stereo = stereo.astype(np.int16)  # what gr.Audio(type="numpy") hands over: (samples, channels) int16
-    expected = greedy_answer(published["model"], published["processor"], stereo, 8000, QUESTION)
+    expected = greedy_answer(published["model"], published["processor"], stereo, QUESTION, 8000, MAX_NEW_TOKENS)
     assert demo.answer((8000, stereo), QUESTION, MAX_NEW_TOKENS) == expected and expected
     with pytest.raises(gr.Error, match="Record or upload"):
         demo.answer(None, QUESTION)
@@ -151,7 +140,7 @@ def test_space_answers_in_a_real_browser(published, space_server, tmp_path):
     wav = tmp_path / "question.wav"
     soundfile.write(wav, clip, SR, subtype="PCM_16")
     waveform, rate = soundfile.read(wav, dtype="int16")
-    expected = greedy_answer(published["model"], published["processor"], waveform, rate, QUESTION)
+    expected = greedy_answer(published["model"], published["processor"], waveform, QUESTION, rate, MAX_NEW_TOKENS)
     assert expected, "the fixture model should answer with visible text"
 
     with sync_api.sync_playwright() as playwright:

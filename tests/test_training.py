@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,6 @@ from modeling_mowe.training import IGNORE_INDEX, MoWEDataCollator, lora_config, 
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "mowe-tiny-random"
-
-
-@pytest.fixture(scope="module")
-def benchmark_dir(tmp_path_factory):
-    from modeling_mowe.data import BenchmarkConfig, build_benchmark
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
-    cache = tmp_path_factory.mktemp("benchmark")
-    config = BenchmarkConfig.tiny()
-    build_benchmark(cache, config, progress=False)
-    return cache / config.fingerprint()
 
 
 @pytest.fixture(scope="module")
