@@ -11,7 +11,6 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
@@ -31,43 +30,23 @@ from .routing import (
 
 
 @dataclass
-class MoWEAudioTowerOutput(ModelOutput):
-    """
-    last_hidden_state (`torch.FloatTensor` of shape `(num_windows, num_frames, d_b + num_routers * d_w)`):
-        Base features concatenated with one mixed weak-feature block per active router.
-    valid_frames (`torch.LongTensor` of shape `(num_windows,)`): real (non-padding) frames per window.
-    router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
-        Logits of the active routers, in `config.active_routers` order.
-    router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
-    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
-        The weak encoders each active router selected for each window (the routing decision, made once here).
-    router_gates (`torch.FloatTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
-        The selected encoders' gates (router probabilities) that weighted their features.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    valid_frames: torch.LongTensor | None = None
-    router_logits: torch.FloatTensor | None = None
-    router_aux_loss: torch.FloatTensor | None = None
-    router_indices: torch.LongTensor | None = None
-    router_gates: torch.FloatTensor | None = None
-
-
-@dataclass
 class MoWEAudioFeaturesOutput(BaseModelOutputWithPooling):
     """
+    What the audio tower returns (`pooler_output` unset) and what `get_audio_features` returns (projected).
+
     last_hidden_state (`torch.FloatTensor` of shape `(num_windows, num_frames, d_b + num_routers * d_w)`):
         The audio tower's features: base features concatenated with one mixed weak-feature block per active router.
-    pooler_output (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`):
+    pooler_output (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`, *optional*):
         The projected audio embeddings: every window's valid audio tokens, in window order, as the `<|audio|>`
         placeholders expect them.
     valid_frames (`torch.LongTensor` of shape `(num_windows,)`): real (non-padding) frames per window.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*):
         Logits of the active routers, in `config.active_routers` order.
     router_aux_loss (`torch.FloatTensor` scalar, *optional*): the data-dependent router's balancing loss.
-    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, top_k)`, *optional*): the weak encoders
-        each router selected for each window.
-    router_gates (`torch.FloatTensor` of shape `(num_windows, num_routers, top_k)`, *optional*): their gates.
+    router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The weak encoders each active router selected for each window (the routing decision, made once, in the tower).
+    router_gates (`torch.FloatTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
+        The selected encoders' gates (router probabilities) that weighted their features.
     """
 
     valid_frames: torch.LongTensor | None = None
@@ -193,7 +172,7 @@ class MoWEAudioTower(nn.Module):
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor,
-    ) -> MoWEAudioTowerOutput:
+    ) -> MoWEAudioFeaturesOutput:
         """
         Args:
             input_features: `(num_windows, sum of distinct n_mels, 3000)` stacked log-mel spectrograms.
@@ -206,7 +185,7 @@ class MoWEAudioTower(nn.Module):
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            return MoWEAudioTowerOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
+            return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
 
         router_logits, selections = [], []
         for router in self.routers:
@@ -248,7 +227,7 @@ class MoWEAudioTower(nn.Module):
             probs, index, _ = selections[self.routers.index("data_dependent")]
             aux_loss = load_balancing_loss(probs, index)
         hidden = torch.cat([base_hidden, *blocks], dim=-1)
-        return MoWEAudioTowerOutput(
+        return MoWEAudioFeaturesOutput(
             last_hidden_state=self._touch_routed_parameters(hidden),
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
@@ -372,16 +351,9 @@ class MoWEModel(MoWEPreTrainedModel):
         """Encode and project audio windows (arguments: see [`MoWEModel.forward`]). `pooler_output` holds the
         projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features."""
         check_audio_inputs(input_features, input_values, audio_lengths)
-        tower = self.audio_tower(input_features, input_values, audio_lengths)
-        return MoWEAudioFeaturesOutput(
-            last_hidden_state=tower.last_hidden_state,
-            pooler_output=self.multi_modal_projector(tower.last_hidden_state, tower.valid_frames),
-            valid_frames=tower.valid_frames,
-            router_logits=tower.router_logits,
-            router_aux_loss=tower.router_aux_loss,
-            router_indices=tower.router_indices,
-            router_gates=tower.router_gates,
-        )
+        audio = self.audio_tower(input_features, input_values, audio_lengths)
+        embeds = self.multi_modal_projector(audio.last_hidden_state, audio.valid_frames)
+        return MoWEAudioFeaturesOutput(**audio, pooler_output=embeds)  # field order kept for tuple outputs
 
     def get_placeholder_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, num_audio_tokens: int
