@@ -1,20 +1,25 @@
-"""The demo: MoWE vs the base-only ablation on the self-made multi-task speech benchmark, end to end on CPU.
+"""The demo: a scaled-down reproduction of MoWE's first pool, against the base-only ablation, on CPU.
 
-    python -m modeling_mowe.cli                # or: mowe-demo; README command 1 runs it after set-up
-    python -m modeling_mowe.cli --scale 3      # more data and steps
+    python -m modeling_mowe.cli                       # or: mowe-demo; README command 1 runs it after set-up
+    python -m modeling_mowe.cli --llm gemma-3-270m    # the converted Gemma-3-270M with LoRA instead (hours on CPU)
 
 Stages (each prints what it does; artefacts under --output-dir):
-1. build (or reuse) the benchmark: espeak-ng speech + generated beeps, train / validation / held-out test;
-2. pretrain the base: a short ASR-only run of a base-only model (base encoder + projector + LLM all trained),
-   cached; its base encoder and LLM stand in for pretrained Whisper + LLM. The base encoder is then FROZEN in both
-   arms, as in the paper (a strong encoder with limited capacity for new tasks);
-3. fine-tune multi-task with TRL's SFTTrainer, two arms with the same budget, seed, data order and learning rate:
-   - MoWE: router_type="both" (4 weak encoders: 2 Whisper-style, 2 HuBERT-style, top-1 per router);
-   - base-only: router_type="none";
-   both train the projector (fresh) and the LLM (from the pretraining); MoWE also trains its weak pool + routers;
-4. evaluate both on the held-out test split (WER for ASR, accuracy elsewhere) and print the side-by-side table;
-5. save the MoWE model, reload it with AutoModel/AutoProcessor(trust_remote_code=True) and answer 3 test clips;
-6. draw the loss curves of both arms and the router choices per task (PNG).
+1. parts: the real pretrained encoders, converted from their PyPI packages on first use and cached
+   (`modeling_mowe.pretrained`): Whisper-base (multilingual) as the base encoder, 4 x Whisper-tiny.en as the weak
+   pool; the LLM is a small Llama trained from scratch (or the converted Gemma-3-270M with `--llm gemma-3-270m`);
+2. the benchmark: espeak-ng speech + generated beeps, five tasks, held-out test clips (100 per task by default);
+3. alignment, shared by both arms: a base-only model (frozen Whisper-base, fresh projector, the LLM) trained on the
+   training split, so that the LLM reads audio tokens at all; cached;
+4. two arms, each fine-tuned from the aligned model with TRL's SFTTrainer, with the same steps, seed, data order,
+   learning rate and trainable LLM/projector policy; the base encoder stays frozen, as in the paper:
+   - MoWE: `router_type="both"`, top-1 per router; the weak pool and routers fresh and trained; its projector
+     starts as the aligned one with zero weights on the weak features, so both arms start as the same function;
+   - base-only: `router_type="none"`;
+5. both evaluated on the held-out clips (WER for ASR, accuracy elsewhere) with paired bootstrap intervals;
+6. the MoWE model saved as a Hub-ready folder, reloaded with AutoModel/AutoProcessor(trust_remote_code=True),
+   answering one held-out clip per task; plots: loss curves, the routers' choices per task.
+
+The frozen base encoder encodes each clip once for the whole run (`CachedFrozenEncoder`), not once per step and arm.
 """
 
 from __future__ import annotations
@@ -23,144 +28,257 @@ import argparse
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-TINY_PRESET = Path(__file__).resolve().parent.parent / "hub_configs" / "mowe-tiny-random"
+SCRATCH_TOKENIZER = Path(__file__).resolve().parent.parent / "hub_configs" / "mowe-tiny-random"
+LLM_CHOICES = ("scratch", "gemma-3-270m")
 
 
 @dataclass
 class DemoSettings:
-    output_dir: Path
-    scale: float = 1.0
-    seed: int = 0
-    pretrain_steps: int = 1500
-    finetune_steps: int = 700
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    eval_limit: int | None = None
-    preset: Path = TINY_PRESET
-    benchmark: object | None = None  # a data.BenchmarkConfig; default: BenchmarkConfig(seed=seed, scale=scale)
+    """What the demo builds and how long it trains; the main ones have a command-line flag (see `main`)."""
 
-    def steps(self, base: int) -> int:
-        return max(1, round(base * self.scale))
+    output_dir: Path
+    seed: int = 0
+    llm: str = "scratch"
+    base_encoder: str = "whisper-base"
+    weak_encoders: tuple[str, ...] = ("whisper-tiny.en",) * 4
+    align_steps: int = 600
+    steps: int = 150
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    train_per_task: int = 480
+    test_per_task: int = 100
+    bootstrap_samples: int = 2000
+    benchmark: object | None = None  # a data.BenchmarkConfig overriding train_per_task/test_per_task
+    scratch_llm: dict = field(
+        default_factory=lambda: {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4}
+    )
+
+    def __post_init__(self):
+        if self.llm not in LLM_CHOICES:
+            raise ValueError(f"llm must be one of {LLM_CHOICES}, got {self.llm!r}.")
 
 
 def log(message: str) -> None:
     print(f"[mowe-demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def sft_config(settings: DemoSettings, output_dir: Path, max_steps: int):
+# ------------------------------------------------------------------------------------------------ stage 1: parts
+
+
+def prepare_parts(settings: DemoSettings) -> dict[str, Path | list[Path]]:
+    """Folders of the converted encoders and of the LLM (`{"base_encoder", "weak_encoders", "text_model"}`),
+    converting or building each one on first use."""
+    from .pretrained import pretrained_folder
+
+    base = pretrained_folder(settings.base_encoder)
+    weak = [pretrained_folder(name) for name in settings.weak_encoders]
+    text_model = scratch_llm_folder(settings) if settings.llm == "scratch" else pretrained_folder(settings.llm)
+    return {"base_encoder": base, "weak_encoders": weak, "text_model": text_model}
+
+
+def scratch_llm_folder(settings: DemoSettings) -> Path:
+    """A small Llama with random weights (seeded) and the demo's 640-token tokenizer, saved once under the cache."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SCRATCH_TOKENIZER)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **settings.scratch_llm,
+    )
+    folder = settings.output_dir / "cache" / f"llm-scratch-{_fingerprint([config.to_dict(), settings.seed])}"
+    if not (folder / "model.safetensors").exists():
+        torch.manual_seed(settings.seed)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _fingerprint(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_model(settings: DemoSettings, parts: dict, router_type: str, feature_store: dict):
+    """`(model, processor)` composed from the pretrained parts; its frozen base encoder reads `feature_store`."""
+    from . import MoWEForConditionalGeneration, MoWEProcessor
+
+    torch.manual_seed(settings.seed)
+    weak = parts["weak_encoders"] if router_type != "none" else []
+    # Whisper would pad every 1-3 s clip to 30 s; encoding only the clip is ~15x cheaper. The frozen base then
+    # sees shorter inputs than in its pretraining (its features move, cosine 0.9); both arms see the same ones.
+    kwargs = {"router_type": router_type, "dynamic_audio_length": True}
+    processor = MoWEProcessor.from_components(parts["base_encoder"], weak, parts["text_model"], **kwargs)
+    model = MoWEForConditionalGeneration.from_components(
+        parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs
+    )
+    tower = model.get_encoder(modality="audio")
+    tower.base_encoder = CachedFrozenEncoder(tower.base_encoder, feature_store)
+    return model, processor
+
+
+class CachedFrozenEncoder(nn.Module):
+    """A frozen dynamic-length Whisper encoder that encodes each distinct clip once: its frames are kept in `store`
+    (shared by every model with the same frozen encoder), keyed by the clip's log-mel frames.
+
+    Exact: in dynamic mode a clip's frames do not depend on the batch it comes in (padded mel frames are masked),
+    and padded output frames are never read (the router pools and the projector stacks valid frames only).
+    `uncached()` gives the encoder back for saving.
+    """
+
+    def __init__(self, encoder: nn.Module, store: dict):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.store = store
+
+    def uncached(self) -> nn.Module:
+        return self.encoder
+
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """`input_features` [b, n_mels, mel_frames], `attention_mask` [b, mel_frames] -> [b, ceil(mel_frames / 2), d]."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        mel_lengths = attention_mask.sum(-1).tolist()
+        keys = [
+            hashlib.sha1(input_features[i, :, :n].detach().cpu().numpy().tobytes()).digest()
+            for i, n in enumerate(mel_lengths)
+        ]
+        missing = [i for i, key in enumerate(keys) if key not in self.store]
+        if missing:
+            with torch.no_grad():
+                hidden = self.encoder(input_features=input_features[missing], attention_mask=attention_mask[missing])
+            for row, i in enumerate(missing):
+                self.store[keys[i]] = hidden.last_hidden_state[row, : (mel_lengths[i] + 1) // 2].clone()
+        frames = [self.store[key] for key in keys]
+        output = frames[0].new_zeros(len(frames), (input_features.shape[-1] + 1) // 2, frames[0].shape[-1])
+        for i, clip in enumerate(frames):
+            output[i, : len(clip)] = clip
+        return BaseModelOutput(last_hidden_state=output)
+
+
+# ------------------------------------------------------------------------------------ stages 3-4: training
+
+
+def sft_config(settings: DemoSettings, output_dir: Path, steps: int):
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir),
-        max_steps=max_steps,
+        max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
+        # Batches of similar durations: less padding for the encoders (the same order in both arms: same seed).
+        train_sampling_strategy="group_by_length",
+        length_column_name="duration",
         learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 20),
+        warmup_steps=max(1, steps // 10),
         weight_decay=0.0,
-        logging_steps=max(1, max_steps // 50),
+        logging_steps=max(1, steps // 50),
         save_strategy="no",
         report_to="none",
-        bf16=False,
+        bf16=False,  # CPU: fp32 (TRL's default bf16 needs a GPU)
         gradient_checkpointing=False,
         seed=settings.seed,
         data_seed=settings.seed,
         dataloader_pin_memory=False,
         max_length=None,
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
-def demo_config(settings: DemoSettings, router_type: str):
-    from . import MoWEConfig
+def train(settings: DemoSettings, name: str, model, processor, train_split, steps: int) -> tuple[nn.Module, dict]:
+    """Fine-tune `model` for `steps`; returns it (LoRA merged) and its parameter counts, time and log history.
 
-    # The demo's clips are 0.4-4 s: encoding only their real length (not Whisper's 30 s) is ~7x cheaper.
-    return MoWEConfig.from_pretrained(settings.preset, router_type=router_type, dynamic_audio_length=True)
-
-
-def pretrain_base(settings: DemoSettings, processor, train_split) -> dict[str, dict[str, torch.Tensor]]:
-    """ASR-only pretraining of a base-only model; returns (and caches) its base encoder and LLM weights."""
-    from safetensors.torch import load_file, save_file
-
-    from . import MoWEForConditionalGeneration
+    The policy, the same for every run: base encoder frozen; weak pool, routers and projector trained; a
+    from-scratch LLM trained in full, a pretrained one with LoRA."""
     from .training import make_sft_trainer
 
-    steps = settings.steps(settings.pretrain_steps)
-    key = json.dumps(
-        {"steps": steps, "bs": settings.batch_size, "lr": settings.learning_rate, "seed": settings.seed,
-         "rows": len(train_split), "preset": (settings.preset / "config.json").read_text()},
-        sort_keys=True,
-    )
-    cache = settings.output_dir / "cache" / f"pretrained-base-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    parts = ("base_encoder", "language_model")
-    if all((cache / f"{p}.safetensors").exists() for p in parts):
-        log(f"stage 2: reusing the pretrained base from {cache}")
-        return {p: load_file(str(cache / f"{p}.safetensors")) for p in parts}
-
-    asr = english_speech_as_asr(train_split)
-    log(f"stage 2: ASR-only pretraining of the base ({steps} steps on {len(asr)} English training clips)")
-    torch.manual_seed(settings.seed)
-    model = MoWEForConditionalGeneration(demo_config(settings, "none"))
+    lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
-        model, processor, sft_config(settings, cache / "run", steps), asr,
-        train_language_model=True, train_base_encoder=True,
+        model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps), train_split,
+        use_lora=lora, train_language_model=not lora,
     )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    log(f"training {name}: {steps} steps of {settings.batch_size} clips, {trainable:,} of {total:,} parameters")
+    start = time.perf_counter()
     trainer.train()
-    weights = {
-        "base_encoder": model.get_encoder(modality="audio").base_encoder.state_dict(),
-        "language_model": model.get_decoder().state_dict(),
+    stats = {
+        "trainable": trainable, "total": total, "seconds": round(time.perf_counter() - start, 1),
+        "history": trainer.state.log_history,
     }
+    return (trainer.model.merge_and_unload() if lora else model), stats
+
+
+ALIGNED_PARTS = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
+
+
+def align(settings: DemoSettings, parts: dict, train_split, feature_store: dict) -> tuple[dict, dict]:
+    """Stage 3: train a base-only model (LLM and fresh projector; base frozen) on the training split. Returns the
+    aligned LLM + projector weights and the run's stats; both are cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    key = _fingerprint([asdict(settings) | {"output_dir": None, "steps": None}, len(train_split)])
+    cache = settings.output_dir / "cache" / f"aligned-{key}"
+    if (cache / "aligned.safetensors").exists():
+        log(f"stage 3: reusing the aligned base-only model from {cache}")
+        return load_file(str(cache / "aligned.safetensors")), json.loads((cache / "stats.json").read_text())
+    log(f"stage 3: alignment: base-only, {settings.align_steps} steps (the LLM learns to read audio tokens)")
+    model, processor = build_model(settings, parts, "none", feature_store)
+    model, stats = train(settings, "alignment", model, processor, train_split, settings.align_steps)
+    state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(ALIGNED_PARTS)}  # untied copies
     cache.mkdir(parents=True, exist_ok=True)
-    for part, state in weights.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(cache / f"{part}.safetensors"))
-    return weights
+    save_file(state, str(cache / "aligned.safetensors"))
+    (cache / "stats.json").write_text(json.dumps(stats))
+    return state, stats
 
 
-def english_speech_as_asr(split):
-    """Every English training utterance (the ASR, gender and rate tasks speak the same grammar) as an ASR example:
-    what a pretrained Whisper has seen plenty of. Training split only, so the held-out sentences stay unseen."""
-    from .data import TASK_PROMPTS, chat_messages
-
-    speech = split.filter(lambda lang, text: lang == "english" and bool(text), input_columns=["language", "sentence"])
-    return speech.map(
-        lambda text: {"task": "asr", "messages": chat_messages(TASK_PROMPTS["asr"], text), "answer": text},
-        input_columns="sentence",
-    )
-
-
-def build_arm(settings: DemoSettings, router_type: str, pretrained: dict):
-    from . import MoWEForConditionalGeneration
-
-    torch.manual_seed(settings.seed)
-    model = MoWEForConditionalGeneration(demo_config(settings, router_type))
-    model.get_encoder(modality="audio").base_encoder.load_state_dict(pretrained["base_encoder"])
-    model.get_decoder().load_state_dict(pretrained["language_model"])
+def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor]) -> None:
+    """Load the aligned LLM and projector into `model`. A MoWE projector is wider (its input frames hold the base
+    features, then the routed weak blocks): its base columns get the aligned weights and its weak columns zeros,
+    so the model starts as exactly the aligned base-only function and the weak pool's share grows from there."""
+    state = dict(aligned)
+    key = "model.multi_modal_projector.linear_1.weight"
+    projector = model.get_submodule("model.multi_modal_projector")
+    base_width = model.get_encoder(modality="audio").base_hidden_size
+    frame_width = projector.linear_1.in_features // projector.stack_factor
+    weight = torch.zeros_like(projector.linear_1.weight)  # [hidden, stack_factor * frame_width]
+    for k in range(projector.stack_factor):
+        weight[:, k * frame_width : k * frame_width + base_width] = state[key][:, k * base_width : (k + 1) * base_width]
+    state[key] = weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith(ALIGNED_PARTS) for k in missing):
+        raise RuntimeError(f"aligned weights do not fit: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    return model
 
 
-def routing_by_task(model, processor, dataset) -> dict:
-    """Fraction of test windows each router sent to each weak encoder, per task (rows sum to `router_top_k`)."""
+# ------------------------------------------------------------------------------------ stage 6: routing and plots
+
+
+def routing_by_task(model, processor, dataset, per_task: int = 50) -> dict:
+    """Fraction of test windows each router sent to each weak encoder, per task (rows sum to `router_top_k`), over
+    the first `per_task` clips of each task."""
     from .evaluation import prompt_messages
 
-    tower = model.model.audio_tower
+    tower = model.get_encoder(modality="audio")
     table = {router: {} for router in tower.routers}
     for task in sorted(set(dataset["task"])):
         rows = dataset.filter(lambda t, task=task: t == task, input_columns="task")
+        rows = rows.select(range(min(per_task, len(rows))))
         inputs = processor.apply_chat_template(
             [prompt_messages(r) for r in rows], add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", padding=True,
         )
         with torch.no_grad():
             selected = model(**inputs).router_indices  # [windows, routers, top_k]
-        num_weak = len(tower.weak_encoders)
-        chosen = torch.nn.functional.one_hot(selected, num_weak).sum(-2).float().mean(0)  # [routers, weak encoders]
+        chosen = torch.nn.functional.one_hot(selected, len(tower.weak_encoders)).sum(-2).float().mean(0)
         for r, router in enumerate(tower.routers):
-            table[router][task] = chosen[r].tolist()
+            table[router][task] = chosen[r].tolist()  # [weak encoders]
     return table
 
 
@@ -170,17 +288,14 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, history in histories.items():
         points = [(h["step"], h["loss"]) for h in history if "loss" in h]
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Multi-task fine-tuning")
+    ax.set(xlabel="step", ylabel="training loss", title="Multi-task fine-tuning", yscale="log")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "loss_curves.png")
+    paths = [out / "loss_curves.png"]
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -203,87 +318,123 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
     return paths
 
 
+# ------------------------------------------------------------------------------------------------------ the demo
+
+
 def run_demo(settings: DemoSettings) -> dict:
-    """All demo stages; returns the results and artefact paths."""
-    from . import MoWEProcessor
+    """All demo stages; returns the summary (results, intervals, timings, artefact paths, reloaded answers)."""
     from .data import BenchmarkConfig, build_benchmark
-    from .evaluation import evaluate_model, results_table_markdown, write_results
-    from .training import make_sft_trainer
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
 
-    bench_config = settings.benchmark or BenchmarkConfig(seed=settings.seed, scale=settings.scale)
-    log("stage 1: benchmark (espeak-ng speech + generated beeps)")
+    def lap(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    log(f"stage 1: pretrained parts: base {settings.base_encoder}, weak pool {list(settings.weak_encoders)}, "
+        f"LLM {settings.llm}")
+    parts = prepare_parts(settings)
+    lap("parts")
+
+    bench_config = settings.benchmark or BenchmarkConfig(
+        seed=settings.seed, train_per_task=settings.train_per_task, validation_per_task=0,
+        test_per_task=settings.test_per_task,
+    )
+    log("stage 2: benchmark (espeak-ng speech + generated beeps)")
     splits = build_benchmark(out / "cache" / "benchmark", bench_config)
     log("         " + ", ".join(f"{name}: {len(split)} rows" for name, split in splits.items()))
-    processor = MoWEProcessor.from_pretrained(settings.preset)
+    lap("benchmark")
 
-    pretrained = pretrain_base(settings, processor, splits["train"])
+    feature_store: dict = {}
+    aligned, training = align(settings, parts, splits["train"], feature_store)
+    training = {"alignment": training}
+    lap("alignment")
 
-    steps = settings.steps(settings.finetune_steps)
-    arms, histories, params = {}, {}, {}
+    arms = {}
     for name, router_type in (("MoWE", "both"), ("base-only", "none")):
-        model = build_arm(settings, router_type, pretrained)
-        trainer = make_sft_trainer(
-            model, processor, sft_config(settings, out / "runs" / name, steps), splits["train"],
-            train_language_model=True,
-        )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        params[name] = {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-        log(f"stage 3: fine-tuning {name} ({router_type=}, {steps} steps, {trainable:,} trainable parameters)")
-        trainer.train()
-        histories[name] = trainer.state.log_history
-        arms[name] = model.eval()
+        log(f"stage 4: fine-tuning {name} from the aligned model")
+        model, processor = build_model(settings, parts, router_type, feature_store)
+        start_from_aligned(model, aligned)
+        model, training[name] = train(settings, name, model, processor, splits["train"], settings.steps)
+        arms[name] = (model.eval(), processor)
+        lap(f"train {name}")
+    (out / "training.json").write_text(json.dumps(training, indent=1))
 
-    test = splits["test"]
-    if settings.eval_limit:
-        test = test.select(range(min(settings.eval_limit, len(test))))
-    log(f"stage 4: evaluating both arms on {len(test)} held-out test rows")
-    results = {name: evaluate_model(model, processor, test) for name, model in arms.items()}
-    print("\n" + results_table_markdown(results) + "\n", flush=True)
-    written = write_results(
-        {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}, out
-    )
-    (out / "training.json").write_text(json.dumps({"parameters": params, "histories": histories}, indent=1))
+    results, intervals = evaluate_arms(settings, arms, splits["test"])
+    lap("evaluate")
 
-    log("stage 5: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
+    log("stage 6: save the MoWE model (Hub-ready folder with its card), reload it with AutoModel/AutoProcessor")
+    mowe, processor = arms["MoWE"]
+    routing = routing_by_task(mowe, processor, splits["test"])
+    tower = mowe.get_encoder(modality="audio")
+    tower.base_encoder = tower.base_encoder.uncached()
     model_dir = out / "mowe-model"
-    examples = publish_and_answer(arms["MoWE"], processor, test, written["json"], model_dir)
-
-    log("stage 6: plots")
-    tower = arms["MoWE"].get_encoder(modality="audio")
+    examples = publish_and_answer(mowe, processor, splits["test"], out / "results.json", model_dir)
     encoder_names = [f"{i}:{c.model_type}" for i, c in enumerate(tower.config.weak_encoder_configs)]
-    plots = draw_plots(histories, routing_by_task(arms["MoWE"], processor, test), encoder_names, out)
+    # The arms continue from the alignment's last step.
+    histories = {
+        name: [{**h, "step": h["step"] + (0 if name == "alignment" else settings.align_steps)} for h in t["history"]]
+        for name, t in training.items()
+    }
+    plots = draw_plots(histories, routing, encoder_names, out)
+    lap("publish, reload, plots")
+
     summary = {
         "results": {name: r["summary"] for name, r in results.items()},
-        "files": {"results": [str(p) for p in written.values()], "model": str(model_dir),
+        "intervals": intervals,
+        "routing": routing,
+        "seconds": seconds,
+        "files": {"results": [str(out / "results.json"), str(out / "results.md")], "model": str(model_dir),
                   "plots": [str(p) for p in plots]},
         "examples": examples,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("\nArtefacts:")
-    for path in [*written.values(), model_dir, *plots, out / "training.json"]:
+    print("\nStage times (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+    print("Artefacts:")
+    for path in [out / "results.md", model_dir, *plots, out / "training.json", out / "summary.json"]:
         print(f"  {path}")
     return summary
 
 
+def evaluate_arms(settings: DemoSettings, arms: dict, test) -> tuple[dict, dict]:
+    """Score every arm on `test`, print and write the table with paired bootstrap intervals."""
+    from .evaluation import bootstrap_intervals, evaluate_model, results_table_markdown, write_results
+
+    log(f"stage 5: evaluating both arms on {len(test)} held-out test clips")
+    results = {name: evaluate_model(model, processor, test) for name, (model, processor) in arms.items()}
+    intervals = bootstrap_intervals(results, samples=settings.bootstrap_samples, seed=settings.seed)
+    print("\n" + results_table_markdown(results, intervals=intervals) + "\n", flush=True)
+    scores = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
+    write_results(scores, settings.output_dir, intervals=intervals)
+    predictions = [
+        {"task": row["task"], "reference": row["answer"], **{name: r["predictions"][i] for name, r in results.items()}}
+        for i, row in enumerate(test.remove_columns("audio"))
+    ]
+    (settings.output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1, ensure_ascii=False))
+    return results, intervals
+
+
 def publish_and_answer(model, processor, test, results_json: Path, model_dir: Path) -> list[dict[str, str]]:
     """Publish `model` as a Hub folder (a held-out clip as its example), reload it from there as a user would, and
-    answer one held-out clip per task, three at most."""
+    answer one held-out clip per task."""
     from .data import load_audio
     from .handler import answer, load
     from .publishing import build_hub_folder
 
-    example = test[_one_per_task(test, 1)[0]]
+    picked = _one_per_task(test)
+    example = test[picked[0]]
     wave, rate = load_audio(example["audio"])
     build_hub_folder(
         model, processor, model_dir, results=results_json, example_audio=wave, example_sampling_rate=rate,
-        example_question=example["prompt"], model_name="mowe-tiny-demo", overwrite=True,
+        example_question=example["prompt"], model_name="mowe-demo", overwrite=True,
     )
     reloaded, reloaded_processor = load(str(model_dir))
     examples = []
-    for index in _one_per_task(test, 3):
+    for index in picked:
         row = test[index]
         wave, rate = load_audio(row["audio"])
         text = answer(reloaded, reloaded_processor, wave, row["prompt"], rate, max_new_tokens=24)
@@ -292,34 +443,29 @@ def publish_and_answer(model, processor, test, results_json: Path, model_dir: Pa
     return examples
 
 
-def _one_per_task(dataset, count: int) -> list[int]:
-    seen, picked = set(), []
+def _one_per_task(dataset) -> list[int]:
+    first: dict[str, int] = {}
     for index, task in enumerate(dataset["task"]):
-        if task not in seen:
-            seen.add(task)
-            picked.append(index)
-        if len(picked) == count:
-            break
-    return picked
+        first.setdefault(task, index)
+    return list(first.values())
 
 
 def main(argv: list[str] | None = None) -> dict:
+    defaults = DemoSettings(output_dir=Path("outputs/demo"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the data and the training steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=DemoSettings.pretrain_steps)
-    parser.add_argument("--finetune-steps", type=int, default=DemoSettings.finetune_steps)
-    parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=DemoSettings.learning_rate)
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test rows only")
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--llm", choices=LLM_CHOICES, default=defaults.llm,
+                        help="a small Llama trained from scratch, or the converted Gemma-3-270M with LoRA")
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps,
+                        help="steps of the shared base-only alignment")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
     args = parser.parse_args(argv)
-    settings = DemoSettings(
-        output_dir=args.output_dir, scale=args.scale, seed=args.seed, pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        eval_limit=args.eval_limit,
-    )
-    return run_demo(settings)
+    return run_demo(DemoSettings(**vars(args)))
 
 
 if __name__ == "__main__":

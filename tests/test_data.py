@@ -204,3 +204,10 @@ def test_config_validation():
         data.BenchmarkConfig(train_per_task=-1)
     assert data.BenchmarkConfig(scale=0.5).num_rows("train") == 150
     assert data.BenchmarkConfig(scale=0.001).num_rows("test") == 1
+
+
+def test_an_empty_split_builds_with_the_full_schema(cache_root):
+    config = data.BenchmarkConfig.tiny(validation_per_task=0, tasks=("count",))
+    splits = data.build_benchmark(cache_root, config, progress=False)
+    assert len(splits["validation"]) == 0 and len(splits["train"]) > 0
+    assert splits["validation"].features == splits["train"].features

