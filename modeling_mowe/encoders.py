@@ -235,6 +235,12 @@ class LengthAwareWaveformModel:
     weights and keys, SpecAugment in training, hooks and `output_hidden_states` as usual.
     """
 
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        for layer in self.feature_extractor.conv_layers:
+            if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
+                layer.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
+
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -296,12 +302,12 @@ def _rebuild_as(cls: type, model: nn.Module) -> nn.Module:
 
 
 def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Run a HuBERT/wav2vec2-style conv feature encoder on `waveform` [b, S] -> [b, C, T].
+    """Run a HuBERT/wav2vec2-style conv feature encoder on `waveform` [b, S] of clips of `lengths` samples [b]
+    -> [b, C, T].
 
-    As `feature_encoder.forward`, but a group-normed conv layer (the first of a `feat_extract_norm="group"` stack)
-    normalises over each clip's valid frames only: `lengths` [b] are the clips' samples, and a clip's features do
-    not depend on the padding it gets in a batch. Gradient checkpointing applies to every layer, as in the stock
-    encoder; the lengths are arguments of the checkpointed call, so a recomputation sees its own batch's lengths.
+    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNorm`, the first layer of a
+    `feat_extract_norm="group"` stack) gets its frame lengths. Gradient checkpointing applies to every layer, as in
+    the stock encoder; the lengths are arguments of the checkpointed call, so a recomputation sees its own batch's.
     """
     hidden = waveform[:, None]
     trainable = any(p.requires_grad for p in feature_encoder.parameters())
@@ -311,7 +317,7 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
         hidden = hidden.detach().requires_grad_()
     for layer in feature_encoder.conv_layers:
         lengths = (lengths - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
-        if not isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
+        if not isinstance(getattr(layer, "layer_norm", None), MaskedGroupNorm):
             hidden = layer(hidden)
         elif layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
             hidden = layer._gradient_checkpointing_func(_group_norm_conv_layer, layer, hidden, lengths)
@@ -321,23 +327,35 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
 
 
 def _group_norm_conv_layer(layer: nn.Module, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
-    """A `*GroupNormConvLayer` (conv -> group norm -> activation) with the norm over the first `frame_lengths`."""
-    return layer.activation(masked_group_norm(layer.layer_norm, layer.conv(hidden), frame_lengths))
+    """A `*GroupNormConvLayer`'s forward (conv -> group norm -> activation), the norm over `frame_lengths`."""
+    return layer.activation(layer.layer_norm(layer.conv(hidden), frame_lengths))
 
 
-def masked_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
-    """`norm` applied to `hidden` [b, C, T] with each row's statistics over its first `frame_lengths[b]` frames."""
-    batch, channels, frames = hidden.shape
-    # Statistics in fp32, as `group_norm` runs under autocast: bf16 sums over thousands of frames drift.
-    grouped = hidden.float().reshape(batch, norm.num_groups, -1, frames)
-    mask = (torch.arange(frames, device=hidden.device)[None, :] < frame_lengths[:, None]).float()[:, None, None]
-    count = mask.sum(-1, keepdim=True) * grouped.shape[2]
-    mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
-    var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
-    normed = ((grouped - mean) / torch.sqrt(var + norm.eps)).reshape(batch, channels, frames)
-    if norm.affine:
-        normed = normed * norm.weight.float()[None, :, None] + norm.bias.float()[None, :, None]
-    return normed.to(hidden.dtype)
+class MaskedGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` over [b, C, T] whose statistics cover each row's first `frame_lengths[b]` frames only."""
+
+    @classmethod
+    def sharing_parameters_of(cls, norm: nn.GroupNorm) -> MaskedGroupNorm:
+        masked = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
+        if norm.affine:
+            masked.weight, masked.bias = norm.weight, norm.bias
+        return masked
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [b, C, T] normalised; `frame_lengths` [b] valid frames per row (`None`: all, as GroupNorm)."""
+        if frame_lengths is None:
+            return super().forward(hidden)
+        batch, channels, frames = hidden.shape
+        # Statistics in fp32, as `group_norm` runs under autocast: bf16 sums over thousands of frames drift.
+        grouped = hidden.float().reshape(batch, self.num_groups, -1, frames)
+        mask = (torch.arange(frames, device=hidden.device)[None, :] < frame_lengths[:, None]).float()[:, None, None]
+        count = mask.sum(-1, keepdim=True) * grouped.shape[2]
+        mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
+        var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
+        normed = ((grouped - mean) / torch.sqrt(var + self.eps)).reshape(batch, channels, frames)
+        if self.affine:
+            normed = normed * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        return normed.to(hidden.dtype)
 
 
 ENCODER_FAMILIES: dict[str, type] = {
