@@ -228,10 +228,10 @@ class WaveformEncoderFamily:
 
 
 class LengthAwareWaveformModel:
-    """The forward of a waveform model class (`HubertModel`, `Wav2Vec2Model`, ...) it is mixed into, for
-    zero-padded batches: a group-normed first conv layer (`feat_extract_norm="group"`) takes its
-    statistics over each clip's own frames (`conv_features`), so a clip's features do not depend on its batch. The
-    lengths come from `attention_mask`, an argument. Otherwise the steps of the stock forward: same modules, same
+    """The forward of a waveform model class (`HubertModel`, `Wav2Vec2Model`, ...) it is mixed into, for zero-padded
+    batches: a group-normed first conv layer (`feat_extract_norm="group"`) takes its statistics over each clip's own
+    frames (`MaskedGroupNorm`, given the lengths by `conv_features`), so a clip's features do not depend on its batch.
+    The lengths come from `attention_mask`, an argument. Otherwise the steps of the stock forward: same modules, same
     weights and keys, SpecAugment in training, hooks and `output_hidden_states` as usual.
     """
 
@@ -283,7 +283,7 @@ class LengthAwareData2VecAudioModel(LengthAwareWaveformModel, Data2VecAudioModel
     """`Data2VecAudioModel` with `LengthAwareWaveformModel`'s forward."""
 
 
-# The classes `WaveformEncoderFamily` builds, by `model_type`. Module-level classes, so a model pickles.
+# The classes `WaveformEncoderFamily` builds, by `model_type` (module-level: importable by name, as a class should be).
 LENGTH_AWARE_WAVEFORM_MODELS: dict[str, type] = {
     "hubert": LengthAwareHubertModel,
     "wav2vec2": LengthAwareWav2Vec2Model,
