@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, PretrainedConfig
+from transformers import Data2VecAudioModel, HubertModel, PretrainedConfig, Wav2Vec2Model, WavLMModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -93,10 +93,7 @@ class WhisperEncoderFamily:
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
         if isinstance(encoder, DynamicLengthWhisperEncoder):
             return encoder
-        with torch.device("meta"):
-            dynamic = DynamicLengthWhisperEncoder(encoder.config)
-        dynamic.load_state_dict(encoder.state_dict(), assign=True)
-        return dynamic.train(encoder.training)
+        return _rebuild_as(DynamicLengthWhisperEncoder, encoder)
 
     @staticmethod
     def encode(
@@ -165,11 +162,12 @@ class WaveformEncoderFamily:
     """HuBERT, wav2vec2, WavLM, data2vec-audio: the base model without a head, on the normalised waveform.
 
     Runs batched with an attention mask. The group-norm feature encoders (HuBERT-base, wav2vec2-base) normalise
-    their first conv layer's output over time, padding included, so zero padding would change every frame: for
-    those, that GroupNorm's statistics are taken over each clip's own frames only (`MaskedGroupNorm`).
+    their first conv layer's output over time, padding included, so zero padding would change every frame: the
+    family builds the model class with `LengthAwareWaveformModel`'s forward, which normalises over each clip's own
+    frames.
     """
 
-    model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
+    model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")  # the keys of LENGTH_AWARE_WAVEFORM_MODELS
     frame_type = "conv"
     # The conv feature encoder stays frozen when fine-tuning, as in wav2vec2/HuBERT recipes (`freeze_feature_encoder`):
     # its backward over raw 16 kHz samples costs more than the rest of a small encoder.
@@ -212,14 +210,13 @@ class WaveformEncoderFamily:
 
     @staticmethod
     def build(config: PretrainedConfig) -> nn.Module:
-        return WaveformEncoderFamily.from_pretrained_model(AutoModel.from_config(config))
+        return LENGTH_AWARE_WAVEFORM_MODELS[config.model_type](config)
 
     @staticmethod
     def from_pretrained_model(model: nn.Module) -> nn.Module:
-        first_conv = model.feature_extractor.conv_layers[0]
-        if isinstance(getattr(first_conv, "layer_norm", None), nn.GroupNorm):
-            _use_masked_group_norm(first_conv)
-        return model
+        if isinstance(model, LengthAwareWaveformModel):
+            return model
+        return _rebuild_as(LENGTH_AWARE_WAVEFORM_MODELS[model.config.model_type], model)
 
     @staticmethod
     def encode(
@@ -227,30 +224,131 @@ class WaveformEncoderFamily:
     ) -> torch.Tensor:
         """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size]."""
         valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
-        first_conv = encoder.feature_extractor.conv_layers[0]
-        if isinstance(getattr(first_conv, "layer_norm", None), nn.GroupNorm):
-            norm = _use_masked_group_norm(first_conv)
-            norm.frame_lengths = (lengths - first_conv.conv.kernel_size[0]) // first_conv.conv.stride[0] + 1
         return encoder(waveform, attention_mask=valid.long()).last_hidden_state
 
 
-class MaskedGroupNorm(nn.GroupNorm):
-    """`nn.GroupNorm` over [b, C, T] whose statistics cover each row's first `frame_lengths[b]` frames only.
-
-    `WaveformEncoderFamily.encode` sets `frame_lengths` before each call; the value stays until the next call, so a
-    gradient-checkpointing recomputation of the same batch sees it too. Inputs of another shape get plain GroupNorm.
+class LengthAwareWaveformModel:
+    """The forward of a waveform model class (`HubertModel`, `Wav2Vec2Model`, ...) it is mixed into, for zero-padded
+    batches: a group-normed first conv layer (`feat_extract_norm="group"`) takes its statistics over each clip's own
+    frames (`MaskedGroupNorm`, given the lengths by `conv_features`), so a clip's features do not depend on its batch.
+    The lengths come from `attention_mask`, an argument. Otherwise the steps of the stock forward: same modules, same
+    weights and keys, SpecAugment in training, hooks and `output_hidden_states` as usual.
     """
 
-    frame_lengths: torch.Tensor | None = None
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        for layer in self.feature_extractor.conv_layers:
+            if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
+                layer.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        lengths = self.frame_lengths
-        if lengths is None or lengths.shape[0] != hidden.shape[0] or int(lengths.max()) != hidden.shape[-1]:
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutput:
+        """
+        Args:
+            input_values: `(batch, samples)` normalised 16 kHz waveforms, zero-padded.
+            attention_mask: `(batch, samples)`, 1 for real samples, 0 for padding; `None` when nothing is padded.
+        Returns:
+            `last_hidden_state` `(batch, frames, hidden_size)`, frames from the conv stack's output length.
+        """
+        if attention_mask is None:
+            lengths = torch.full(input_values.shape[:1], input_values.shape[-1], device=input_values.device)
+        else:
+            lengths = attention_mask.sum(-1)
+        features = conv_features(self.feature_extractor, input_values, lengths).transpose(1, 2)
+        valid_frames = WaveformEncoderFamily.num_frames(lengths, WaveformEncoderFamily.frame_spec(self.config))
+        frame_mask = torch.arange(features.shape[1], device=features.device)[None, :] < valid_frames[:, None]
+        hidden = self.feature_projection(features)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # all but HuBERT also return the normed features
+        hidden = self._mask_hidden_states(hidden, attention_mask=frame_mask)
+        hidden = self.encoder(hidden, attention_mask=frame_mask, **kwargs).last_hidden_state
+        adapter = getattr(self, "adapter", None)
+        return BaseModelOutput(last_hidden_state=hidden if adapter is None else adapter(hidden))
+
+
+class LengthAwareHubertModel(LengthAwareWaveformModel, HubertModel):
+    """`HubertModel` with `LengthAwareWaveformModel`'s forward."""
+
+
+class LengthAwareWav2Vec2Model(LengthAwareWaveformModel, Wav2Vec2Model):
+    """`Wav2Vec2Model` with `LengthAwareWaveformModel`'s forward."""
+
+
+class LengthAwareWavLMModel(LengthAwareWaveformModel, WavLMModel):
+    """`WavLMModel` with `LengthAwareWaveformModel`'s forward."""
+
+
+class LengthAwareData2VecAudioModel(LengthAwareWaveformModel, Data2VecAudioModel):
+    """`Data2VecAudioModel` with `LengthAwareWaveformModel`'s forward."""
+
+
+# The classes `WaveformEncoderFamily` builds, by `model_type` (module-level: importable by name, as a class should be).
+LENGTH_AWARE_WAVEFORM_MODELS: dict[str, type] = {
+    "hubert": LengthAwareHubertModel,
+    "wav2vec2": LengthAwareWav2Vec2Model,
+    "wavlm": LengthAwareWavLMModel,
+    "data2vec-audio": LengthAwareData2VecAudioModel,
+}
+
+
+def _rebuild_as(cls: type, model: nn.Module) -> nn.Module:
+    """`model`'s parameters and buffers (shared, not copied) in a `cls` built from its config: cls must have the
+    same module tree, as a subclass that changes only `forward`."""
+    with torch.device("meta"):
+        rebuilt = cls(model.config)
+    rebuilt.load_state_dict(model.state_dict(), assign=True)
+    return rebuilt.train(model.training)
+
+
+def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Run a HuBERT/wav2vec2-style conv feature encoder on `waveform` [b, S] of clips of `lengths` samples [b]
+    -> [b, C, T].
+
+    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNorm`, the first layer of a
+    `feat_extract_norm="group"` stack) gets its frame lengths. Gradient checkpointing applies to every layer, as in
+    the stock encoder; the lengths are arguments of the checkpointed call, so a recomputation sees its own batch's.
+    """
+    hidden = waveform[:, None]
+    trainable = any(p.requires_grad for p in feature_encoder.parameters())
+    if feature_encoder.training and trainable and not hidden.requires_grad:
+        # As the stock encoder: a reentrant checkpoint of the first layer passes gradients only to an input that
+        # requires them. Skipped for a frozen stack, whose backward down to the samples would be wasted work.
+        hidden = hidden.detach().requires_grad_()
+    for layer in feature_encoder.conv_layers:
+        lengths = (lengths - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
+        if not isinstance(getattr(layer, "layer_norm", None), MaskedGroupNorm):
+            hidden = layer(hidden)
+        elif layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            hidden = layer._gradient_checkpointing_func(_group_norm_conv_layer, layer, hidden, lengths)
+        else:
+            hidden = _group_norm_conv_layer(layer, hidden, lengths)
+    return hidden
+
+
+def _group_norm_conv_layer(layer: nn.Module, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
+    """A `*GroupNormConvLayer`'s forward (conv -> group norm -> activation), the norm over `frame_lengths`."""
+    return layer.activation(layer.layer_norm(layer.conv(hidden), frame_lengths))
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` over [b, C, T] whose statistics cover each row's first `frame_lengths[b]` frames only."""
+
+    @classmethod
+    def sharing_parameters_of(cls, norm: nn.GroupNorm) -> MaskedGroupNorm:
+        masked = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
+        if norm.affine:
+            masked.weight, masked.bias = norm.weight, norm.bias
+        return masked
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [b, C, T] normalised; `frame_lengths` [b] valid frames per row (`None`: all, as GroupNorm)."""
+        if frame_lengths is None:
             return super().forward(hidden)
         batch, channels, frames = hidden.shape
         # Statistics in fp32, as `group_norm` runs under autocast: bf16 sums over thousands of frames drift.
         grouped = hidden.float().reshape(batch, self.num_groups, -1, frames)
-        mask = (torch.arange(frames, device=hidden.device)[None, :] < lengths[:, None]).float()[:, None, None]
+        mask = (torch.arange(frames, device=hidden.device)[None, :] < frame_lengths[:, None]).float()[:, None, None]
         count = mask.sum(-1, keepdim=True) * grouped.shape[2]
         mean = (grouped * mask).sum((-1, -2), keepdim=True) / count
         var = (((grouped - mean) * mask) ** 2).sum((-1, -2), keepdim=True) / count
@@ -258,17 +356,6 @@ class MaskedGroupNorm(nn.GroupNorm):
         if self.affine:
             normed = normed * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
         return normed.to(hidden.dtype)
-
-
-def _use_masked_group_norm(conv_layer: nn.Module) -> MaskedGroupNorm:
-    """Swap the conv layer's GroupNorm for a `MaskedGroupNorm` sharing its parameters (once)."""
-    norm = conv_layer.layer_norm
-    if not isinstance(norm, MaskedGroupNorm):
-        masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
-        if norm.affine:
-            masked.weight, masked.bias = norm.weight, norm.bias
-        conv_layer.layer_norm = norm = masked
-    return norm
 
 
 ENCODER_FAMILIES: dict[str, type] = {

@@ -187,35 +187,16 @@ class MoWEAudioTower(nn.Module):
         if not self.routers:
             return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
 
-        router_logits, selections = [], []
-        for router in self.routers:
-            if router == "data_independent":
-                logits = self.router_independent(num_windows)
-            else:
-                logits = self.router_dependent(base_hidden, valid_frames)
-            # With `device_map` the routers may sit on another device than the base features: route where they are.
-            probs, index, gates = top_k_gates(logits.to(base_hidden.device), config.router_top_k)
-            router_logits.append(logits)
-            selections.append((probs, index, gates))
-
+        router_logits, selections = self.route(base_hidden, valid_frames)
         blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
-        for expert, (weak_config, encoder, projection) in enumerate(
-            zip(config.weak_encoder_configs, self.weak_encoders, self.weak_projections)
-        ):
+        for expert in range(len(self.weak_encoders)):
             window_gates = [(index == expert).to(gates.dtype).mul(gates).sum(-1) for _, index, gates in selections]
             chosen = torch.stack([(index == expert).any(-1) for _, index, _ in selections]).any(0)
             rows = chosen.nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            lengths = audio_lengths.to(rows.device)[rows]
-            inputs = self.encoder_inputs(weak_config, input_features, input_values)
-            inputs = inputs[rows.to(inputs.device)]
-            if inputs.ndim == 2:
-                inputs = inputs[:, : int(lengths.max())]
-            hidden = self.run_encoder(weak_config, encoder, inputs, lengths).to(base_hidden.device)
-            weak_valid = num_frames(lengths, self.weak_specs[expert]).clamp(max=hidden.shape[1])
-            hidden = align_to_frames(hidden, self.weak_specs[expert], self.base_spec, weak_valid, num_base_frames)
-            hidden = projection(hidden.to(projection.weight.dtype)).to(base_hidden.device)
+            hidden = self.weak_features(expert, rows, input_features, input_values, audio_lengths, num_base_frames)
+            hidden = hidden.to(base_hidden.device)
             for r, gate in enumerate(window_gates):
                 # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
                 # the base features' dtype (fp32 for fp32 weights), as do the sums over experts.
@@ -235,6 +216,45 @@ class MoWEAudioTower(nn.Module):
             router_indices=torch.stack([index for _, index, _ in selections], dim=1),
             router_gates=torch.stack([gates for _, _, gates in selections], dim=1),
         )
+
+    def route(
+        self, base_hidden: torch.Tensor, valid_frames: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Each active router's logits `(num_windows, num_weak)` and its top-k selection `(probs, index, gates)`,
+        index and gates `(num_windows, top_k)`, from the base features `(num_windows, T, d_b)`."""
+        router_logits, selections = [], []
+        for router in self.routers:
+            if router == "data_independent":
+                logits = self.router_independent(base_hidden.shape[0])
+            else:
+                logits = self.router_dependent(base_hidden, valid_frames)
+            # With `device_map` the routers may sit on another device than the base features: route where they are.
+            router_logits.append(logits)
+            selections.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k))
+        return router_logits, selections
+
+    def weak_features(
+        self,
+        expert: int,
+        rows: torch.Tensor,
+        input_features: torch.Tensor | None,
+        input_values: torch.Tensor | None,
+        audio_lengths: torch.Tensor,
+        num_base_frames: int,
+    ) -> torch.Tensor:
+        """Weak encoder `expert` run on the windows `rows` only -> `(len(rows), num_base_frames, weak_hidden_size)`:
+        its features moved onto the base frame grid (on the device of `rows`) and projected, not yet gated."""
+        weak_config, spec = self.config.weak_encoder_configs[expert], self.weak_specs[expert]
+        lengths = audio_lengths.to(rows.device)[rows]
+        inputs = self.encoder_inputs(weak_config, input_features, input_values)
+        inputs = inputs[rows.to(inputs.device)]
+        if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
+            inputs = inputs[:, : int(lengths.max())]
+        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).to(rows.device)
+        weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
+        hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
+        projection = self.weak_projections[expert]
+        return projection(hidden.to(projection.weight.dtype))
 
 
 class MoWEProjector(nn.Module):
@@ -539,29 +559,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             raise ValueError("from_components needs `text_model` (an AutoModelForCausalLM id, folder or model).")
         if processor is not None:
             config_kwargs["audio_token_id"] = processor.audio_token_id
-
-        def load(part, auto_class):
-            if isinstance(part, PreTrainedModel):
-                return part
-            return auto_class.from_pretrained(part, dtype=dtype)
-
-        encoders = []
-        for part in [base_encoder, *weak_encoders]:
-            loaded = load(part, AutoModel)
-            encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
-        llm = load(text_model, AutoModelForCausalLM)
-
-        def source(part):
-            return part.config.name_or_path if isinstance(part, PreTrainedModel) else str(part)
-
-        config_kwargs.setdefault(
-            "component_checkpoints",
-            {
-                "base_encoder": source(base_encoder),
-                "weak_encoders": [source(w) for w in weak_encoders],
-                "text_model": source(text_model),
-            },
-        )
+        config_kwargs.setdefault("component_checkpoints", component_sources(base_encoder, weak_encoders, text_model))
+        encoders, llm = load_components(base_encoder, weak_encoders, text_model, dtype)
         text_config = copy.deepcopy(llm.config)
         audio_token_id = config_kwargs.setdefault("audio_token_id", text_config.vocab_size)
         if audio_token_id >= text_config.vocab_size:
@@ -572,6 +571,24 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             text_config=text_config,
             **config_kwargs,
         )
+        model = cls._graft_components(config, encoders, llm)
+        needed = max(config.audio_token_id + 1, len(processor.tokenizer) if processor is not None else 0)
+        if needed > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(needed)
+        config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        model.tie_weights()
+        if processor is not None:
+            model.generation_config.eos_token_id = processor.end_of_turn_token_ids
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        return model
+
+    @classmethod
+    def _graft_components(
+        cls, config: MoWEConfig, encoders: list[nn.Module], llm: PreTrainedModel
+    ) -> MoWEForConditionalGeneration:
+        """`cls(config)` built on the meta device with the loaded parts put in its place (their weights kept, not
+        copied); the new parts (routers, weak projections, projector) initialised on the LLM's device; all in the
+        LLM's dtype. `encoders` is the base encoder then the weak ones."""
         with torch.device("meta"):
             model = cls(config)
         tower = model.model.audio_tower
@@ -585,16 +602,43 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
             if any(p.is_meta for p in module.parameters(recurse=False)):
                 module.to_empty(device=device, recurse=False)
                 model._init_weights(module)
-        model.to(llm.dtype)
-        needed = max(config.audio_token_id + 1, len(processor.tokenizer) if processor is not None else 0)
-        if needed > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(needed)
-        config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
-        model.tie_weights()
-        if processor is not None:
-            model.generation_config.eos_token_id = processor.end_of_turn_token_ids
-            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-        return model
+        return model.to(llm.dtype)
+
+
+def load_components(
+    base_encoder: str | Path | PreTrainedModel,
+    weak_encoders: list[str | Path | PreTrainedModel],
+    text_model: str | Path | PreTrainedModel,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[list[nn.Module], PreTrainedModel]:
+    """The parts of `MoWEForConditionalGeneration.from_components` loaded (ids and folders; models are kept as
+    given): the base then the weak encoders as their family's encoder module, and the `AutoModelForCausalLM`."""
+
+    def load(part, auto_class):
+        return part if isinstance(part, PreTrainedModel) else auto_class.from_pretrained(part, dtype=dtype)
+
+    encoders = []
+    for part in [base_encoder, *weak_encoders]:
+        loaded = load(part, AutoModel)
+        encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
+    return encoders, load(text_model, AutoModelForCausalLM)
+
+
+def component_sources(
+    base_encoder: str | Path | PreTrainedModel,
+    weak_encoders: list[str | Path | PreTrainedModel],
+    text_model: str | Path | PreTrainedModel,
+) -> dict:
+    """Where each part came from (its id or folder; a loaded model's `name_or_path`), for the config and card."""
+
+    def source(part):
+        return part.config.name_or_path if isinstance(part, PreTrainedModel) else str(part)
+
+    return {
+        "base_encoder": source(base_encoder),
+        "weak_encoders": [source(w) for w in weak_encoders],
+        "text_model": source(text_model),
+    }
 
 
 __all__ = ["MoWEPreTrainedModel", "MoWEModel", "MoWEForConditionalGeneration"]

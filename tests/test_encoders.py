@@ -159,3 +159,115 @@ def test_frame_arithmetic_is_the_family_s_own():
 def test_unknown_frame_spec_type_is_a_clear_error():
     with pytest.raises(ValueError, match="frame spec type 'mystery'"):
         num_frames(16_000, {"type": "mystery"})
+
+
+# ---------------------------------------------------------------- waveform encoders (HuBERT, wav2vec2, ...)
+
+
+def small_hubert(**overrides):
+    """A small random group-norm HuBERT (as HuBERT-base) without dropout, so training-mode runs are repeatable."""
+    no_dropout = dict.fromkeys(
+        ("hidden_dropout", "activation_dropout", "attention_dropout", "feat_proj_dropout", "layerdrop"), 0.0
+    )
+    config = HubertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, apply_spec_augment=False,
+        **{**no_dropout, **overrides},
+    )
+    torch.manual_seed(0)
+    return WaveformEncoderFamily.build(config)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_trainable_feature_encoder_checkpointed_over_two_forwards_gets_the_plain_grads(use_reentrant):
+    """Two batches of other clip lengths forwarded before one backward (as when two losses are summed): the
+    recomputation of the first batch's group norm must see the first batch's lengths, not the last call's."""
+    encoder = small_hubert().train()
+    assert encoder.config.feat_extract_norm == "group"
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 4_000, generator=generator), torch.tensor([4_000, 2_500])),
+               (torch.randn(1, 3_000, generator=generator), torch.tensor([3_000]))]
+
+    def grads() -> dict[str, torch.Tensor]:
+        encoder.zero_grad()
+        losses = [WaveformEncoderFamily.encode(encoder, waveform, lengths).square().mean() for waveform, lengths in batches]
+        sum(losses).backward()
+        return {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert encoder.feature_extractor.conv_layers[0].gradient_checkpointing
+    checkpointed = grads()
+    assert "feature_extractor.conv_layers.0.conv.weight" in plain
+    assert checkpointed.keys() == plain.keys()
+    for name in plain:
+        scale = plain[name].abs().max().item()  # the first layers' grads are ~1e-8: a tolerance relative to them
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+WAVEFORM_FAMILIES = [("hubert", "group"), ("hubert", "layer"), ("wav2vec2", "group"), ("wavlm", "group"),
+                     ("data2vec-audio", "layer")]
+
+
+def small_waveform_encoder(model_type: str, norm: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm=norm,
+        do_stable_layer_norm=norm == "layer", apply_spec_augment=False,
+    )
+    torch.manual_seed(0)
+    return WaveformEncoderFamily.build(config).eval()
+
+
+def padded_waveforms(lengths: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    width = int(lengths.max())
+    return torch.randn(len(lengths), width, generator=generator) * (torch.arange(width)[None, :] < lengths[:, None])
+
+
+@pytest.mark.parametrize("model_type, norm", WAVEFORM_FAMILIES)
+def test_waveform_family_model_is_the_transformers_model_with_a_length_aware_forward(model_type, norm):
+    """Same class tree, weights and keys as transformers' model; on unpadded clips, the same features."""
+    from transformers import MODEL_MAPPING
+
+    encoder = small_waveform_encoder(model_type, norm)
+    stock = MODEL_MAPPING[type(encoder.config)](encoder.config).eval()
+    assert isinstance(encoder, type(stock))
+    stock.load_state_dict(encoder.state_dict())  # strict: raises unless the keys are the same
+    assert WaveformEncoderFamily.from_pretrained_model(stock).state_dict().keys() == stock.state_dict().keys()
+    waveform = padded_waveforms(torch.tensor([5_000, 5_000]))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(waveform).last_hidden_state, stock(waveform).last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    "model_type, norm",
+    [
+        *WAVEFORM_FAMILIES[:-1],
+        pytest.param(
+            *WAVEFORM_FAMILIES[-1],
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="data2vec-audio's stacked positional convs carry padded frames into the last real ones "
+                "(transformers' own batched forward does too); not fixed yet",
+            ),
+        ),
+    ],
+)
+def test_waveform_family_batch_equals_each_clip_alone(model_type, norm):
+    encoder = small_waveform_encoder(model_type, norm)
+    lengths = torch.tensor([5_000, 2_500, 4_170])
+    waveform = padded_waveforms(lengths)
+    spec = WaveformEncoderFamily.frame_spec(encoder.config)
+    calls = []
+    encoder.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        batched = WaveformEncoderFamily.encode(encoder, waveform, lengths)
+        assert len(calls) == 1  # one batched call
+        for row, length in enumerate(lengths.tolist()):
+            alone = WaveformEncoderFamily.encode(encoder, waveform[row : row + 1, :length], lengths[row : row + 1])
+            valid = int(num_frames(length, spec))
+            assert alone.shape[1] == valid
+            torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)

@@ -233,34 +233,6 @@ def test_left_padded_batched_generate_gives_the_same_tokens_as_each_row_alone(fa
         assert batch[row].tolist() == alone.tolist()
 
 
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_waveform_encoder_runs_batched_and_each_clip_matches_it_alone(norm):
-    """Group-norm HuBERT normalises over time: batched, its padding must not leak into a clip's features."""
-    from transformers import HubertConfig, HubertModel
-
-    from modeling_mowe.encoders import WaveformEncoderFamily, num_frames
-
-    config = HubertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm=norm,
-        do_stable_layer_norm=norm == "layer", apply_spec_augment=False,
-    )
-    torch.manual_seed(0)
-    encoder = HubertModel(config).eval()
-    lengths = torch.tensor([16000, 9000, 12345])
-    waveform = torch.randn(3, 16000) * (torch.arange(16000)[None, :] < lengths[:, None])
-    calls = []
-    encoder.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        batched = WaveformEncoderFamily.encode(encoder, waveform, lengths)
-        assert len(calls) == 1
-        spec = WaveformEncoderFamily.frame_spec(config)
-        for row, length in enumerate(lengths.tolist()):
-            alone = encoder(waveform[row : row + 1, :length]).last_hidden_state[0]
-            valid = int(num_frames(length, spec))
-            torch.testing.assert_close(batched[row, :valid], alone[:valid], atol=1e-5, rtol=1e-4)
-
-
 def test_generate_with_cache_gives_the_same_tokens_as_without(fast_config, processor):
     model = build_model(fast_config, seed=17)
     inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
