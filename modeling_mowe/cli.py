@@ -47,10 +47,11 @@ class DemoSettings:
     llm: str = "scratch"
     base_encoder: str = "whisper-base"
     weak_encoders: tuple[str, ...] = ("whisper-tiny.en",) * 4
-    align_steps: int = 600
+    align_steps: int = 1200
     steps: int = 150
     batch_size: int = 16
     learning_rate: float = 1e-3
+    finetune_learning_rate: float = 3e-4
     train_per_task: int = 480
     test_per_task: int = 100
     bootstrap_samples: int = 2000
@@ -164,7 +165,7 @@ class CachedFrozenEncoder(nn.Module):
 # ------------------------------------------------------------------------------------ stages 3-4: training
 
 
-def sft_config(settings: DemoSettings, output_dir: Path, steps: int):
+def sft_config(settings: DemoSettings, output_dir: Path, steps: int, learning_rate: float):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -174,7 +175,7 @@ def sft_config(settings: DemoSettings, output_dir: Path, steps: int):
         # Batches of similar durations: less padding for the encoders (the same order in both arms: same seed).
         train_sampling_strategy="group_by_length",
         length_column_name="duration",
-        learning_rate=settings.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 10),
         weight_decay=0.0,
@@ -191,7 +192,9 @@ def sft_config(settings: DemoSettings, output_dir: Path, steps: int):
     )
 
 
-def train(settings: DemoSettings, name: str, model, processor, train_split, steps: int) -> tuple[nn.Module, dict]:
+def train(
+    settings: DemoSettings, name: str, model, processor, train_split, steps: int, learning_rate: float
+) -> tuple[nn.Module, dict]:
     """Fine-tune `model` for `steps`; returns it (LoRA merged) and its parameter counts, time and log history.
 
     The policy, the same for every run: base encoder frozen; weak pool, routers and projector trained; a
@@ -200,7 +203,7 @@ def train(settings: DemoSettings, name: str, model, processor, train_split, step
 
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
-        model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps), train_split,
+        model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps, learning_rate), train_split,
         use_lora=lora, train_language_model=not lora,
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -223,14 +226,17 @@ def align(settings: DemoSettings, parts: dict, train_split, feature_store: dict)
     aligned LLM + projector weights and the run's stats; both are cached on disk."""
     from safetensors.torch import load_file, save_file
 
-    key = _fingerprint([asdict(settings) | {"output_dir": None, "steps": None}, len(train_split)])
+    arms_only = {"output_dir": None, "steps": None, "finetune_learning_rate": None, "bootstrap_samples": None}
+    key = _fingerprint([asdict(settings) | arms_only, len(train_split)])
     cache = settings.output_dir / "cache" / f"aligned-{key}"
     if (cache / "aligned.safetensors").exists():
         log(f"stage 3: reusing the aligned base-only model from {cache}")
         return load_file(str(cache / "aligned.safetensors")), json.loads((cache / "stats.json").read_text())
     log(f"stage 3: alignment: base-only, {settings.align_steps} steps (the LLM learns to read audio tokens)")
     model, processor = build_model(settings, parts, "none", feature_store)
-    model, stats = train(settings, "alignment", model, processor, train_split, settings.align_steps)
+    model, stats = train(
+        settings, "alignment", model, processor, train_split, settings.align_steps, settings.learning_rate
+    )
     state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(ALIGNED_PARTS)}  # untied copies
     cache.mkdir(parents=True, exist_ok=True)
     save_file(state, str(cache / "aligned.safetensors"))
@@ -292,7 +298,7 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
     for name, history in histories.items():
         points = [(h["step"], h["loss"]) for h in history if "loss" in h]
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.set(xlabel="step", ylabel="training loss", title="Multi-task fine-tuning", yscale="log")
+    ax.set(xlabel="step", ylabel="training loss", title="Alignment, then the two arms", yscale="log")
     ax.legend()
     fig.tight_layout()
     paths = [out / "loss_curves.png"]
@@ -359,7 +365,9 @@ def run_demo(settings: DemoSettings) -> dict:
         log(f"stage 4: fine-tuning {name} from the aligned model")
         model, processor = build_model(settings, parts, router_type, feature_store)
         start_from_aligned(model, aligned)
-        model, training[name] = train(settings, name, model, processor, splits["train"], settings.steps)
+        model, training[name] = train(
+            settings, name, model, processor, splits["train"], settings.steps, settings.finetune_learning_rate
+        )
         arms[name] = (model.eval(), processor)
         lap(f"train {name}")
     (out / "training.json").write_text(json.dumps(training, indent=1))
@@ -461,7 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="steps of the shared base-only alignment")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="of the alignment")
+    parser.add_argument("--finetune-learning-rate", type=float, default=defaults.finetune_learning_rate,
+                        help="of both arms")
     parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
     parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
     args = parser.parse_args(argv)

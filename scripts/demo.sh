@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1: set up (idempotent) and run the demo: MoWE vs base-only on the self-made speech benchmark.
-# Extra arguments go to the demo, e.g. `bash scripts/demo.sh --scale 3`.
+# Extra arguments go to the demo, e.g. `bash scripts/demo.sh --steps 300` (`--help` lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

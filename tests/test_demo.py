@@ -29,6 +29,7 @@ def tiny_settings(output_dir, **overrides) -> DemoSettings:
         "base_encoder": "whisper-tiny.en",
         "weak_encoders": ("whisper-tiny.en",) * 2,
         "scratch_llm": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
+        "align_steps": 2,
         "steps": 2,
         "batch_size": 4,
         "bootstrap_samples": 200,
@@ -93,6 +94,57 @@ def test_demo_publishes_and_reloads_an_answering_model(demo_run):
     for plot in ("loss_curves.png", "routing_by_task.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary["routing"]) == {"data_independent", "data_dependent"}
+
+
+def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processor):
+    """Both arms start from the same function: the MoWE projector's weak columns start at zero."""
+    import torch
+    from conftest import build_model, make_clip, make_inputs
+
+    from modeling_mowe.cli import ALIGNED_PARTS, start_from_aligned
+
+    tiny_config.dynamic_audio_length = True
+    mowe = build_model(tiny_config, seed=1).eval()
+    tiny_config.router_type = "none"
+    base_only = build_model(tiny_config, seed=2).eval()
+    aligned = {k: v for k, v in base_only.state_dict().items() if k.startswith(ALIGNED_PARTS)}
+    start_from_aligned(mowe, aligned)
+    mowe.get_encoder(modality="audio").base_encoder.load_state_dict(
+        base_only.get_encoder(modality="audio").base_encoder.state_dict()
+    )
+    inputs = make_inputs(processor, ["<|audio|>hi", "<|audio|>ok"], [make_clip(1.3, 1), make_clip(0.7, 2)])
+    with torch.no_grad():
+        torch.testing.assert_close(mowe(**inputs).logits, base_only(**inputs).logits, atol=1e-5, rtol=1e-5)
+    weak_columns = mowe.model.multi_modal_projector.linear_1.weight[:, 64:128]  # frame 0: base 64, then two weak blocks of 32
+    assert weak_columns.abs().sum() == 0
+
+
+def test_cached_frozen_encoder_gives_the_encoders_frames_and_encodes_each_clip_once(tiny_config):
+    import torch
+
+    from modeling_mowe.cli import CachedFrozenEncoder
+    from modeling_mowe.encoders import DynamicLengthWhisperEncoder
+
+    torch.manual_seed(0)
+    encoder = DynamicLengthWhisperEncoder(tiny_config.base_encoder_config).eval()
+    calls = []
+    encoder.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    cached = CachedFrozenEncoder(encoder, store={})
+    features = torch.randn(3, tiny_config.base_encoder_config.num_mel_bins, 40)
+    mask = (torch.arange(40)[None] < torch.tensor([[40], [26], [10]])).long()
+    valid = [20, 13, 5]
+    with torch.no_grad():
+        direct = encoder(input_features=features, attention_mask=mask).last_hidden_state
+        first = cached(features, mask).last_hidden_state
+        # The same clips again, reordered and in a shorter batch: all from the store.
+        again = cached(features[[2, 1], :, :26], mask[[2, 1], :26]).last_hidden_state
+    assert len(calls) == 2 and len(cached.store) == 3  # the direct call and the first cached one
+    for row, frames in enumerate(valid):
+        torch.testing.assert_close(first[row, :frames], direct[row, :frames], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again[0, :5], direct[2, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again[1, :13], direct[1, :13], atol=1e-5, rtol=1e-5)
+    assert again.shape[1] == 13 and first[2, 5:].abs().sum() == 0
+    assert cached.uncached() is encoder
 
 
 def test_demo_refuses_an_unknown_llm(tmp_path):
