@@ -116,11 +116,25 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str, feature_s
     kwargs = {"router_type": router_type, "dynamic_audio_length": True}
     processor = MoWEProcessor.from_components(parts["base_encoder"], weak, parts["text_model"], **kwargs)
     model = MoWEForConditionalGeneration.from_components(
-        parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs
+        parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs,
+        component_checkpoints=describe_parts(settings, with_weak_pool=bool(weak)),
     )
     tower = model.get_encoder(modality="audio")
     tower.base_encoder = CachedFrozenEncoder(tower.base_encoder, feature_store)
     return model, processor
+
+
+def describe_parts(settings: DemoSettings, with_weak_pool: bool) -> dict:
+    """`component_checkpoints` for the model card: each part's source packages and licence."""
+    from .pretrained import component_checkpoints
+
+    weak = settings.weak_encoders if with_weak_pool else ()
+    if settings.llm != "scratch":
+        return component_checkpoints(settings.base_encoder, weak, settings.llm)
+    described = component_checkpoints(settings.base_encoder, weak, None)
+    described["text_model"] = f"a Llama trained from scratch by the mowe-audio demo ({settings.scratch_llm})"
+    described["licenses"]["text_model"] = "Apache-2.0 (this project's own weights)"
+    return described
 
 
 class CachedFrozenEncoder(nn.Module):

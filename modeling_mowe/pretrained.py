@@ -240,20 +240,19 @@ def _describe(source: PretrainedSource) -> tuple[str, str]:
     return checkpoint, f"{licence} ({source.license_link})" if source.license_link else licence
 
 
-def component_checkpoints(base_encoder: str, weak_encoders: Sequence[str], text_model: str) -> dict:
+def component_checkpoints(base_encoder: str, weak_encoders: Sequence[str], text_model: str | None) -> dict:
     """`MoWEConfig.component_checkpoints` for a model composed of converted parts (names from `SOURCES`): each
-    part's packages and conversion command, and under `"licenses"` each part's licence (read by the model card)."""
-    base, weak, text = get_source(base_encoder), [get_source(w) for w in weak_encoders], get_source(text_model)
-    return {
+    part's packages and conversion command, and under `"licenses"` each part's licence (read by the model card).
+    `text_model=None`: an LLM that is not a converted part (describe it yourself)."""
+    base, weak = get_source(base_encoder), [get_source(w) for w in weak_encoders]
+    described = {
         "base_encoder": _describe(base)[0],
         "weak_encoders": [_describe(w)[0] for w in weak],
-        "text_model": _describe(text)[0],
-        "licenses": {
-            "base_encoder": _describe(base)[1],
-            "weak_encoders": [_describe(w)[1] for w in weak],
-            "text_model": _describe(text)[1],
-        },
+        "licenses": {"base_encoder": _describe(base)[1], "weak_encoders": [_describe(w)[1] for w in weak]},
     }
+    if text_model is not None:
+        described["text_model"], described["licenses"]["text_model"] = _describe(get_source(text_model))
+    return described
 
 
 def compose_config(

@@ -91,6 +91,9 @@ def test_demo_publishes_and_reloads_an_answering_model(demo_run):
     assert all(set(e) == {"task", "question", "reference", "answer"} for e in summary["examples"])
     config = json.loads((model_dir / "config.json").read_text())
     assert config["base_encoder_config"]["d_model"] == 384  # the converted tiny.en, not a random preset
+    licenses = config["component_checkpoints"]["licenses"]
+    assert licenses["base_encoder"] == "MIT" and licenses["weak_encoders"] == ["MIT", "MIT"]
+    assert "from scratch" in config["component_checkpoints"]["text_model"]
     for plot in ("loss_curves.png", "routing_by_task.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary["routing"]) == {"data_independent", "data_dependent"}
@@ -145,6 +148,15 @@ def test_cached_frozen_encoder_gives_the_encoders_frames_and_encodes_each_clip_o
     torch.testing.assert_close(again[1, :13], direct[1, :13], atol=1e-5, rtol=1e-5)
     assert again.shape[1] == 13 and first[2, 5:].abs().sum() == 0
     assert cached.uncached() is encoder
+
+
+def test_demo_with_gemma_names_its_licence(tmp_path):
+    from modeling_mowe.cli import describe_parts
+    from modeling_mowe.publishing import _card_license
+
+    described = describe_parts(DemoSettings(output_dir=tmp_path, llm="gemma-3-270m"), with_weak_pool=False)
+    assert described["weak_encoders"] == [] and "Gemma" in described["licenses"]["text_model"]
+    assert _card_license(described) == "gemma"
 
 
 def test_demo_refuses_an_unknown_llm(tmp_path):

@@ -148,3 +148,31 @@ def test_write_results(tmp_path):
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
     markdown = paths["markdown"].read_text()
     assert markdown.startswith("# ") and evaluation.results_table_markdown(results) in markdown
+
+
+def test_per_example_scores_add_up_to_the_task_metric():
+    from modeling_mowe.evaluation import score_predictions
+
+    result = score_predictions(
+        ["asr", "asr", "gender", "gender"], ["the cat sat", "a dog", "male", "female"],
+        ["the cat sat down", "a big dog runs", "male", "male"],
+    )
+    for task in result["tasks"].values():
+        numerator = sum(n for n, _ in task["per_example"])
+        denominator = sum(d for _, d in task["per_example"])
+        assert numerator / denominator == pytest.approx(task["value"])
+
+
+def test_bootstrap_intervals_are_paired_and_contain_the_estimates():
+    from modeling_mowe.evaluation import bootstrap_intervals, score_predictions
+
+    refs = ["male", "female"] * 20
+    better = score_predictions(["gender"] * 40, refs[:36] + ["x"] * 4, refs)  # 36 / 40
+    worse = score_predictions(["gender"] * 40, refs[:30] + ["x"] * 10, refs)  # 30 / 40, wrong where better is too
+    intervals = bootstrap_intervals({"better": better, "worse": worse}, samples=500)
+    low, high = intervals["gender"]["better"]
+    assert low <= 0.9 <= high and high - low > 0.05
+    # Paired: `better` is right on every clip `worse` is right on, so no resample can make the difference negative.
+    assert intervals["gender"]["better - worse"][0] > 0
+    same = bootstrap_intervals({"a": better, "b": better}, samples=100)
+    assert same["gender"]["a - b"] == [0.0, 0.0] and same["average_score"]["a - b"] == [0.0, 0.0]
