@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 SCRATCH_TOKENIZER = Path(__file__).resolve().parent.parent / "hub_configs" / "mowe-tiny-random"
 LLM_CHOICES = ("scratch", "gemma-3-270m")
@@ -156,8 +157,6 @@ class CachedFrozenEncoder(nn.Module):
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         """`input_features` [b, n_mels, mel_frames], `attention_mask` [b, mel_frames] -> [b, ceil(mel_frames / 2), d]."""
-        from transformers.modeling_outputs import BaseModelOutput
-
         mel_lengths = attention_mask.sum(-1).tolist()
         keys = [
             hashlib.sha1(input_features[i, :, :n].detach().cpu().numpy().tobytes()).digest()
