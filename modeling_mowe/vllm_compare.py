@@ -34,11 +34,12 @@ TEST_ENGINE_KWARGS = {"dtype": "float32", "max_model_len": 2048, "enforce_eager"
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 
-def build_serving_test_folder(path: str | os.PathLike, seed: int = 0) -> Path:
+def build_serving_test_folder(path: str | os.PathLike, seed: int = 0, text_overrides: dict | None = None) -> Path:
     """Save a tiny random MoWE (the `mowe-tiny-random` preset, 4 weak encoders, both routers) that vLLM can serve.
 
-    The preset's LLM has head size 16, which vLLM's CPU attention does not support; this one has 2 heads of 32.
-    Its weights are drawn with a wide `initializer_range` so that greedy choices are not near-ties. Returns `path`.
+    The preset's LLM has head size 16, which vLLM's CPU attention does not support; this one has 2 heads of 32
+    (`text_overrides` sets other `text_config` fields, e.g. a wider or deeper LLM for the benchmark). Its weights are
+    drawn with a wide `initializer_range` so that greedy choices are not near-ties. Returns `path`.
     """
     import torch
 
@@ -49,6 +50,8 @@ def build_serving_test_folder(path: str | os.PathLike, seed: int = 0) -> Path:
     text = config.text_config
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = 2, 1, 32
     text.initializer_range = 0.5
+    for key, value in (text_overrides or {}).items():
+        setattr(text, key, value)
     torch.manual_seed(seed)
     model = MoWEForConditionalGeneration(config).eval()
     model.save_pretrained(path)
