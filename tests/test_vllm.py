@@ -197,17 +197,23 @@ def openai_server(serving_folder, tmp_path_factory):
 
 
 def test_openai_server_answers_audio_question_as_generate(openai_server, serving_folder, hf_model):
+    """Both OpenAI audio parts: `input_audio` (base64 wav) and `audio_url` (a data: URL)."""
     from openai import OpenAI
 
     model, processor = hf_model
     clips = [clip(1.8, 6)]
     question = "Transcribe the audio."
-    client = OpenAI(base_url=f"{openai_server}/v1", api_key="EMPTY", timeout=120, max_retries=0)
-    response = client.chat.completions.create(
-        model=str(serving_folder),
-        messages=openai_messages(question, clips),
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-    )
     reference = hf_greedy(model, processor, mowe_messages(question, 1), clips, MAX_TOKENS, TOP_LOGPROBS)
-    assert response.choices[0].message.content == reference["text"]
+    client = OpenAI(base_url=f"{openai_server}/v1", api_key="EMPTY", timeout=120, max_retries=0)
+    input_audio = openai_messages(question, clips)
+    audio_url = openai_messages(question, clips)
+    part = audio_url[0]["content"][0]
+    audio_url[0]["content"][0] = {
+        "type": "audio_url",
+        "audio_url": {"url": f"data:audio/wav;base64,{part['input_audio']['data']}"},
+    }
+    for messages in (input_audio, audio_url):
+        response = client.chat.completions.create(
+            model=str(serving_folder), messages=messages, temperature=0, max_tokens=MAX_TOKENS
+        )
+        assert response.choices[0].message.content == reference["text"]
