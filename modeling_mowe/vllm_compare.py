@@ -30,7 +30,8 @@ import numpy as np
 SAMPLING_RATE = 16_000
 # The engine settings the tests use: fp32 like `from_pretrained`, no torch.compile (minutes on CPU), and a CPU
 # memory share that leaves room for other processes (on CPU, vLLM reserves this fraction of RAM for its KV cache).
-TEST_ENGINE_KWARGS = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "gpu_memory_utilization": 0.1}
+# The context length is the LLM's own (`max_position_embeddings`: 1024 for the demo's LLM).
+TEST_ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.1}
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 

@@ -31,12 +31,9 @@ from modeling_mowe.vllm_compare import (
     run_vllm,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not VLLM_PYTHON.exists(), reason=".venv-vllm is absent: `bash scripts/setup.sh serve` creates it"
-    ),
-]
+needs_vllm = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason=".venv-vllm is absent: `bash scripts/setup.sh serve` creates it"
+)
 
 MAX_TOKENS = 12
 TOP_LOGPROBS = 5
@@ -129,16 +126,22 @@ def vllm_answers(serving_folder, cases, tmp_path_factory) -> dict:
 OFFLINE_CASES = ["one-clip", "short-clip", "long-clip-35s", "two-clips", "text-only", "chat-one-clip"]
 
 
+@pytest.mark.slow
+@needs_vllm
 @pytest.mark.parametrize("name", OFFLINE_CASES)
 def test_vllm_greedy_tokens_equal_generate(name, cases, vllm_answers):
     assert vllm_answers[name]["token_ids"] == cases[name]["reference"]["token_ids"]
 
 
+@pytest.mark.slow
+@needs_vllm
 @pytest.mark.parametrize("name", OFFLINE_CASES)
 def test_vllm_logprobs_close_to_generate(name, cases, vllm_answers):
     check_logprobs_close(cases[name]["reference"], vllm_answers[name], name)
 
 
+@pytest.mark.slow
+@needs_vllm
 def test_vllm_matches_generate_on_benchmark_clips(cases, vllm_answers):
     names = [n for n in cases if n not in OFFLINE_CASES]
     if not names:
@@ -165,7 +168,7 @@ def openai_server(serving_folder, tmp_path_factory):
     command = [
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(serving_folder),
         "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port), "--dtype", engine["dtype"],
-        "--max-model-len", str(engine["max_model_len"]), "--enforce-eager",
+        "--enforce-eager",
         "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
     ]  # fmt: skip
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
@@ -196,6 +199,8 @@ def openai_server(serving_folder, tmp_path_factory):
             server.wait(timeout=30)
 
 
+@pytest.mark.slow
+@needs_vllm
 def test_openai_server_answers_audio_question_as_generate(openai_server, serving_folder, hf_model):
     """Both OpenAI audio parts: `input_audio` (base64 wav) and `audio_url` (a data: URL)."""
     from openai import OpenAI
@@ -217,3 +222,27 @@ def test_openai_server_answers_audio_question_as_generate(openai_server, serving
             model=str(serving_folder), messages=messages, temperature=0, max_tokens=MAX_TOKENS
         )
         assert response.choices[0].message.content == reference["text"]
+
+
+def run(tokens: list[int], top: list[dict[int, float]]) -> dict:
+    return {"token_ids": tokens, "logprobs": [[[t, lp] for t, lp in step.items()] for step in top]}
+
+
+def test_logprobs_close_accepts_a_divergence_inside_both_top_lists():
+    reference = run([5, 7, 1], [{5: -0.1, 6: -2.0}, {7: -0.50, 8: -0.52}, {1: -0.1}])
+    tested = run([5, 8, 2], [{5: -0.1, 6: -2.0}, {8: -0.50, 7: -0.51}, {2: -0.1}])
+    check_logprobs_close(reference, tested)  # tokens after the divergence are not compared
+
+
+def test_logprobs_close_rejects_a_token_outside_the_other_top_list():
+    reference = run([5, 7], [{5: -0.1, 6: -2.0}, {7: -0.1, 8: -3.0}])
+    tested = run([5, 9], [{5: -0.1, 6: -2.0}, {9: -0.1, 7: -3.0}])
+    with pytest.raises(AssertionError, match="step 1"):
+        check_logprobs_close(reference, tested)
+
+
+def test_logprobs_close_rejects_equal_tokens_with_different_logprobs():
+    reference = run([5], [{5: -0.10, 6: -2.0}])
+    tested = run([5], [{5: -0.20, 6: -2.0}])
+    with pytest.raises(AssertionError, match="log-probability"):
+        check_logprobs_close(reference, tested)
