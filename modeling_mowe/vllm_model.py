@@ -140,16 +140,21 @@ class MoWEMultiModalProcessor(BaseMultiModalProcessor[MoWEProcessingInfo]):
         ]
 
 
-def _rows(value: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
-    """Per-window rows batched by vLLM (one tensor, or a list when requests padded them differently) -> one tensor,
-    zero-padded on the last axis to the longest row."""
+def _padded_windows(value: torch.Tensor | list | None) -> torch.Tensor | None:
+    """Per-window arrays as vLLM batches them (one tensor, or a list of per-clip tensors `(num_windows, ..., length)`
+    when clips were padded to different lengths) -> one tensor, zero-padded on the last axis to the longest."""
     if value is None or isinstance(value, torch.Tensor):
         return value
-    parts = [part if part.ndim > 1 or part.ndim == 0 else part[None] for part in (_rows(v) for v in value)]
-    if parts[0].ndim == 0:
-        return torch.stack(parts)
+    parts = [_padded_windows(part) for part in value]
     longest = max(part.shape[-1] for part in parts)
     return torch.cat([nn.functional.pad(part, (0, longest - part.shape[-1])) for part in parts])
+
+
+def _flat(value: torch.Tensor | list) -> torch.Tensor:
+    """Per-window or per-clip numbers as vLLM batches them (a tensor or a list of them) -> one 1-D tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)
+    return torch.cat([_flat(part) for part in value])
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -196,8 +201,8 @@ class MoWEForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
         lengths = kwargs.get("audio_lengths")
         if lengths is None:
             return []
-        lengths = _rows(lengths).reshape(-1).long()
-        features, values = _rows(kwargs.get("input_features")), _rows(kwargs.get("input_values"))
+        lengths = _flat(lengths).long()
+        features, values = _padded_windows(kwargs.get("input_features")), _padded_windows(kwargs.get("input_values"))
         device = next(self.audio_tower.parameters()).device
         audio = self.audio_tower(
             None if features is None else features.to(device),
@@ -205,7 +210,7 @@ class MoWEForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
             lengths.to(device),
         )
         embeds = self.multi_modal_projector(audio.last_hidden_state, audio.valid_frames)
-        num_tokens = _rows(kwargs["audio_num_tokens"]).reshape(-1).tolist()
+        num_tokens = _flat(kwargs["audio_num_tokens"]).tolist()
         return embeds.split(num_tokens)
 
     def forward(
