@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
@@ -88,6 +88,18 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     router_indices: torch.LongTensor | None = None
 
 
+def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) -> None:
+    """Give a weak encoder's config the MoWE config's dtype and (unless it has its own) attention implementation.
+
+    transformers passes these to the sub-configs a config declares by attribute; the weak pool is a list, so they
+    are passed on here, before the weak encoders are built. At run time `set_attn_implementation` gives the weak
+    encoders the top-level implementation (transformers' rule for sub-models whose config is not declared).
+    """
+    weak_config.dtype = config.dtype
+    if weak_config._attn_implementation is None:
+        weak_config._attn_implementation_internal = config._attn_implementation
+
+
 class MoWEAudioTower(nn.Module):
     """The strong base encoder plus the routed pool of weak encoders.
 
@@ -113,6 +125,8 @@ class MoWEAudioTower(nn.Module):
 
         self.routers = config.active_routers
         weak_configs = config.weak_encoder_configs if self.routers else []
+        for weak_config in weak_configs:
+            inherit_model_settings(weak_config, config)
         self.weak_specs = [encoder_family(c).frame_spec(c) for c in weak_configs]
         self.weak_encoders = nn.ModuleList(encoder_family(c).build(c) for c in weak_configs)
         self.weak_projections = nn.ModuleList(

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY, build_model, make_clip, make_inputs
-from transformers import AutoConfig, LlamaConfig, WhisperConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, WhisperConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEModel
@@ -57,12 +57,11 @@ def test_a_router_asked_for_without_a_pool_still_names_the_fix():
 # ---------------------------------------------------------------- 9.3: declared sub-configs
 
 
-def test_sub_configs_declare_the_base_encoder_the_llm_and_every_weak_encoder(tiny_config):
-    assert set(MoWEConfig.sub_configs) == {"base_encoder_config", "text_config"}
-    keys = [f"weak_encoder_configs.{i}" for i in range(4)]
-    assert list(tiny_config.sub_configs) == ["base_encoder_config", "text_config", *keys]
-    for i, key in enumerate(keys):
-        assert getattr(tiny_config, key) is tiny_config.weak_encoder_configs[i]
+def test_sub_configs_are_declared_fields_and_the_weak_pool_a_list_of_configs(tiny_config):
+    assert MoWEConfig.sub_configs == {"base_encoder_config": AutoConfig, "text_config": AutoConfig}
+    assert list(tiny_config.sub_configs) == ["base_encoder_config", "text_config"]
+    assert all(isinstance(c, PreTrainedConfig) for c in tiny_config.weak_encoder_configs)
+    assert not hasattr(tiny_config, "weak_encoder_configs.0")  # no dotted-key attributes
 
 
 def test_building_a_config_leaves_the_llm_vocabulary_and_the_given_configs_alone(tiny_config):
@@ -74,19 +73,24 @@ def test_building_a_config_leaves_the_llm_vocabulary_and_the_given_configs_alone
     assert text_config.vocab_size == 640 and text_config._attn_implementation != "eager"
 
 
-def test_attention_implementation_per_sub_config_reaches_each_weak_encoder(model):
-    model.set_attn_implementation({"weak_encoder_configs.2": "eager", "text_config": "eager"})
+def test_attention_implementation_reaches_the_weak_encoders(model, fast_config, tmp_path):
+    model.set_attn_implementation({"text_config": "eager"})
     tower = model.model.audio_tower
-    assert [e.config._attn_implementation for e in tower.weak_encoders] == ["sdpa", "sdpa", "eager", "sdpa"]
-    assert tower.base_encoder.config._attn_implementation == "sdpa"
+    assert {e.config._attn_implementation for e in tower.weak_encoders} == {"sdpa"}
     assert model.model.language_model.config._attn_implementation == "eager"
+    model.set_attn_implementation("eager")
+    assert {e.config._attn_implementation for e in [tower.base_encoder, *tower.weak_encoders]} == {"eager"}
+    model.save_pretrained(tmp_path)
+    loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    tower = loaded.model.audio_tower
+    assert {e.config._attn_implementation for e in [tower.base_encoder, *tower.weak_encoders]} == {"eager"}
 
 
 def test_dtype_given_to_from_pretrained_reaches_every_sub_config(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
     config = loaded.config
-    assert {getattr(config, key).dtype for key in config.sub_configs} == {torch.bfloat16}
+    assert {c.dtype for c in [config.text_config, *config.encoder_configs]} == {torch.bfloat16}
     tower = loaded.model.audio_tower
     assert {e.config.dtype for e in [tower.base_encoder, *tower.weak_encoders]} == {torch.bfloat16}
 
@@ -95,7 +99,8 @@ def test_output_hidden_states_and_attentions_set_on_the_config_reach_the_llm(fas
     fast_config.output_hidden_states = True
     fast_config.output_attentions = True  # switches every sub-config to eager attention, as transformers does
     model = build_model(fast_config)
-    assert {getattr(fast_config, k)._attn_implementation for k in fast_config.sub_configs} == {"eager"}
+    tower = model.model.audio_tower
+    assert {e.config._attn_implementation for e in [model.model.language_model, *tower.weak_encoders]} == {"eager"}
     with torch.no_grad():
         out = model(**inputs)
     layers = fast_config.text_config.num_hidden_layers
