@@ -497,6 +497,15 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     def get_audio_features(self, *args, **kwargs) -> tuple | MoWEAudioFeaturesOutput:
         return self.model.get_audio_features(*args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        # Audio is encoded in the prefill only: transformers before 5.20 drops `input_features` after it, but not
+        # `input_values`.
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("input_features", "input_values", "audio_lengths"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
     @can_return_tuple
     def forward(
         self,
