@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
@@ -158,6 +159,7 @@ class MoWEAudioTower(nn.Module):
                     f"An encoder needs log-mel `input_features` ({front_end['n_mels']} bins) but none were given; "
                     "prepare the audio with MoWEProcessor."
                 )
+            check_mel_bins(input_features, self.front_ends)
             start = self.mel_offsets[front_end["n_mels"]]
             return input_features[:, start : start + front_end["n_mels"]]
         if input_values is None:
@@ -296,6 +298,31 @@ class MoWEProjector(nn.Module):
         token_valid = torch.arange(stacked.shape[1], device=hidden.device)[None, :] < tokens_per_window[:, None]
         stacked = stacked[token_valid].to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+def check_mel_bins(input_features: torch.Tensor, front_ends: list[dict]) -> None:
+    """Raise a `ValueError` when `input_features` `(num_windows, mel bins, frames)` does not hold the stacked log-mel
+    sizes the encoders read (which would end in a convolution error). Reads shapes only: no device sync."""
+    sizes = [f["n_mels"] for f in front_ends if f["kind"] == "log_mel"]
+    if input_features.ndim != 3 or input_features.shape[1] != sum(sizes):
+        raise ValueError(
+            f"`input_features` has shape {tuple(input_features.shape)} but this model's encoders read "
+            f"(num_windows, {sum(sizes)}, frames): log-mels of {' + '.join(map(str, sizes))} bins stacked on axis 1. "
+            "Prepare the audio with this model's processor (MoWEProcessor / MoWEFeatureExtractor.from_mowe_config)."
+        )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a `ValueError` for token ids outside the embedding table (which would end in an `IndexError`).
+    `torch_compilable_check`: a compiler hint under `torch.compile`, a check in eager mode."""
+    torch_compilable_check(
+        ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+        lambda: (
+            f"`input_ids` holds token ids outside the LLM's vocabulary (0 to {vocab_size - 1}); tokenize with this "
+            "model's processor, or after adding tokens grow the embeddings with "
+            "`model.resize_token_embeddings(len(processor.tokenizer))`."
+        ),
+    )
 
 
 def check_audio_inputs(
@@ -437,7 +464,10 @@ class MoWEModel(MoWEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            embeddings = self.get_input_embeddings()
+            if isinstance(embeddings, nn.Embedding):
+                check_token_ids(input_ids, embeddings.num_embeddings)
+            inputs_embeds = embeddings(input_ids)
 
         audio_embeds = router_logits = router_aux_loss = router_indices = None
         if input_features is not None or input_values is not None:

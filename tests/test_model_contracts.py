@@ -163,8 +163,16 @@ def test_skip_keys_device_placement_names_whole_keys(model):
         (lambda x: x["input_features"].view(-1)[7].fill_(float("nan")), r"`input_features` contains NaN or Inf"),
         (lambda x: x["input_values"].view(-1)[7].fill_(float("inf")), r"`input_values` contains NaN or Inf"),
         (lambda x: x.pop("audio_lengths"), r"`audio_lengths` .* is required"),
+        (
+            lambda x: x.update(input_features=x["input_features"][:, :80]),
+            r"`input_features` has shape \(1, 80, 3000\) but .* read \(num_windows, 208, frames\).*processor",
+        ),
+        (
+            lambda x: x["input_ids"].view(-1)[-1].fill_(10**6),
+            r"`input_ids` holds token ids outside the LLM's vocabulary \(0 to 639\).*resize_token_embeddings",
+        ),
     ],
-    ids=["negative_lengths", "nan_features", "inf_waveform", "no_lengths"],
+    ids=["negative_lengths", "nan_features", "inf_waveform", "no_lengths", "mel_bins", "token_id_past_vocab"],
 )
 def test_bad_audio_inputs_raise_a_value_error_naming_the_problem(model, inputs, spoil, message):
     bad = {k: v.clone() for k, v in inputs.items()}
