@@ -10,7 +10,12 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
@@ -166,10 +171,10 @@ class MoWEAudioTower(nn.Module):
             raise ValueError("A waveform encoder needs `input_values` but none were given; use MoWEProcessor.")
         return input_values
 
-    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor, **kwargs) -> BaseModelOutput:
         family = encoder_family(config)
         dtype = next(encoder.parameters()).dtype
-        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
+        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length, **kwargs)
 
     def _touch_routed_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` plus 0 x one element of every trainable weak-pool parameter (training only): each gets a (zero)
@@ -188,20 +193,25 @@ class MoWEAudioTower(nn.Module):
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor,
+        **kwargs,
     ) -> MoWEAudioFeaturesOutput:
         """
         Args:
             input_features: `(num_windows, sum of distinct n_mels, 3000)` stacked log-mel spectrograms.
             input_values: `(num_windows, num_samples)` 16 kHz waveforms, zero-padded.
             audio_lengths: `(num_windows,)` real samples per window.
+            kwargs: `output_hidden_states` / `output_attentions` for the base encoder, whose `hidden_states` /
+                `attentions` the output then holds.
         """
         config = self.config
         base_inputs = self.encoder_inputs(config.base_encoder_config, input_features, input_values)
-        base_hidden = self.run_encoder(config.base_encoder_config, self.base_encoder, base_inputs, audio_lengths)
+        base = self.run_encoder(config.base_encoder_config, self.base_encoder, base_inputs, audio_lengths, **kwargs)
+        base_hidden = base.last_hidden_state
+        base_outputs = {"hidden_states": base.hidden_states, "attentions": base.attentions}
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
+            return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
         router_logits, selections = self.route(base_hidden, valid_frames)
         blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
@@ -226,6 +236,7 @@ class MoWEAudioTower(nn.Module):
         hidden = torch.cat([base_hidden, *blocks], dim=-1)
         return MoWEAudioFeaturesOutput(
             last_hidden_state=self._touch_routed_parameters(hidden),
+            **base_outputs,
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
@@ -266,7 +277,8 @@ class MoWEAudioTower(nn.Module):
         inputs = inputs[rows.to(inputs.device)]
         if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
             inputs = inputs[:, : int(lengths.max())]
-        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).to(rows.device)
+        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).last_hidden_state
+        hidden = hidden.to(rows.device)
         weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
         hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
         projection = self.weak_projections[expert]
@@ -408,11 +420,14 @@ class MoWEModel(MoWEPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple | MoWEAudioFeaturesOutput:
         """Encode and project audio windows (arguments: see [`MoWEModel.forward`]). `pooler_output` holds the
-        projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features."""
+        projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features.
+        With `output_hidden_states=True` / `output_attentions=True`, `hidden_states` / `attentions` are the base
+        encoder's (the encoder that runs on every clip), as Qwen2-Audio and Voxtral return their audio encoder's."""
         check_audio_inputs(input_features, input_values, audio_lengths)
-        audio = self.audio_tower(input_features, input_values, audio_lengths)
+        audio = self.audio_tower(input_features, input_values, audio_lengths, **kwargs)
         embeds = self.multi_modal_projector(audio.last_hidden_state, audio.valid_frames)
         return MoWEAudioFeaturesOutput(**audio, pooler_output=embeds)  # field order kept for tuple outputs
 

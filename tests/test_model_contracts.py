@@ -130,6 +130,20 @@ def test_return_dict_false_gives_tuples_of_the_same_tensors(model, inputs, how):
 # ---------------------------------------------------------------- 9.5: get_audio_features
 
 
+def test_get_audio_features_returns_the_base_encoders_hidden_states_and_attentions(model, inputs):
+    audio = {k: inputs.get(k) for k in ("input_features", "input_values", "audio_lengths")}
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        plain = model.get_audio_features(**audio)
+        features = model.get_audio_features(**audio, output_hidden_states=True, output_attentions=True)
+    layers = model.config.base_encoder_config.encoder_layers
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(features.hidden_states) == layers + 1 and len(features.attentions) == layers
+    frames = features.valid_frames.max().item()
+    assert features.hidden_states[-1].shape[:2] == (1, frames) and features.attentions[0].shape[-1] == frames
+    torch.testing.assert_close(features.pooler_output, plain.pooler_output)
+
+
 def test_get_audio_features_pooler_output_is_what_replaces_the_placeholders(model, inputs):
     audio = {k: inputs.get(k) for k in ("input_features", "input_values", "audio_lengths")}
     with torch.no_grad():
