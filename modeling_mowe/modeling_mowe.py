@@ -517,6 +517,10 @@ class MoWEModel(MoWEPreTrainedModel):
 class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     """MoWE audio LLM with a language-modelling head: `generate()` answers about audio."""
 
+    # The LLM's own plan (collected from it by `post_init`) shards its embeddings; the head is sharded with them, as
+    # `LlamaForCausalLM` and `LlavaForConditionalGeneration` declare it (tied or not).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
     def __init__(self, config: MoWEConfig):
         super().__init__(config)
         self.model = MoWEModel(config)

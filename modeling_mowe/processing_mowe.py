@@ -136,8 +136,6 @@ class MoWEProcessor(ProcessorMixin):
         stack_factor (`int`, defaults to 4): encoder frames per audio token (`MoWEConfig.stack_factor`).
     """
 
-    text_kwargs = {"padding": True}
-
     def __init__(
         self,
         feature_extractor: MoWEFeatureExtractor | None = None,
@@ -197,6 +195,8 @@ class MoWEProcessor(ProcessorMixin):
             see [`MoWEFeatureExtractor`]), ready for `model(**inputs)` and `model.generate(**inputs)`.
         """
         sampling_rate = self._pop_sampling_rate(sampling_rate, kwargs)
+        if "padding" not in kwargs and "padding" not in (kwargs.get("text_kwargs") or {}):
+            kwargs["padding"] = True  # set here: where processors declare defaults changed within transformers 5
         for modality in ("images", "videos"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"MoWE models read audio and text only; `{modality}` cannot be processed.")
