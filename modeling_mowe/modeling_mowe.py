@@ -313,10 +313,11 @@ class MoWEProjector(nn.Module):
 
 
 def check_mel_bins(input_features: torch.Tensor, front_ends: list[dict]) -> None:
-    """Raise a `ValueError` when `input_features` `(num_windows, mel bins, frames)` does not hold the stacked log-mel
-    sizes the encoders read (which would end in a convolution error). Reads shapes only: no device sync."""
+    """Raise a `ValueError` when `input_features` `(num_windows, mel bins, frames)` cannot hold the stacked log-mel
+    sizes the encoders read (which would end in a convolution error). More bins are fine: a base-only ablation
+    (`router_type="none"`) reads the first block of its pool's processor output. Reads shapes only: no device sync."""
     sizes = [f["n_mels"] for f in front_ends if f["kind"] == "log_mel"]
-    if input_features.ndim != 3 or input_features.shape[1] != sum(sizes):
+    if input_features.ndim != 3 or input_features.shape[1] < sum(sizes):
         raise ValueError(
             f"`input_features` has shape {tuple(input_features.shape)} but this model's encoders read "
             f"(num_windows, {sum(sizes)}, frames): log-mels of {' + '.join(map(str, sizes))} bins stacked on axis 1. "

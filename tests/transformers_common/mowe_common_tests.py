@@ -56,6 +56,9 @@ class MoWEModelTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (MoWEModel, MoWEForConditionalGeneration)
     pipeline_model_mapping = {}
     _is_composite = True
+    # `get_audio_features().last_hidden_state` is the tower's features, d_b + routers * d_w wide: no config field
+    # holds that width, so the mixin's shape check (which looks for `audio_config.hidden_size`) cannot apply.
+    skip_test_audio_features_output_shape = True
 
     def setUp(self):
         self.model_tester = MoWEModelTester(self)
