@@ -1,4 +1,4 @@
-"""MoWEConfig is a declarative transformers 5 config: folders saved before it load unchanged, and it pickles by value."""
+"""MoWEConfig is a declarative transformers 5 config: folders saved before load unchanged; it pickles by value."""
 
 from __future__ import annotations
 

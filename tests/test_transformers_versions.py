@@ -26,8 +26,10 @@ PYPROJECT_BOUND = re.search(r'"transformers>=([\d.]+)', (ROOT / "pyproject.toml"
 LOWEST = "5.15.1"
 # What LOWEST's own metadata asks for (transformers 5.15 wants huggingface_hub < 2, tokenizers <= 0.23.0).
 LOWEST_DEPENDENCIES = ("huggingface_hub==1.33.0", "tokenizers==0.22.2")
-NETWORK_ERRORS = ("No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable",
-                  "Temporary failure in name resolution", "ConnectionError")
+NETWORK_ERRORS = (
+    "No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable",
+    "Temporary failure in name resolution", "ConnectionError",
+)
 SR = 16_000
 
 CHECK = """
@@ -71,7 +73,10 @@ def saved(tmp_path_factory):
     processor.save_pretrained(folder)
     audio = {"type": "audio", "audio": _clip(0.6, 1), "sampling_rate": SR}
     chats = [
-        [{"role": "user", "content": [audio, {"type": "text", "text": "Pitch?"}]}, {"role": "assistant", "content": "low"}],
+        [
+            {"role": "user", "content": [audio, {"type": "text", "text": "Pitch?"}]},
+            {"role": "assistant", "content": "low"},
+        ],
         [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "high"}],
     ]
     masked = processor.apply_chat_template(
