@@ -123,12 +123,13 @@ def run_components(model: MoWEForConditionalGeneration, inputs: dict, choice: to
     config, tower = model.config, model.model.audio_tower
     lengths = inputs["audio_lengths"]
     family = encoder_family(config.base_encoder_config)
-    base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True)
+    base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True).last_hidden_state
     frames = num_frames(lengths, tower.base_spec)
     blocks = base.new_zeros(choice.shape[1], *base.shape[:2], config.weak_hidden_size)
     for expert in choice.unique().tolist():
         rows = (choice == expert).any(-1).nonzero(as_tuple=True)[0]
         weak = family.encode(tower.weak_encoders[expert], inputs["input_features"][rows, 128:], lengths[rows], True)
+        weak = weak.last_hidden_state
         weak = align_to_frames(weak, tower.weak_specs[expert], tower.base_spec, frames[rows], base.shape[1])
         weak = tower.weak_projections[expert](weak)
         for r in range(choice.shape[1]):

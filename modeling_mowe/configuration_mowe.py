@@ -1,25 +1,24 @@
-"""MoWE configuration: a base audio encoder, a pool of weak encoders, routers, a projector and a causal LLM."""
+"""MoWE configuration: a base audio encoder, a pool of weak encoders, routers, a projector and a causal LLM.
 
-from __future__ import annotations
+Imports nothing but `transformers` at module level (the encoder registry is read inside the methods that need it),
+so that serving stacks which pickle remote-code modules by value (vLLM with cloudpickle) can pickle this one.
+"""
 
 import copy
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-
-from .encoders import audio_front_ends, encoder_family, frame_spec
+from transformers import AutoConfig, PreTrainedConfig
 
 ROUTER_TYPES = ("both", "data_dependent", "data_independent", "none")
 
 
-def _as_config(value: Any, what: str, default_model_type: str | None = None) -> PretrainedConfig:
-    """A sub-config given as a config object (copied: the caller's object is never changed) or as a dict carrying
-    its `model_type` (or falling back to `default_model_type`)."""
-    if isinstance(value, PretrainedConfig):
+def _sub_config(value: dict | PreTrainedConfig | None, what: str, default_model_type: str | None) -> PreTrainedConfig:
+    """A sub-config given as a config object (copied, so the caller's object is never changed), as a dict carrying
+    its `model_type` (else `default_model_type`) or as `None` (the default model type's defaults)."""
+    if isinstance(value, PreTrainedConfig):
         return copy.deepcopy(value)
-    if isinstance(value, dict):
-        value = dict(value)
+    if value is None or isinstance(value, dict):
+        value = dict(value or {})
         model_type = value.pop("model_type", default_model_type)
         if model_type is None:
             raise ValueError(f"{what} is a dict without `model_type`; give a config object or add `model_type`.")
@@ -27,37 +26,20 @@ def _as_config(value: Any, what: str, default_model_type: str | None = None) -> 
     raise ValueError(f"{what} must be a transformers config or a dict, got {type(value).__name__}.")
 
 
-WEAK_KEY = "weak_encoder_configs."
-
-
-class _SubConfigKeys:
-    """`MoWEConfig.sub_configs`: the declared `base_encoder_config` and `text_config` and, on an instance, one key
-    per weak encoder (`"weak_encoder_configs.0"`, ...). transformers walks `config.sub_configs` to pass the attention
-    implementation and dtype down (and its tests to set `output_hidden_states`/`output_attentions`), so listing the
-    weak pool here is what makes those settings reach every weak encoder too."""
-
-    def __get__(self, config: MoWEConfig | None, owner: type) -> dict[str, type]:
-        keys = {key: spec.config_class for key, spec in owner.sub_configs_defaults.items()}
-        if config is not None:
-            weak = config.__dict__.get("weak_encoder_configs") or []
-            keys.update({f"{WEAK_KEY}{i}": AutoConfig for i in range(len(weak))})
-        return keys
-
-
-class MoWEConfig(PretrainedConfig):
+class MoWEConfig(PreTrainedConfig):
     r"""
     Configuration of [`MoWEForConditionalGeneration`]: an audio LLM with a Mixture of Weak Encoders
     (Zhang et al., arXiv 2409.06635). `MoWEConfig()` is a valid base-only model (default Whisper and Llama configs).
 
     Args:
-        base_encoder_config (`PretrainedConfig` or `dict`, *optional*):
+        base_encoder_config (`PreTrainedConfig` or `dict`, *optional*):
             Config of the strong base encoder (e.g. Whisper-large-v3's `WhisperConfig`). Always runs. A dict without
             `model_type` is a Whisper config; defaults to `WhisperConfig()`.
-        weak_encoder_configs (`list` of `PretrainedConfig` or `dict`, *optional*):
-            Configs of the pool of light encoders (Whisper-tiny, HuBERT-base, ...). Families may differ. Each one is
-            a sub-config (`config.sub_configs` lists it as `"weak_encoder_configs.<i>"`), so the attention
-            implementation and dtype reach it as they reach the other sub-configs. Defaults to an empty pool.
-        text_config (`PretrainedConfig` or `dict`, *optional*):
+        weak_encoder_configs (`list` of `PreTrainedConfig` or `dict`, *optional*):
+            Configs of the pool of light encoders (Whisper-tiny, HuBERT-base, ...). Families may differ; a dict
+            must carry its `model_type`. The model builds them with the attention implementation and dtype of the
+            MoWE config. Defaults to an empty pool.
+        text_config (`PreTrainedConfig` or `dict`, *optional*):
             Config of any causal LLM loadable with `AutoModelForCausalLM`. A dict without `model_type` is a Llama
             config; defaults to `LlamaConfig()`.
         router_type (`str`, *optional*):
@@ -86,70 +68,46 @@ class MoWEConfig(PretrainedConfig):
         component_checkpoints (`dict`, *optional*):
             Where the pretrained parts come from: `{"base_encoder": id, "weak_encoders": [ids], "text_model": id}`
             (set by `from_components`; the paper presets record them so the parts can be fetched).
+        tie_word_embeddings (`bool`, *optional*):
+            Tie the LM head to the input embeddings; defaults to what `text_config` says.
     """
 
     model_type = "mowe"
-    sub_configs_defaults = {
-        "base_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
-    sub_configs = _SubConfigKeys()
+    # The declaration every transformers 5 release reads (5.20+ also accepts `sub_configs_defaults`, absent before).
+    sub_configs = {"base_encoder_config": AutoConfig, "text_config": AutoConfig}
 
-    def __init__(
-        self,
-        base_encoder_config: PretrainedConfig | dict | None = None,
-        weak_encoder_configs: list[PretrainedConfig | dict] | None = None,
-        text_config: PretrainedConfig | dict | None = None,
-        router_type: str | None = None,
-        router_top_k: int = 1,
-        router_aux_loss_coef: float = 0.1,
-        weak_hidden_size: int = 256,
-        stack_factor: int = 4,
-        projector_hidden_act: str = "gelu",
-        audio_token_id: int | None = None,
-        dynamic_audio_length: bool = False,
-        component_checkpoints: dict | None = None,
-        **kwargs,
-    ):
-        for key, value in (("base_encoder_config", base_encoder_config), ("text_config", text_config)):
-            default_type = self.sub_configs_defaults[key].model_type
-            setattr(self, key, _as_config({} if value is None else value, key, default_type))
+    base_encoder_config: dict | PreTrainedConfig | None = None
+    weak_encoder_configs: list[dict | PreTrainedConfig] | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    router_type: str | None = None
+    router_top_k: int = 1
+    router_aux_loss_coef: float | int = 0.1
+    weak_hidden_size: int = 256
+    stack_factor: int = 4
+    projector_hidden_act: str = "gelu"
+    audio_token_id: int | None = None
+    dynamic_audio_length: bool = False
+    component_checkpoints: dict | None = None
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        self.base_encoder_config = _sub_config(self.base_encoder_config, "base_encoder_config", "whisper")
+        self.text_config = _sub_config(self.text_config, "text_config", "llama")
         self.weak_encoder_configs = [
-            _as_config(c, f"weak_encoder_configs[{i}]") for i, c in enumerate(weak_encoder_configs or [])
+            _sub_config(c, f"weak_encoder_configs[{i}]", None) for i, c in enumerate(self.weak_encoder_configs or [])
         ]
-        if router_type is None:
-            router_type = "both" if self.weak_encoder_configs else "none"
-        self.router_type = router_type
-        self.router_top_k = router_top_k
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.weak_hidden_size = weak_hidden_size
-        self.stack_factor = stack_factor
-        self.projector_hidden_act = projector_hidden_act
-        self.audio_token_id = audio_token_id
-        self.dynamic_audio_length = dynamic_audio_length
-        self.component_checkpoints = component_checkpoints
-        # Tie the LM head to the input embeddings exactly when the LLM does (transformers reads the top-level flag).
-        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
-        super().__init__(**kwargs)
-        self.validate_mowe()
+        if self.router_type is None:
+            self.router_type = "both" if self.weak_encoder_configs else "none"
+        if self.tie_word_embeddings is None:
+            # Tie the LM head exactly when the LLM does (transformers reads the top-level flag).
+            self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
+        super().__post_init__(**kwargs)
+        self.check_settings()
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: resolves the weak pool's `sub_configs` keys.
-        if name.startswith(WEAK_KEY) and name[len(WEAK_KEY) :].isdigit():
-            weak = self.__dict__.get("weak_encoder_configs") or []
-            index = int(name[len(WEAK_KEY) :])
-            if index < len(weak):
-                return weak[index]
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith(WEAK_KEY) and name[len(WEAK_KEY) :].isdigit():
-            self.weak_encoder_configs[int(name[len(WEAK_KEY) :])] = value
-        else:
-            super().__setattr__(name, value)
-
-    def validate_mowe(self) -> None:
+    def check_settings(self) -> None:
         """Raise a `ValueError` naming the fix for any setting the model cannot be built from."""
+        from .encoders import encoder_family
+
         for name, cfg in [("base_encoder_config", self.base_encoder_config)] + [
             (f"weak_encoder_configs[{i}]", c) for i, c in enumerate(self.weak_encoder_configs)
         ]:
@@ -190,38 +148,37 @@ class MoWEConfig(PretrainedConfig):
         }[self.router_type]
 
     @property
-    def encoder_configs(self) -> list[PretrainedConfig]:
+    def encoder_configs(self) -> list[PreTrainedConfig]:
         """The base encoder's config followed by the weak encoders' configs."""
         return [self.base_encoder_config, *self.weak_encoder_configs]
 
     @property
-    def active_encoder_configs(self) -> list[PretrainedConfig]:
+    def active_encoder_configs(self) -> list[PreTrainedConfig]:
         """The encoders that run: the base encoder, and the weak pool unless `router_type="none"`."""
         return self.encoder_configs if self.active_routers else [self.base_encoder_config]
 
     @property
     def audio_front_ends(self) -> list[dict]:
         """The distinct front-ends (log-mel sizes, waveform) the encoders that run need, in input order."""
+        from .encoders import audio_front_ends
+
         return audio_front_ends(self.active_encoder_configs)
 
     @property
     def audio_frame_spec(self) -> dict:
         """How the base encoder's frame count follows the clip length (shared with the processor)."""
+        from .encoders import frame_spec
+
         return frame_spec(self.base_encoder_config)
 
     def to_dict(self) -> dict[str, Any]:
-        # transformers serialises declared sub-configs held in attributes, not a list of them.
+        # transformers serialises sub-configs held in attributes, not in a list.
         output = super().to_dict()
-        output["weak_encoder_configs"] = [_sub_config_dict(c, c.to_dict()) for c in self.weak_encoder_configs]
-        return output
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        output = super().to_diff_dict()
-        output["weak_encoder_configs"] = [_sub_config_dict(c, c.to_diff_dict()) for c in self.weak_encoder_configs]
+        output["weak_encoder_configs"] = [_weak_dict(c) for c in self.weak_encoder_configs]
         return output
 
 
-def _sub_config_dict(config: PretrainedConfig, output: dict[str, Any]) -> dict[str, Any]:
-    output["model_type"] = config.model_type
+def _weak_dict(config: PreTrainedConfig) -> dict[str, Any]:
+    output = config.to_dict()
     output.pop("transformers_version", None)
     return output

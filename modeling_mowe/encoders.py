@@ -97,20 +97,21 @@ class WhisperEncoderFamily:
 
     @staticmethod
     def encode(
-        encoder: nn.Module, features: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False
-    ) -> torch.Tensor:
-        """Encode log-mel `features` [b, n_mels, 3000] of clips of `lengths` samples [b] -> [b, T, d_model].
+        encoder: nn.Module, features: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False, **kwargs
+    ) -> BaseModelOutput:
+        """Encode log-mel `features` [b, n_mels, 3000] of clips of `lengths` samples [b] -> `last_hidden_state`
+        [b, T, d_model] (and `hidden_states`/`attentions` when `kwargs` ask for them).
 
         `dynamic=False` runs the stock encoder on the full 30 s (T = 1500), as Whisper was trained. `dynamic=True`
         keeps only the batch's longest clip (T = its frames) and masks every clip's padded frames, so each clip's
         features match the clip encoded alone.
         """
         if not dynamic:
-            return encoder(input_features=features).last_hidden_state
+            return encoder(input_features=features, **kwargs)
         mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=features.shape[-1])
         mel_frames = 2 * int((mel_lengths.max() + 1) // 2)  # conv2's stride: an even number of mel frames
         mel_mask = torch.arange(mel_frames, device=features.device)[None, :] < mel_lengths[:, None]
-        return encoder(input_features=features[..., :mel_frames], attention_mask=mel_mask.long()).last_hidden_state
+        return encoder(input_features=features[..., :mel_frames], attention_mask=mel_mask.long(), **kwargs)
 
 
 class DynamicLengthWhisperEncoder(WhisperEncoder):
@@ -220,11 +221,12 @@ class WaveformEncoderFamily:
 
     @staticmethod
     def encode(
-        encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False
-    ) -> torch.Tensor:
-        """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> [b, T, hidden_size]."""
+        encoder: nn.Module, waveform: torch.Tensor, lengths: torch.Tensor, dynamic: bool = False, **kwargs
+    ) -> BaseModelOutput:
+        """Encode the normalised 16 kHz `waveform` [b, S] of clips of `lengths` samples [b] -> `last_hidden_state`
+        [b, T, hidden_size] (and `hidden_states`/`attentions` when `kwargs` ask for them)."""
         valid = torch.arange(waveform.shape[-1], device=waveform.device)[None, :] < lengths[:, None]
-        return encoder(waveform, attention_mask=valid.long()).last_hidden_state
+        return encoder(waveform, attention_mask=valid.long(), **kwargs)
 
 
 class LengthAwareWaveformModel:

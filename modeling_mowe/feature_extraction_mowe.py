@@ -15,6 +15,8 @@ from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, frame_spec, min_samp
 
 PCM_SCALES = {np.dtype("int8"): 2**7, np.dtype("int16"): 2**15, np.dtype("int32"): 2**31}
 MAX_CHANNELS = 8
+# RIFF sizes from here up are placeholders of writers that stream (espeak-ng writes 0x7FFFF024), not real sizes.
+STREAMING_WAV_SIZE = 0x7FFF0000
 
 
 def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int]:
@@ -31,6 +33,7 @@ def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int
                 f"Audio file {os.fspath(source)!r} does not exist; pass an existing wav/flac/ogg path, or an array "
                 "with its sampling_rate."
             )
+    _check_wav_complete(source)
     try:
         import soundfile
     except ImportError as err:
@@ -41,6 +44,27 @@ def _read_audio_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int
         name = "audio bytes" if isinstance(source, bytes) else f"file {os.fspath(source)!r}"
         raise ValueError(f"Could not read {name} as audio ({err}); give a wav/flac/ogg file or an array.") from err
     return data, rate
+
+
+def _check_wav_complete(source: str | os.PathLike | bytes) -> None:
+    """Raise a `ValueError` for a WAV file shorter than its RIFF header says (a cut-off download or copy), which
+    soundfile would read silently as the few samples that are there. Streaming writers (espeak-ng, ffmpeg to a pipe)
+    cannot know the size and write a placeholder (0, 0xFFFFFFFF, espeak-ng's 0x7FFFF024): those are let through."""
+    if isinstance(source, bytes):
+        header, size = source[:12], len(source)
+    else:
+        with open(source, "rb") as file:
+            header = file.read(12)
+        size = os.path.getsize(source)
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return
+    declared = int.from_bytes(header[4:8], "little") + 8
+    if 8 < declared < STREAMING_WAV_SIZE and size < declared:
+        name = "The WAV bytes" if isinstance(source, bytes) else f"WAV file {os.fspath(source)!r}"
+        raise ValueError(
+            f"{name} end after {size} of the {declared} bytes the header declares: the file is cut off. "
+            "Re-export or re-download it."
+        )
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:

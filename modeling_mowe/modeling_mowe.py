@@ -8,9 +8,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
+from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
@@ -88,6 +94,18 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     router_indices: torch.LongTensor | None = None
 
 
+def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) -> None:
+    """Give a weak encoder's config the MoWE config's dtype and (unless it has its own) attention implementation.
+
+    transformers passes these to the sub-configs a config declares by attribute; the weak pool is a list, so they
+    are passed on here, before the weak encoders are built. At run time `set_attn_implementation` gives the weak
+    encoders the top-level implementation (transformers' rule for sub-models whose config is not declared).
+    """
+    weak_config.dtype = config.dtype
+    if weak_config._attn_implementation is None:
+        weak_config._attn_implementation_internal = config._attn_implementation
+
+
 class MoWEAudioTower(nn.Module):
     """The strong base encoder plus the routed pool of weak encoders.
 
@@ -113,6 +131,8 @@ class MoWEAudioTower(nn.Module):
 
         self.routers = config.active_routers
         weak_configs = config.weak_encoder_configs if self.routers else []
+        for weak_config in weak_configs:
+            inherit_model_settings(weak_config, config)
         self.weak_specs = [encoder_family(c).frame_spec(c) for c in weak_configs]
         self.weak_encoders = nn.ModuleList(encoder_family(c).build(c) for c in weak_configs)
         self.weak_projections = nn.ModuleList(
@@ -144,16 +164,17 @@ class MoWEAudioTower(nn.Module):
                     f"An encoder needs log-mel `input_features` ({front_end['n_mels']} bins) but none were given; "
                     "prepare the audio with MoWEProcessor."
                 )
+            check_mel_bins(input_features, self.front_ends)
             start = self.mel_offsets[front_end["n_mels"]]
             return input_features[:, start : start + front_end["n_mels"]]
         if input_values is None:
             raise ValueError("A waveform encoder needs `input_values` but none were given; use MoWEProcessor.")
         return input_values
 
-    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor, **kwargs) -> BaseModelOutput:
         family = encoder_family(config)
         dtype = next(encoder.parameters()).dtype
-        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length)
+        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length, **kwargs)
 
     def _touch_routed_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` plus 0 x one element of every trainable weak-pool parameter (training only): each gets a (zero)
@@ -172,20 +193,25 @@ class MoWEAudioTower(nn.Module):
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor,
+        **kwargs,
     ) -> MoWEAudioFeaturesOutput:
         """
         Args:
             input_features: `(num_windows, sum of distinct n_mels, 3000)` stacked log-mel spectrograms.
             input_values: `(num_windows, num_samples)` 16 kHz waveforms, zero-padded.
             audio_lengths: `(num_windows,)` real samples per window.
+            kwargs: `output_hidden_states` / `output_attentions` for the base encoder, whose `hidden_states` /
+                `attentions` the output then holds.
         """
         config = self.config
         base_inputs = self.encoder_inputs(config.base_encoder_config, input_features, input_values)
-        base_hidden = self.run_encoder(config.base_encoder_config, self.base_encoder, base_inputs, audio_lengths)
+        base = self.run_encoder(config.base_encoder_config, self.base_encoder, base_inputs, audio_lengths, **kwargs)
+        base_hidden = base.last_hidden_state
+        base_outputs = {"hidden_states": base.hidden_states, "attentions": base.attentions}
         num_windows, num_base_frames = base_hidden.shape[:2]
         valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
         if not self.routers:
-            return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames)
+            return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
         router_logits, selections = self.route(base_hidden, valid_frames)
         blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
@@ -210,6 +236,7 @@ class MoWEAudioTower(nn.Module):
         hidden = torch.cat([base_hidden, *blocks], dim=-1)
         return MoWEAudioFeaturesOutput(
             last_hidden_state=self._touch_routed_parameters(hidden),
+            **base_outputs,
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
@@ -250,7 +277,8 @@ class MoWEAudioTower(nn.Module):
         inputs = inputs[rows.to(inputs.device)]
         if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
             inputs = inputs[:, : int(lengths.max())]
-        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).to(rows.device)
+        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).last_hidden_state
+        hidden = hidden.to(rows.device)
         weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
         hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
         projection = self.weak_projections[expert]
@@ -282,6 +310,32 @@ class MoWEProjector(nn.Module):
         token_valid = torch.arange(stacked.shape[1], device=hidden.device)[None, :] < tokens_per_window[:, None]
         stacked = stacked[token_valid].to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+def check_mel_bins(input_features: torch.Tensor, front_ends: list[dict]) -> None:
+    """Raise a `ValueError` when `input_features` `(num_windows, mel bins, frames)` cannot hold the stacked log-mel
+    sizes the encoders read (which would end in a convolution error). More bins are fine: a base-only ablation
+    (`router_type="none"`) reads the first block of its pool's processor output. Reads shapes only: no device sync."""
+    sizes = [f["n_mels"] for f in front_ends if f["kind"] == "log_mel"]
+    if input_features.ndim != 3 or input_features.shape[1] < sum(sizes):
+        raise ValueError(
+            f"`input_features` has shape {tuple(input_features.shape)} but this model's encoders read "
+            f"(num_windows, {sum(sizes)}, frames): log-mels of {' + '.join(map(str, sizes))} bins stacked on axis 1. "
+            "Prepare the audio with this model's processor (MoWEProcessor / MoWEFeatureExtractor.from_mowe_config)."
+        )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a `ValueError` for token ids outside the embedding table (which would end in an `IndexError`).
+    `torch_compilable_check`: a compiler hint under `torch.compile`, a check in eager mode."""
+    torch_compilable_check(
+        ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+        lambda: (
+            f"`input_ids` holds token ids outside the LLM's vocabulary (0 to {vocab_size - 1}); tokenize with this "
+            "model's processor, or after adding tokens grow the embeddings with "
+            "`model.resize_token_embeddings(len(processor.tokenizer))`."
+        ),
+    )
 
 
 def check_audio_inputs(
@@ -367,11 +421,14 @@ class MoWEModel(MoWEPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple | MoWEAudioFeaturesOutput:
         """Encode and project audio windows (arguments: see [`MoWEModel.forward`]). `pooler_output` holds the
-        projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features."""
+        projected audio embeddings `(num_audio_tokens, hidden_size)`; `last_hidden_state` the tower's features.
+        With `output_hidden_states=True` / `output_attentions=True`, `hidden_states` / `attentions` are the base
+        encoder's (the encoder that runs on every clip), as Qwen2-Audio and Voxtral return their audio encoder's."""
         check_audio_inputs(input_features, input_values, audio_lengths)
-        audio = self.audio_tower(input_features, input_values, audio_lengths)
+        audio = self.audio_tower(input_features, input_values, audio_lengths, **kwargs)
         embeds = self.multi_modal_projector(audio.last_hidden_state, audio.valid_frames)
         return MoWEAudioFeaturesOutput(**audio, pooler_output=embeds)  # field order kept for tuple outputs
 
@@ -423,7 +480,10 @@ class MoWEModel(MoWEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            embeddings = self.get_input_embeddings()
+            if isinstance(embeddings, nn.Embedding):
+                check_token_ids(input_ids, embeddings.num_embeddings)
+            inputs_embeds = embeddings(input_ids)
 
         audio_embeds = router_logits = router_aux_loss = router_indices = None
         if input_features is not None or input_values is not None:
@@ -458,6 +518,10 @@ class MoWEModel(MoWEPreTrainedModel):
 class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     """MoWE audio LLM with a language-modelling head: `generate()` answers about audio."""
 
+    # The LLM's own plan (collected from it by `post_init`) shards its embeddings; the head is sharded with them, as
+    # `LlamaForCausalLM` and `LlavaForConditionalGeneration` declare it (tied or not).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
     def __init__(self, config: MoWEConfig):
         super().__init__(config)
         self.model = MoWEModel(config)
@@ -482,6 +546,15 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
 
     def get_audio_features(self, *args, **kwargs) -> tuple | MoWEAudioFeaturesOutput:
         return self.model.get_audio_features(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        # Audio is encoded in the prefill only: transformers before 5.20 drops `input_features` after it, but not
+        # `input_values`.
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("input_features", "input_values", "audio_lengths"):
+                model_inputs.pop(key, None)
+        return model_inputs
 
     @can_return_tuple
     def forward(

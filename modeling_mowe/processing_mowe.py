@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessorMixin, TextKwargs
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from .encoders import n_audio_tokens, whisper_frame_spec
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
@@ -68,6 +71,52 @@ def _check_parts(content: Any) -> None:
             )
 
 
+def _is_batch_of_chats(conversation: Any) -> bool:
+    return isinstance(conversation, (list, tuple)) and bool(conversation) and (
+        isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+    )
+
+
+def _chat_as_dicts(conversation: Any) -> list[dict]:
+    """A chat's messages as dicts (from dicts, dataclasses or pydantic models), keys whose value is None dropped."""
+    messages = []
+    for message in getattr(conversation, "messages", conversation):
+        if dataclasses.is_dataclass(message) and not isinstance(message, type):
+            message = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
+        elif callable(getattr(message, "model_dump", None)):
+            message = message.model_dump()
+        if not isinstance(message, dict):
+            raise TypeError(f"Chat messages must be dicts, dataclasses or pydantic models, got {message!r}.")
+        messages.append({key: value for key, value in message.items() if value is not None})
+    return messages
+
+
+def assistant_masks(
+    offset_mapping: list[list[tuple[int, int]]], replacements: list[list[dict]], spans: list[list[tuple[int, int]]]
+) -> list[list[int]]:
+    """1 for each token that overlaps an assistant span, per row.
+
+    Args:
+        offset_mapping: each row's token character offsets in the text after placeholder expansion.
+        replacements: each row's placeholder expansions (`"span"`: where the placeholder was, `"new_span"`: where
+            its expansion is), as `ProcessorMixin.__call__` returns them with `return_text_replacement_offsets`.
+        spans: each row's assistant character spans in the text before expansion.
+    """
+    masks = []
+    for offsets, expansions, row_spans in zip(offset_mapping, replacements, spans):
+        placeholder_ends = [r["span"][1] for r in expansions]
+        chars_gained = [0] + [r["new_span"][1] - r["span"][1] for r in expansions]
+        mask = [0] * len(offsets)
+        for span in row_spans:
+            # Shift the span past the placeholders expanded before it.
+            start, end = (char + chars_gained[bisect.bisect_right(placeholder_ends, char)] for char in span)
+            for position, (token_start, token_end) in enumerate(offsets):
+                if token_start < end and token_end > start:  # zero-width tokens (padding, specials) never match
+                    mask[position] = 1
+        masks.append(mask)
+    return masks
+
+
 class MoWEProcessor(ProcessorMixin):
     r"""
     Constructs a MoWE processor from a [`MoWEFeatureExtractor`] and the LLM's tokenizer.
@@ -86,8 +135,6 @@ class MoWEProcessor(ProcessorMixin):
             Whisper's (50 frames/s, 1500 per window).
         stack_factor (`int`, defaults to 4): encoder frames per audio token (`MoWEConfig.stack_factor`).
     """
-
-    text_kwargs = {"padding": True}
 
     def __init__(
         self,
@@ -148,6 +195,8 @@ class MoWEProcessor(ProcessorMixin):
             see [`MoWEFeatureExtractor`]), ready for `model(**inputs)` and `model.generate(**inputs)`.
         """
         sampling_rate = self._pop_sampling_rate(sampling_rate, kwargs)
+        if "padding" not in kwargs and "padding" not in (kwargs.get("text_kwargs") or {}):
+            kwargs["padding"] = True  # set here: where processors declare defaults changed within transformers 5
         for modality in ("images", "videos"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"MoWE models read audio and text only; `{modality}` cannot be processed.")
@@ -255,38 +304,60 @@ class MoWEProcessor(ProcessorMixin):
         `continue_final_message`, `return_dict`, `return_tensors`, `tools`, ...); keyword arguments the template does
         not use go to `__call__` (`padding`, `audio`, `sampling_rate`, ...).
         """
-        return_tensors, return_dict = kwargs.pop("return_tensors", "auto"), kwargs.pop("return_dict", False)
+        return_dict = kwargs.pop("return_dict", False)
+        tensors = {"return_tensors": kwargs.pop("return_tensors")} if "return_tensors" in kwargs else {}
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({key: kwargs.pop(key) for key in list(kwargs) if key in _PROCESSOR_KWARGS})
-        conversations, batched = self._normalize_conversations(conversation)
+        batched = _is_batch_of_chats(conversation)
+        conversations = [_chat_as_dicts(c) for c in (conversation if batched else [conversation])]
         for message in (m for conv in conversations for m in conv):
             _check_parts(message.get("content"))
-        if tokenize:
-            conversations = self._load_chat_audio(conversations, processor_kwargs)
-            processor_kwargs.setdefault("add_special_tokens", False)  # the template writes the special tokens
-        template = self._resolve_chat_template(chat_template)
-        by_prefix = return_assistant_tokens_mask and tokenize and not _GENERATION_TAG.search(template)
-        if by_prefix:
-            processor_kwargs.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
-        out = super().apply_chat_template(
-            conversations,
-            chat_template=template,
-            tokenize=tokenize,
-            return_assistant_tokens_mask=return_assistant_tokens_mask and not by_prefix,
-            processor_kwargs=processor_kwargs,
-            return_tensors=None if by_prefix else return_tensors,
-            return_dict=return_dict or by_prefix,
-            **kwargs,
-        )
+        template = self._chat_template_text(chat_template)
         if not tokenize:
+            out = super().apply_chat_template(conversations, chat_template=template, **kwargs)
             return out if batched else out[0]
-        if by_prefix:
-            spans = [self._assistant_spans(conv, template, kwargs) for conv in conversations]
-            out = self._adjust_assistant_masks_indices(out, spans)
-        if isinstance(out, BatchFeature) and isinstance(out.get("assistant_masks"), list):
-            out["assistant_masks"] = np.asarray(out["assistant_masks"], dtype=np.int64)  # so that it converts
-            out.convert_to_tensors(tensor_type=None if return_tensors == "auto" else return_tensors)
-        return out if return_dict or not by_prefix else out["input_ids"]
+
+        conversations = self._load_chat_audio(conversations, processor_kwargs)
+        processor_kwargs.setdefault("add_special_tokens", False)  # the template writes the special tokens
+        if not return_assistant_tokens_mask:
+            return super().apply_chat_template(
+                conversations, chat_template=template, tokenize=True, return_dict=return_dict,
+                processor_kwargs=processor_kwargs, **tensors, **kwargs,
+            )
+        # The assistant mask is computed here on every transformers version: token offsets and the placeholder
+        # expansions come from `__call__`, the assistant turns' character spans from the template.
+        processor_kwargs.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        out = super().apply_chat_template(
+            conversations, chat_template=template, tokenize=True, return_dict=True, return_tensors=None,
+            processor_kwargs=processor_kwargs, **kwargs,
+        )
+        spans = self._assistant_spans(conversations, template, kwargs)
+        replacements = out.pop("text_replacement_offsets", None) or [[] for _ in spans]
+        masks = assistant_masks(out.pop("offset_mapping"), replacements, spans)
+        out["assistant_masks"] = np.asarray(masks, dtype=np.int64) if len({len(m) for m in masks}) <= 1 else masks
+        return_tensors = tensors.get("return_tensors")
+        out.convert_to_tensors(tensor_type=None if return_tensors == "auto" else return_tensors)
+        return out if return_dict else out["input_ids"]
+
+    def _chat_template_text(self, chat_template: str | None) -> str:
+        """The Jinja source to render: `chat_template` itself, or the processor's template of that name (default:
+        its only template, or the one named "default")."""
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            name = chat_template or "default"
+            if name in templates:
+                return templates[name]
+            if chat_template is None:
+                raise ValueError(
+                    f"The processor has several chat templates and none is named 'default'; pass "
+                    f"`chat_template=` one of {sorted(templates)} or a Jinja template."
+                )
+            return chat_template
+        if chat_template is not None:
+            return chat_template
+        if templates is None:
+            raise ValueError("The processor has no chat template; pass `chat_template=` (a Jinja template).")
+        return templates
 
     def _load_chat_audio(self, conversations: list[list[dict]], processor_kwargs: dict) -> list[list[dict]]:
         """Copies of `conversations` whose audio parts hold their clip as a mono waveform at `self.sampling_rate`
@@ -326,10 +397,19 @@ class MoWEProcessor(ProcessorMixin):
         wave = to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate)
         return {"type": "audio", "audio": wave}
 
-    def _assistant_spans(self, conversation: list[dict], template: str, template_kwargs: dict) -> list[tuple]:
-        """Character spans of the assistant turns of `conversation` rendered with `template`: what rendering each
-        turn adds after the generation prompt of the turns before it (its end-of-turn marker included)."""
+    def _assistant_spans(self, conversations: list[list[dict]], template: str, template_kwargs: dict) -> list[list]:
+        """Character spans of the assistant turns of each conversation rendered with `template`: what
+        `{% generation %}` marks, or, for templates without it, what rendering each turn adds after the generation
+        prompt of the turns before it (its end-of-turn marker included)."""
+        if _GENERATION_TAG.search(template):
+            _, spans = render_jinja_template(
+                conversations=conversations, chat_template=template, return_assistant_tokens_mask=True,
+                **{**self.tokenizer.special_tokens_map, **template_kwargs},
+            )
+            return spans
+        return [self._assistant_spans_by_prefix(conv, template, template_kwargs) for conv in conversations]
 
+    def _assistant_spans_by_prefix(self, conversation: list[dict], template: str, template_kwargs: dict) -> list:
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
             return ProcessorMixin.apply_chat_template(
                 self, messages, chat_template=template, add_generation_prompt=add_generation_prompt,

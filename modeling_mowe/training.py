@@ -72,6 +72,13 @@ class MoWEDataCollator:
                 parts = []
                 for part in content:
                     if isinstance(part, dict) and part.get("type") == "audio" and not _has_audio_data(part):
+                        if not queue and "audio" not in row:
+                            raise ValueError(
+                                "A row has {'type': 'audio'} parts without data and no `audio` column: the Trainer "
+                                "removed it as a column the model's forward does not take. Set "
+                                "`remove_unused_columns=False` in the SFTConfig / TrainingArguments (make_sft_trainer "
+                                "does), so the audio reaches the collator."
+                            )
                         if not queue:
                             raise ValueError(
                                 f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "

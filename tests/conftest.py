@@ -107,14 +107,17 @@ else:
 '''
 
 
-def run_without_package(script: str, *args: str, cwd: Path, timeout: int = 300):
-    """Run `script` (python source) in a child process where `modeling_mowe` cannot be imported."""
+def run_without_package(script: str, *args: str, cwd: Path, timeout: int = 300, pythonpath: Path | None = None):
+    """Run `script` (python source) in a child process where `modeling_mowe` cannot be imported (and `pythonpath`,
+    e.g. another transformers version, comes first on `sys.path`)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules_cache"), PYTHONNOUSERSITE="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run(
         [sys.executable, "-c", BLOCK_PACKAGE + script, *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

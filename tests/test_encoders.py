@@ -55,10 +55,11 @@ def test_dynamic_length_batch_equals_each_clip_alone(implementation):
     encoder = whisper_encoders([implementation])[implementation]
     features = log_mels(LENGTHS)
     with torch.no_grad():
-        batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True)
+        batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
         assert batched.shape[1] == int(num_frames(int(LENGTHS.max()), whisper_frame_spec()))
         for row, length in enumerate(LENGTHS.tolist()):
             alone = WhisperEncoderFamily.encode(encoder, features[row : row + 1], LENGTHS[row : row + 1], dynamic=True)
+            alone = alone.last_hidden_state
             valid = int(num_frames(length, whisper_frame_spec()))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
@@ -68,7 +69,10 @@ def test_dynamic_length_eager_and_sdpa_agree_on_a_padded_batch():
     encoders = whisper_encoders(["eager", "sdpa"])
     features = log_mels(LENGTHS)
     with torch.no_grad():
-        out = {name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True) for name, enc in encoders.items()}
+        out = {
+            name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True).last_hidden_state
+            for name, enc in encoders.items()
+        }
     valid = torch.arange(out["eager"].shape[1])[None, :] < num_frames(LENGTHS, whisper_frame_spec())[:, None]
     torch.testing.assert_close(out["eager"][valid], out["sdpa"][valid], atol=1e-5, rtol=1e-4)
 
@@ -96,7 +100,7 @@ def test_full_30s_input_without_mask_is_the_stock_whisper_encoder():
     features = log_mels(LENGTHS)
     with torch.no_grad():
         expected = stock(input_features=features).last_hidden_state
-        torch.testing.assert_close(WhisperEncoderFamily.encode(dynamic, features, LENGTHS), expected)
+        torch.testing.assert_close(WhisperEncoderFamily.encode(dynamic, features, LENGTHS).last_hidden_state, expected)
 
 
 def test_pretrained_whisper_model_gives_its_encoder_weights():
@@ -190,7 +194,10 @@ def test_trainable_feature_encoder_checkpointed_over_two_forwards_gets_the_plain
 
     def grads() -> dict[str, torch.Tensor]:
         encoder.zero_grad()
-        losses = [WaveformEncoderFamily.encode(encoder, waveform, lengths).square().mean() for waveform, lengths in batches]
+        losses = [
+            WaveformEncoderFamily.encode(encoder, waveform, lengths).last_hidden_state.square().mean()
+            for waveform, lengths in batches
+        ]
         sum(losses).backward()
         return {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
 
@@ -264,10 +271,11 @@ def test_waveform_family_batch_equals_each_clip_alone(model_type, norm):
     calls = []
     encoder.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        batched = WaveformEncoderFamily.encode(encoder, waveform, lengths)
+        batched = WaveformEncoderFamily.encode(encoder, waveform, lengths).last_hidden_state
         assert len(calls) == 1  # one batched call
         for row, length in enumerate(lengths.tolist()):
             alone = WaveformEncoderFamily.encode(encoder, waveform[row : row + 1, :length], lengths[row : row + 1])
+            alone = alone.last_hidden_state
             valid = int(num_frames(length, spec))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)

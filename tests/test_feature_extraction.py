@@ -304,6 +304,20 @@ def test_a_directory_is_not_an_audio_file(tmp_path):
         to_mono_waveform({"bytes": None, "path": str(tmp_path)}, None)
 
 
+@pytest.mark.parametrize("kept_bytes", [44, 60, 20_000])  # the header only, 8 samples, most of the file
+def test_a_wav_file_cut_off_after_its_header_names_the_problem(tmp_path, kept_bytes):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, noise(1.0), SR, format="WAV", subtype="PCM_16")
+    whole = buffer.getvalue()
+    path = tmp_path / "cut.wav"
+    path.write_bytes(whole[:kept_bytes])
+    for source in (path, whole[:kept_bytes]):
+        with pytest.raises(ValueError, match=rf"end after {kept_bytes} of the {len(whole)} bytes .* cut off"):
+            to_mono_waveform(source, None)
+    path.write_bytes(whole)
+    assert to_mono_waveform(path, None).shape == (SR,)
+
+
 def test_text_file_is_not_audio(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not audio")

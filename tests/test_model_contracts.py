@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY, build_model, make_clip, make_inputs
-from transformers import AutoConfig, LlamaConfig, WhisperConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, WhisperConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEModel
@@ -57,12 +57,11 @@ def test_a_router_asked_for_without_a_pool_still_names_the_fix():
 # ---------------------------------------------------------------- 9.3: declared sub-configs
 
 
-def test_sub_configs_declare_the_base_encoder_the_llm_and_every_weak_encoder(tiny_config):
-    assert set(MoWEConfig.sub_configs) == {"base_encoder_config", "text_config"}
-    keys = [f"weak_encoder_configs.{i}" for i in range(4)]
-    assert list(tiny_config.sub_configs) == ["base_encoder_config", "text_config", *keys]
-    for i, key in enumerate(keys):
-        assert getattr(tiny_config, key) is tiny_config.weak_encoder_configs[i]
+def test_sub_configs_are_declared_fields_and_the_weak_pool_a_list_of_configs(tiny_config):
+    assert MoWEConfig.sub_configs == {"base_encoder_config": AutoConfig, "text_config": AutoConfig}
+    assert list(tiny_config.sub_configs) == ["base_encoder_config", "text_config"]
+    assert all(isinstance(c, PreTrainedConfig) for c in tiny_config.weak_encoder_configs)
+    assert not hasattr(tiny_config, "weak_encoder_configs.0")  # no dotted-key attributes
 
 
 def test_building_a_config_leaves_the_llm_vocabulary_and_the_given_configs_alone(tiny_config):
@@ -74,19 +73,24 @@ def test_building_a_config_leaves_the_llm_vocabulary_and_the_given_configs_alone
     assert text_config.vocab_size == 640 and text_config._attn_implementation != "eager"
 
 
-def test_attention_implementation_per_sub_config_reaches_each_weak_encoder(model):
-    model.set_attn_implementation({"weak_encoder_configs.2": "eager", "text_config": "eager"})
+def test_attention_implementation_reaches_the_weak_encoders(model, fast_config, tmp_path):
+    model.set_attn_implementation({"text_config": "eager"})
     tower = model.model.audio_tower
-    assert [e.config._attn_implementation for e in tower.weak_encoders] == ["sdpa", "sdpa", "eager", "sdpa"]
-    assert tower.base_encoder.config._attn_implementation == "sdpa"
+    assert {e.config._attn_implementation for e in tower.weak_encoders} == {"sdpa"}
     assert model.model.language_model.config._attn_implementation == "eager"
+    model.set_attn_implementation("eager")
+    assert {e.config._attn_implementation for e in [tower.base_encoder, *tower.weak_encoders]} == {"eager"}
+    model.save_pretrained(tmp_path)
+    loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    tower = loaded.model.audio_tower
+    assert {e.config._attn_implementation for e in [tower.base_encoder, *tower.weak_encoders]} == {"eager"}
 
 
 def test_dtype_given_to_from_pretrained_reaches_every_sub_config(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
     config = loaded.config
-    assert {getattr(config, key).dtype for key in config.sub_configs} == {torch.bfloat16}
+    assert {c.dtype for c in [config.text_config, *config.encoder_configs]} == {torch.bfloat16}
     tower = loaded.model.audio_tower
     assert {e.config.dtype for e in [tower.base_encoder, *tower.weak_encoders]} == {torch.bfloat16}
 
@@ -95,7 +99,8 @@ def test_output_hidden_states_and_attentions_set_on_the_config_reach_the_llm(fas
     fast_config.output_hidden_states = True
     fast_config.output_attentions = True  # switches every sub-config to eager attention, as transformers does
     model = build_model(fast_config)
-    assert {getattr(fast_config, k)._attn_implementation for k in fast_config.sub_configs} == {"eager"}
+    tower = model.model.audio_tower
+    assert {e.config._attn_implementation for e in [model.model.language_model, *tower.weak_encoders]} == {"eager"}
     with torch.no_grad():
         out = model(**inputs)
     layers = fast_config.text_config.num_hidden_layers
@@ -123,6 +128,20 @@ def test_return_dict_false_gives_tuples_of_the_same_tensors(model, inputs, how):
 
 
 # ---------------------------------------------------------------- 9.5: get_audio_features
+
+
+def test_get_audio_features_returns_the_base_encoders_hidden_states_and_attentions(model, inputs):
+    audio = {k: inputs.get(k) for k in ("input_features", "input_values", "audio_lengths")}
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        plain = model.get_audio_features(**audio)
+        features = model.get_audio_features(**audio, output_hidden_states=True, output_attentions=True)
+    layers = model.config.base_encoder_config.encoder_layers
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(features.hidden_states) == layers + 1 and len(features.attentions) == layers
+    frames = features.valid_frames.max().item()
+    assert features.hidden_states[-1].shape[:2] == (1, frames) and features.attentions[0].shape[-1] == frames
+    torch.testing.assert_close(features.pooler_output, plain.pooler_output)
 
 
 def test_get_audio_features_pooler_output_is_what_replaces_the_placeholders(model, inputs):
@@ -158,8 +177,16 @@ def test_skip_keys_device_placement_names_whole_keys(model):
         (lambda x: x["input_features"].view(-1)[7].fill_(float("nan")), r"`input_features` contains NaN or Inf"),
         (lambda x: x["input_values"].view(-1)[7].fill_(float("inf")), r"`input_values` contains NaN or Inf"),
         (lambda x: x.pop("audio_lengths"), r"`audio_lengths` .* is required"),
+        (
+            lambda x: x.update(input_features=x["input_features"][:, :80]),
+            r"`input_features` has shape \(1, 80, 3000\) but .* read \(num_windows, 208, frames\).*processor",
+        ),
+        (
+            lambda x: x["input_ids"].view(-1)[-1].fill_(10**6),
+            r"`input_ids` holds token ids outside the LLM's vocabulary \(0 to 639\).*resize_token_embeddings",
+        ),
     ],
-    ids=["negative_lengths", "nan_features", "inf_waveform", "no_lengths"],
+    ids=["negative_lengths", "nan_features", "inf_waveform", "no_lengths", "mel_bins", "token_id_past_vocab"],
 )
 def test_bad_audio_inputs_raise_a_value_error_naming_the_problem(model, inputs, spoil, message):
     bad = {k: v.clone() for k, v in inputs.items()}

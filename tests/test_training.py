@@ -90,6 +90,23 @@ def test_collator_rejects_clip_part_mismatch(splits, processor):
         MoWEDataCollator(processor)([row])
 
 
+def test_rows_whose_audio_column_was_removed_are_told_to_keep_it(splits, processor, tmp_path):
+    from trl import SFTTrainer
+
+    rows = [{k: v for k, v in splits["train"][i].items() if k != "audio"} for i in range(2)]  # what column removal does
+    with pytest.raises(ValueError, match=r"no `audio` column.*`remove_unused_columns=False`"):
+        MoWEDataCollator(processor)(rows)
+    # A plain SFTTrainer keeps no column of these rows, and transformers' Trainer names the same fix.
+    trainer = SFTTrainer(
+        model=tiny_model(), args=sft_args(tmp_path, dataset_kwargs={"skip_prepare_dataset": True}),
+        train_dataset=splits["train"].select(range(2)), processing_class=processor,
+        data_collator=MoWEDataCollator(processor),
+    )
+    assert trainer.args.remove_unused_columns  # the default
+    with pytest.raises(ValueError, match=r"`remove_unused_columns=False`"):
+        next(iter(trainer.get_train_dataloader()))
+
+
 def test_prompt_completion_rows(splits, processor):
     row = splits["train"][0]
     batch = MoWEDataCollator(processor)([{"audio": row["audio"], "prompt": row["prompt"], "completion": row["answer"]}])

@@ -1,0 +1,140 @@
+"""The remote code runs on the lowest transformers version pyproject allows and on the newest (the installed one).
+
+A checkpoint saved here is loaded with `trust_remote_code=True` in a child process where `modeling_mowe` cannot be
+imported, once with the installed transformers and once with `LOWEST` (pip-installed once into .cache/, with the
+huggingface_hub and tokenizers it needs; pip's cache makes reruns fast). Both must render and tokenize chats, mark
+assistant tokens, and give the logits and greedy tokens computed here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TINY, build_model, run_without_package
+
+from modeling_mowe import MoWEConfig, MoWEProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT_BOUND = re.search(r'"transformers>=([\d.]+)', (ROOT / "pyproject.toml").read_text()).group(1)
+LOWEST = "5.15.1"
+# What LOWEST's own metadata asks for (transformers 5.15 wants huggingface_hub < 2, tokenizers <= 0.23.0).
+LOWEST_DEPENDENCIES = ("huggingface_hub==1.33.0", "tokenizers==0.22.2")
+NETWORK_ERRORS = (
+    "No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable",
+    "Temporary failure in name resolution", "ConnectionError",
+)
+SR = 16_000
+
+CHECK = """
+import numpy as np, sys, torch, transformers
+from transformers import AutoModel, AutoProcessor
+folder, expected = sys.argv[1], torch.load(sys.argv[2], weights_only=False)
+print("transformers", transformers.__version__, transformers.__file__)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+chats = expected["chats"]
+assert processor.apply_chat_template(chats) == expected["texts"], processor.apply_chat_template(chats)
+masked = processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                       return_tensors="pt")
+for key, value in expected["masked"].items():
+    assert torch.equal(masked[key], value), (key, masked[key], value)
+prompt = processor.apply_chat_template([chats[0][:1]], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+with torch.no_grad():
+    logits = model(**prompt).logits
+torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+tokens = model.generate(**prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=1)
+assert torch.equal(tokens, expected["tokens"]), (tokens, expected["tokens"])
+print("VERSION OK")
+"""
+
+
+def _clip(seconds: float, seed: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("versions")
+    config = MoWEConfig.from_pretrained(TINY)
+    config.dynamic_audio_length = True
+    model = build_model(config, seed=5)
+    processor = MoWEProcessor.from_pretrained(TINY)
+    folder = root / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    audio = {"type": "audio", "audio": _clip(0.6, 1), "sampling_rate": SR}
+    chats = [
+        [
+            {"role": "user", "content": [audio, {"type": "text", "text": "Pitch?"}]},
+            {"role": "assistant", "content": "low"},
+        ],
+        [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "high"}],
+    ]
+    masked = processor.apply_chat_template(
+        chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    prompt = processor.apply_chat_template(
+        [chats[0][:1]], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**prompt).logits
+    expected = {
+        "chats": chats,
+        "texts": processor.apply_chat_template(chats),
+        "masked": dict(masked),
+        "logits": logits,
+        "tokens": model.generate(**prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=1),
+    }
+    assert masked["assistant_masks"].sum() > 0
+    torch.save(expected, root / "expected.pt")
+    return root, folder
+
+
+def install_transformers(version: str, *dependencies: str) -> Path:
+    """`transformers==version` and `dependencies` in `.cache/transformers-<version>` (for PYTHONPATH), once."""
+    target = ROOT / ".cache" / f"transformers-{version}"
+    if (target / f"transformers-{version}.dist-info").is_dir():
+        return target
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         f"transformers=={version}", *dependencies],
+        capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        if any(error in result.stderr for error in NETWORK_ERRORS):
+            pytest.skip(f"PyPI is unreachable, transformers=={version} cannot be installed: {result.stderr[-300:]}")
+        raise RuntimeError(f"pip could not install transformers=={version}:\n{result.stderr}")
+    return target
+
+
+def run_check(root: Path, folder: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    workdir = root / f"run-{pythonpath.name if pythonpath else 'installed'}"
+    workdir.mkdir(exist_ok=True)
+    return run_without_package(CHECK, str(folder), str(root / "expected.pt"), cwd=workdir, pythonpath=pythonpath)
+
+
+def test_pyproject_lower_bound_is_the_tested_lowest_version():
+    assert PYPROJECT_BOUND == LOWEST
+
+
+def test_remote_code_runs_on_the_newest_transformers(saved):
+    result = run_check(*saved)
+    assert result.returncode == 0 and "VERSION OK" in result.stdout, result.stdout + result.stderr
+    assert f"transformers {transformers.__version__}" in result.stdout
+
+
+@pytest.mark.slow
+def test_remote_code_runs_on_the_lowest_transformers(saved):
+    target = install_transformers(LOWEST, *LOWEST_DEPENDENCIES)
+    result = run_check(*saved, pythonpath=target)
+    assert result.returncode == 0 and "VERSION OK" in result.stdout, result.stdout + result.stderr
+    assert f"transformers {LOWEST} {target}" in result.stdout
