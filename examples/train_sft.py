@@ -50,6 +50,14 @@ class ScriptArguments:
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM (else the LLM stays frozen)."})
     lora_r: int = 16
     train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
+    cache_frozen_base: str = field(
+        default="auto",
+        metadata={"help": "Encode each clip once with the frozen base encoder and reuse its features in later epochs: "
+                  "auto (where exact: frozen base without dropout), true, false.", "choices": ["auto", "true", "false"]},
+    )
+    frozen_base_cache_gb: float = field(
+        default=2.0, metadata={"help": "Memory for cached base features; the rest spills to <output_dir>/frozen_base_features."}
+    )
 
 
 def load_model_and_processor(args: ScriptArguments):
@@ -83,6 +91,8 @@ def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,
         use_lora=args.use_lora, lora_r=args.lora_r, train_language_model=args.train_language_model,
+        cache_frozen_base={"auto": None, "true": True, "false": False}[args.cache_frozen_base],
+        frozen_base_cache_bytes=int(args.frozen_base_cache_gb * 2**30),
     )
 
 

@@ -181,11 +181,26 @@ class FrozenBaseCache:
         self.store = store
         self.tower, self.encoder = tower, encoder
         self.spec = encoder_family(config).frame_spec(config)
-        self.fingerprint = encoder_fingerprint(encoder, config, bool(tower.config.dynamic_audio_length))
+        self._fingerprint: str | None = None
         self._encoder_forward: Callable = encoder.forward
         self._window_lengths: torch.Tensor | None = None
         self._hook = tower.register_forward_pre_hook(self._remember_window_lengths, with_kwargs=True)
         encoder.forward = self.forward
+
+    @property
+    def fingerprint(self) -> str:
+        """The encoder's `encoder_fingerprint`, taken on first use after construction or `refresh()`."""
+        if self._fingerprint is None:
+            config = self.tower.config
+            self._fingerprint = encoder_fingerprint(
+                self.encoder, config.base_encoder_config, bool(config.dynamic_audio_length)
+            )
+        return self._fingerprint
+
+    def refresh(self) -> None:
+        """Take the fingerprint again on next use: call after loading other weights into the base encoder (the
+        callback does at the start of training, after the Trainer loaded a checkpoint to resume from)."""
+        self._fingerprint = None
 
     def remove(self) -> None:
         """Give the base encoder its own forward back (the store keeps its features)."""
@@ -266,6 +281,9 @@ class FrozenBaseCacheCallback(TrainerCallback):
     def __init__(self, cache: FrozenBaseCache):
         self.cache = cache
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.cache.refresh()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
@@ -298,21 +316,25 @@ def cache_is_exact(model: nn.Module) -> bool:
     return frozen and not train_mode_randomness(tower.config.base_encoder_config)
 
 
-def install_frozen_base_cache(trainer, cache_frozen_base: bool | FrozenFeatureStore | None = None):
+def install_frozen_base_cache(
+    trainer,
+    cache_frozen_base: bool | FrozenFeatureStore | None = None,
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+) -> FrozenBaseCache | None:
     """Serve `trainer.model`'s frozen base encoder from a feature cache and log its counts; returns the
     `FrozenBaseCache`, or None when off.
 
     `cache_frozen_base`: None (on where exact, see `cache_is_exact`), False (off), True (on; `ValueError` if the
     base is trainable; a base with dropout then runs without it), or a `FrozenFeatureStore` to use (e.g. one shared
-    by several runs of the same frozen encoder). True and None use a store spilling to
-    `<output_dir>/frozen_base_features` beyond 2 GiB of memory.
+    by several runs of the same frozen encoder). True and None use a store that keeps up to `max_memory_bytes`
+    (default 2 GiB) in memory and spills the rest to `<output_dir>/frozen_base_features`.
     """
     model = trainer.model
     if cache_frozen_base is False or (cache_frozen_base is None and not cache_is_exact(model)):
         return None
     store = cache_frozen_base
     if not isinstance(store, FrozenFeatureStore):
-        store = FrozenFeatureStore(Path(trainer.args.output_dir) / "frozen_base_features")
+        store = FrozenFeatureStore(Path(trainer.args.output_dir) / "frozen_base_features", max_memory_bytes)
     cache = FrozenBaseCache(model, store)
     randomness = train_mode_randomness(cache.tower.config.base_encoder_config)
     if randomness:
