@@ -1,8 +1,9 @@
 """Fine-tune a MoWE audio LLM with TRL's SFTTrainer.
 
-Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise):
+Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise), audio
+decoding and feature extraction in 2 DataLoader worker processes:
     python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
-        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4
+        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4 --dataloader_num_workers 2
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
@@ -13,7 +14,10 @@ Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
         --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
         --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out  # GPU + Hub, not run by the tests
 
-Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...).
+Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...). The frozen base
+encoder encodes each clip once and later epochs read its features from a cache (`--cache_frozen_base auto`, the
+default: on where that is exact; up to `--frozen_base_cache_gb` in memory, the rest in
+`<output_dir>/frozen_base_features`); hits, misses and bytes are logged as `frozen_base_cache/*`.
 """
 
 from __future__ import annotations
