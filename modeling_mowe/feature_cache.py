@@ -327,14 +327,14 @@ def install_frozen_base_cache(
     `cache_frozen_base`: None (on where exact, see `cache_is_exact`), False (off), True (on; `ValueError` if the
     base is trainable; a base with dropout then runs without it), or a `FrozenFeatureStore` to use (e.g. one shared
     by several runs of the same frozen encoder). True and None use a store that keeps up to `max_memory_bytes`
-    (default 2 GiB) in memory and spills the rest to `<output_dir>/frozen_base_features`.
+    (default 2 GiB) in memory and spills the rest to `<output_dir>/_frozen_base_features`.
     """
     model = trainer.model
     if cache_frozen_base is False or (cache_frozen_base is None and not cache_is_exact(model)):
         return None
     store = cache_frozen_base
     if not isinstance(store, FrozenFeatureStore):
-        store = FrozenFeatureStore(Path(trainer.args.output_dir) / "frozen_base_features", max_memory_bytes)
+        store = FrozenFeatureStore(Path(trainer.args.output_dir) / "_frozen_base_features", max_memory_bytes)
     cache = FrozenBaseCache(model, store)
     randomness = train_mode_randomness(cache.tower.config.base_encoder_config)
     if randomness:

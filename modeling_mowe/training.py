@@ -261,7 +261,7 @@ def make_sft_trainer(
     or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats, and the
     frozen base encoder's features cached per clip (`cache_frozen_base`: None = where exact, the default; True;
     False; or a `FrozenFeatureStore`), up to `frozen_base_cache_bytes` in memory, the rest spilled to
-    `<output_dir>/frozen_base_features` (see `feature_cache.install_frozen_base_cache`)."""
+    `<output_dir>/_frozen_base_features` (see `feature_cache.install_frozen_base_cache`)."""
     from trl import SFTTrainer
 
     training_args.remove_unused_columns = False
