@@ -1,6 +1,6 @@
 """The frozen-base feature cache and short log-mels: ratios measured in one run, on CPU.
 
-    .venv/bin/python benchmarks/bench_feature_cache.py [--clips-per-task 8] [--batch-size 8] [--shapes demo paper]
+    .venv/bin/python benchmarks/bench_feature_cache.py [--clips-per-task 4] [--batch-size 4] [--shapes demo paper]
 
 1. A 3-epoch fine-tune through `make_sft_trainer` (TRL's SFTTrainer, espeak benchmark clips, `dynamic_audio_length`),
    with the frozen base's features cached (`cache_frozen_base=True`) and without: wall time of epoch 1 (the cache
@@ -9,7 +9,7 @@
      demo's from-scratch Llama (d 256, 4 layers) trained in full;
    - paper: `bench_paper_shape.paper_config` (Whisper-large-v3 : tiny : Llama-3-8B proportions at 1/120), LoRA r 16.
 2. Collation of 16 clips (`MoWEDataCollator`, the demo's processor): 30 s log-mels vs only the longest clip's,
-   median of 7.
+   interleaved, median of 7.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -
     torch.manual_seed(0)
     model = MoWEForConditionalGeneration(config)
     args = SFTConfig(
-        output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=batch_size, logging_steps=1,
+        output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=batch_size, logging_steps=10_000,
         save_strategy="no", report_to="none", bf16=False, disable_tqdm=True, dataloader_pin_memory=False,
         max_length=None, seed=0, data_seed=0, learning_rate=1e-4,
     )
@@ -88,26 +88,28 @@ def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -
 
 
 def collation_seconds(rows, repeats: int = 7) -> dict[str, float]:
+    """Median seconds to collate 16 clips with 30 s log-mels and with the longest clip's, interleaved."""
     config = demo_config()
     batch = [rows[i] for i in range(16)]
-    out = {}
+    collators = {}
     for length in ("chunk", "longest"):
         processor = processor_for(config)
         processor.feature_extractor = MoWEFeatureExtractor.from_mowe_config(config, log_mel_length=length)
-        collator = MoWEDataCollator(processor)
-        times = []
-        for _ in range(repeats):
+        collators[length] = MoWEDataCollator(processor)
+    times: dict[str, list[float]] = {length: [] for length in collators}
+    shapes = {}
+    for _ in range(repeats):
+        for length, collator in collators.items():
             start = time.perf_counter()
-            features = collator(batch)["input_features"]
-            times.append(time.perf_counter() - start)
-        out[f"{length} {tuple(features.shape)}"] = statistics.median(times)
-    return out
+            shapes[length] = tuple(collator(batch)["input_features"].shape)
+            times[length].append(time.perf_counter() - start)
+    return {f"{length} {shapes[length]}": statistics.median(t) for length, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips-per-task", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--clips-per-task", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--shapes", nargs="+", default=["demo", "paper"], choices=["demo", "paper"])
     args = parser.parse_args()
     from modeling_mowe.data import BenchmarkConfig, build_benchmark
