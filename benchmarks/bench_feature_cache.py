@@ -1,15 +1,15 @@
 """The frozen-base feature cache and short log-mels: ratios measured in one run, on CPU.
 
-    .venv/bin/python benchmarks/bench_feature_cache.py [--clips-per-task 4] [--batch-size 4] [--shapes demo paper]
+    .venv/bin/python benchmarks/bench_feature_cache.py [--clips-per-task 2] [--batch-size 2] [--shapes demo paper]
 
 1. A 3-epoch fine-tune through `make_sft_trainer` (TRL's SFTTrainer, espeak benchmark clips, `dynamic_audio_length`),
-   with the frozen base's features cached (`cache_frozen_base=True`) and without: wall time of epoch 1 (the cache
-   fills) and of epochs 2-3 (served from it), per arm. Shapes, random weights:
+   with the frozen base's features cached (`cache_frozen_base=True`) and without: CPU time of epoch 1 (the cache
+   fills) and of epochs 2-3 (served from it), per arm, one torch thread. Shapes, random weights:
    - demo: Whisper-base (d 512, 6 layers) base, 4 x Whisper-tiny.en (d 384, 4 layers) pool, top-1, both routers, the
      demo's from-scratch Llama (d 256, 4 layers) trained in full;
    - paper: `bench_paper_shape.paper_config` (Whisper-large-v3 : tiny : Llama-3-8B proportions at 1/120), LoRA r 16.
 2. Collation of 16 clips (`MoWEDataCollator`, the demo's processor): 30 s log-mels vs only the longest clip's,
-   interleaved, median of 7.
+   interleaved, median of 7 (wall time).
 """
 
 from __future__ import annotations
@@ -55,14 +55,17 @@ def processor_for(config: MoWEConfig) -> MoWEProcessor:
 
 
 class EpochClock(TrainerCallback):
+    """CPU seconds of this process per epoch (one torch thread, no loader workers: on a shared machine CPU time
+    moves far less with other jobs' load than wall time)."""
+
     def __init__(self):
         self.seconds: list[float] = []
 
     def on_epoch_begin(self, *args, **kwargs):
-        self.start = time.perf_counter()
+        self.start = time.process_time()
 
     def on_epoch_end(self, *args, **kwargs):
-        self.seconds.append(time.perf_counter() - self.start)
+        self.seconds.append(time.process_time() - self.start)
 
 
 def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -> list[float]:
@@ -90,7 +93,7 @@ def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -
 def collation_seconds(rows, repeats: int = 7) -> dict[str, float]:
     """Median seconds to collate 16 clips with 30 s log-mels and with the longest clip's, interleaved."""
     config = demo_config()
-    batch = [rows[i] for i in range(16)]
+    batch = [rows[i % len(rows)] for i in range(16)]
     collators = {}
     for length in ("chunk", "longest"):
         processor = processor_for(config)
@@ -108,10 +111,11 @@ def collation_seconds(rows, repeats: int = 7) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips-per-task", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--clips-per-task", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=["demo", "paper"], choices=["demo", "paper"])
     args = parser.parse_args()
+    torch.set_num_threads(1)
     from modeling_mowe.data import BenchmarkConfig, build_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +128,7 @@ def main() -> None:
         for shape in args.shapes:
             epochs = {cache: fine_tune(shape, cache, rows, args.batch_size, f"{tmp}/{shape}-{cache}")
                       for cache in (False, True)}
-            print(f"\n{shape} shape: seconds per epoch (1, 2, 3)")
+            print(f"\n{shape} shape: CPU seconds per epoch (1, 2, 3)")
             for cache, seconds in epochs.items():
                 print(f"  {'cached' if cache else 'plain':7} " + "  ".join(f"{s:7.1f}" for s in seconds))
             plain, cached = sum(epochs[False][1:]), sum(epochs[True][1:])
