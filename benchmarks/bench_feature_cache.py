@@ -4,12 +4,12 @@
 
 1. A 3-epoch fine-tune through `make_sft_trainer` (TRL's SFTTrainer, espeak benchmark clips, `dynamic_audio_length`),
    with the frozen base's features cached (`cache_frozen_base=True`) and without: CPU time of epoch 1 (the cache
-   fills) and of epochs 2-3 (served from it), per arm, one torch thread. Shapes, random weights:
+   fills) and of epochs 2-3 (served from it), per arm, one torch thread, after a one-step warm-up run. Shapes, random weights:
    - demo: Whisper-base (d 512, 6 layers) base, 4 x Whisper-tiny.en (d 384, 4 layers) pool, top-1, both routers, the
      demo's from-scratch Llama (d 256, 4 layers) trained in full;
    - paper: `bench_paper_shape.paper_config` (Whisper-large-v3 : tiny : Llama-3-8B proportions at 1/120), LoRA r 16.
-2. Collation of 16 clips (`MoWEDataCollator`, the demo's processor): 30 s log-mels vs only the longest clip's,
-   interleaved, median of 7 (wall time).
+2. Collation of 16 clips (`MoWEDataCollator`, the demo's processor), and feature extraction alone: 30 s log-mels vs
+   only the longest clip's, interleaved, median CPU time of 21.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class EpochClock(TrainerCallback):
         self.seconds.append(time.process_time() - self.start)
 
 
-def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -> list[float]:
-    """Seconds of each of 3 epochs."""
+def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str, epochs: int = 3) -> list[float]:
+    """CPU seconds of each epoch."""
     from trl import SFTConfig
 
     config = demo_config() if shape == "demo" else paper_config("both")
@@ -77,7 +77,7 @@ def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -
     torch.manual_seed(0)
     model = MoWEForConditionalGeneration(config)
     args = SFTConfig(
-        output_dir=output_dir, num_train_epochs=3, per_device_train_batch_size=batch_size, logging_steps=10_000,
+        output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size, logging_steps=10_000,
         save_strategy="no", report_to="none", bf16=False, disable_tqdm=True, dataloader_pin_memory=False,
         max_length=None, seed=0, data_seed=0, learning_rate=1e-4,
     )
@@ -90,23 +90,29 @@ def fine_tune(shape: str, cache: bool, rows, batch_size: int, output_dir: str) -
     return clock.seconds
 
 
-def collation_seconds(rows, repeats: int = 7) -> dict[str, float]:
-    """Median seconds to collate 16 clips with 30 s log-mels and with the longest clip's, interleaved."""
+def collation_seconds(rows, repeats: int = 21) -> dict[str, float]:
+    """Median CPU seconds to collate 16 clips, and to extract their features alone, with 30 s log-mels and with the
+    longest clip's, interleaved."""
+    from modeling_mowe.data import load_audio
+
     config = demo_config()
     batch = [rows[i % len(rows)] for i in range(16)]
+    waves = [load_audio(row["audio"])[0] for row in batch]
     collators = {}
     for length in ("chunk", "longest"):
         processor = processor_for(config)
         processor.feature_extractor = MoWEFeatureExtractor.from_mowe_config(config, log_mel_length=length)
         collators[length] = MoWEDataCollator(processor)
-    times: dict[str, list[float]] = {length: [] for length in collators}
-    shapes = {}
+    times: dict[str, list[float]] = {}
     for _ in range(repeats):
         for length, collator in collators.items():
-            start = time.perf_counter()
-            shapes[length] = tuple(collator(batch)["input_features"].shape)
-            times[length].append(time.perf_counter() - start)
-    return {f"{length} {shapes[length]}": statistics.median(t) for length, t in times.items()}
+            start = time.process_time()
+            shape = tuple(collator(batch)["input_features"].shape)
+            times.setdefault(f"collate, log-mels {length} {shape}", []).append(time.process_time() - start)
+            start = time.process_time()
+            collator.processor.feature_extractor(waves, sampling_rate=16_000)
+            times.setdefault(f"features only, log-mels {length}", []).append(time.process_time() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -122,10 +128,11 @@ def main() -> None:
         bench = BenchmarkConfig(train_per_task=args.clips_per_task, validation_per_task=1, test_per_task=1)
         rows = build_benchmark(Path(tmp) / "bench", bench, progress=False)["train"]
         print(f"torch threads {torch.get_num_threads()}; {len(rows)} clips, batch {args.batch_size}, 3 epochs")
-        print("\ncollation of 16 clips (median of 7):")
+        print("\n16 clips, CPU ms (median of 21):")
         for name, seconds in collation_seconds(rows).items():
-            print(f"  log-mels {name:28} {seconds * 1000:8.1f} ms")
+            print(f"  {name:45} {seconds * 1000:8.1f}")
         for shape in args.shapes:
+            fine_tune(shape, False, rows.select(range(args.batch_size)), args.batch_size, f"{tmp}/warm-up", epochs=1)
             epochs = {cache: fine_tune(shape, cache, rows, args.batch_size, f"{tmp}/{shape}-{cache}")
                       for cache in (False, True)}
             print(f"\n{shape} shape: CPU seconds per epoch (1, 2, 3)")
