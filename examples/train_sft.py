@@ -1,8 +1,9 @@
 """Fine-tune a MoWE audio LLM with TRL's SFTTrainer.
 
-Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise):
+Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise), audio
+decoding and feature extraction in 2 DataLoader worker processes:
     python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
-        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4
+        --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4 --dataloader_num_workers 2
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
@@ -13,7 +14,10 @@ Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
         --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
         --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out  # GPU + Hub, not run by the tests
 
-Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...).
+Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...). The frozen base
+encoder encodes each clip once and later epochs read its features from a cache (`--cache_frozen_base auto`, the
+default: on where that is exact; up to `--frozen_base_cache_gb` in memory, the rest in
+`<output_dir>/_frozen_base_features`); hits, misses and bytes are logged as `frozen_base_cache/*`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ class ScriptArguments:
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM (else the LLM stays frozen)."})
     lora_r: int = 16
     train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
+    cache_frozen_base: str = field(
+        default="auto",
+        metadata={"help": "Encode each clip once with the frozen base encoder and reuse its features in later epochs: "
+                  "auto (where exact: frozen base without dropout), true, false.", "choices": ["auto", "true", "false"]},
+    )
+    frozen_base_cache_gb: float = field(
+        default=2.0, metadata={"help": "Memory for cached base features; the rest spills to <output_dir>/_frozen_base_features."}
+    )
 
 
 def load_model_and_processor(args: ScriptArguments):
@@ -83,6 +95,8 @@ def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,
         use_lora=args.use_lora, lora_r=args.lora_r, train_language_model=args.train_language_model,
+        cache_frozen_base={"auto": None, "true": True, "false": False}[args.cache_frozen_base],
+        frozen_base_cache_bytes=int(args.frozen_base_cache_gb * 2**30),
     )
 
 

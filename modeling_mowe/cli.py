@@ -19,7 +19,10 @@ Stages (each prints what it does; artefacts under --output-dir):
 6. the MoWE model saved as a Hub-ready folder, reloaded with AutoModel/AutoProcessor(trust_remote_code=True),
    answering one held-out clip per task; plots: loss curves, the routers' choices per task.
 
-The frozen base encoder encodes each clip once for the whole run (`CachedFrozenEncoder`), not once per step and arm.
+The frozen base encoder encodes each clip once for the whole run, not once per step and arm: one
+`feature_cache.FrozenFeatureStore` serves the alignment, both arms and their evaluation (`make_sft_trainer`'s
+`cache_frozen_base`). In `dynamic_audio_length` mode the processor computes log-mels only as long as each batch's
+longest clip.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput
 
 SCRATCH_TOKENIZER = Path(__file__).resolve().parent.parent / "hub_configs" / "mowe-tiny-random"
 LLM_CHOICES = ("scratch", "gemma-3-270m")
@@ -106,8 +108,8 @@ def _fingerprint(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def build_model(settings: DemoSettings, parts: dict, router_type: str, feature_store: dict):
-    """`(model, processor)` composed from the pretrained parts; its frozen base encoder reads `feature_store`."""
+def build_model(settings: DemoSettings, parts: dict, router_type: str):
+    """`(model, processor)` composed from the pretrained parts."""
     from . import MoWEForConditionalGeneration, MoWEProcessor
 
     torch.manual_seed(settings.seed)
@@ -120,8 +122,6 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str, feature_s
         parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs,
         component_checkpoints=describe_parts(settings, with_weak_pool=bool(weak)),
     )
-    tower = model.get_encoder(modality="audio")
-    tower.base_encoder = CachedFrozenEncoder(tower.base_encoder, feature_store)
     return model, processor
 
 
@@ -136,43 +136,6 @@ def describe_parts(settings: DemoSettings, with_weak_pool: bool) -> dict:
     described["text_model"] = f"a Llama trained from scratch by the mowe-audio demo ({settings.scratch_llm})"
     described["licenses"]["text_model"] = "Apache-2.0 (this project's own weights)"
     return described
-
-
-class CachedFrozenEncoder(nn.Module):
-    """A frozen dynamic-length Whisper encoder that encodes each distinct clip once: its frames are kept in `store`
-    (shared by every model with the same frozen encoder), keyed by the clip's log-mel frames.
-
-    Exact: in dynamic mode a clip's frames do not depend on the batch it comes in (padded mel frames are masked),
-    and padded output frames are never read (the router pools and the projector stacks valid frames only).
-    `uncached()` gives the encoder back for saving.
-    """
-
-    def __init__(self, encoder: nn.Module, store: dict):
-        super().__init__()
-        self.encoder = encoder.requires_grad_(False)
-        self.store = store
-
-    def uncached(self) -> nn.Module:
-        return self.encoder
-
-    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """`input_features` [b, n_mels, mel_frames], `attention_mask` [b, mel_frames] -> [b, ceil(mel_frames / 2), d]."""
-        mel_lengths = attention_mask.sum(-1).tolist()
-        keys = [
-            hashlib.sha1(input_features[i, :, :n].detach().cpu().numpy().tobytes()).digest()
-            for i, n in enumerate(mel_lengths)
-        ]
-        missing = [i for i, key in enumerate(keys) if key not in self.store]
-        if missing:
-            with torch.no_grad():
-                hidden = self.encoder(input_features=input_features[missing], attention_mask=attention_mask[missing])
-            for row, i in enumerate(missing):
-                self.store[keys[i]] = hidden.last_hidden_state[row, : (mel_lengths[i] + 1) // 2].clone()
-        frames = [self.store[key] for key in keys]
-        output = frames[0].new_zeros(len(frames), (input_features.shape[-1] + 1) // 2, frames[0].shape[-1])
-        for i, clip in enumerate(frames):
-            output[i, : len(clip)] = clip
-        return BaseModelOutput(last_hidden_state=output)
 
 
 # ------------------------------------------------------------------------------------ stages 3-4: training
@@ -206,18 +169,19 @@ def sft_config(settings: DemoSettings, output_dir: Path, steps: int, learning_ra
 
 
 def train(
-    settings: DemoSettings, name: str, model, processor, train_split, steps: int, learning_rate: float
+    settings: DemoSettings, name: str, model, processor, train_split, steps: int, learning_rate: float, feature_store
 ) -> tuple[nn.Module, dict]:
     """Fine-tune `model` for `steps`; returns it (LoRA merged) and its parameter counts, time and log history.
 
-    The policy, the same for every run: base encoder frozen; weak pool, routers and projector trained; a
-    from-scratch LLM trained in full, a pretrained one with LoRA."""
+    The policy, the same for every run: base encoder frozen (its features served from `feature_store`, a
+    `FrozenFeatureStore` shared by the runs); weak pool, routers and projector trained; a from-scratch LLM trained
+    in full, a pretrained one with LoRA."""
     from .training import make_sft_trainer
 
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
         model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps, learning_rate), train_split,
-        use_lora=lora, train_language_model=not lora,
+        use_lora=lora, train_language_model=not lora, cache_frozen_base=feature_store,
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -234,7 +198,7 @@ def train(
 ALIGNED_PARTS = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
 
 
-def align(settings: DemoSettings, parts: dict, train_split, feature_store: dict) -> tuple[dict, dict]:
+def align(settings: DemoSettings, parts: dict, train_split, feature_store) -> tuple[dict, dict]:
     """Stage 3: train a base-only model (LLM and fresh projector; base frozen) on the training split. Returns the
     aligned LLM + projector weights and the run's stats; both are cached on disk."""
     from safetensors.torch import load_file, save_file
@@ -246,9 +210,10 @@ def align(settings: DemoSettings, parts: dict, train_split, feature_store: dict)
         log(f"stage 3: reusing the aligned base-only model from {cache}")
         return load_file(str(cache / "aligned.safetensors")), json.loads((cache / "stats.json").read_text())
     log(f"stage 3: alignment: base-only, {settings.align_steps} steps (the LLM learns to read audio tokens)")
-    model, processor = build_model(settings, parts, "none", feature_store)
+    model, processor = build_model(settings, parts, "none")
     model, stats = train(
-        settings, "alignment", model, processor, train_split, settings.align_steps, settings.learning_rate
+        settings, "alignment", model, processor, train_split, settings.align_steps, settings.learning_rate,
+        feature_store,
     )
     state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(ALIGNED_PARTS)}  # untied copies
     cache.mkdir(parents=True, exist_ok=True)
@@ -343,6 +308,7 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
 def run_demo(settings: DemoSettings) -> dict:
     """All demo stages; returns the summary (results, intervals, timings, artefact paths, reloaded answers)."""
     from .data import BenchmarkConfig, build_benchmark
+    from .feature_cache import FrozenFeatureStore
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +334,7 @@ def run_demo(settings: DemoSettings) -> dict:
     log("         " + ", ".join(f"{name}: {len(split)} rows" for name, split in splits.items()))
     lap("benchmark")
 
-    feature_store: dict = {}
+    feature_store = FrozenFeatureStore()  # in memory: the demo's clips take ~0.5 GB of Whisper-base features
     aligned, training = align(settings, parts, splits["train"], feature_store)
     training = {"alignment": training}
     lap("alignment")
@@ -376,10 +342,11 @@ def run_demo(settings: DemoSettings) -> dict:
     arms = {}
     for name, router_type in (("MoWE", "both"), ("base-only", "none")):
         log(f"stage 4: fine-tuning {name} from the aligned model")
-        model, processor = build_model(settings, parts, router_type, feature_store)
+        model, processor = build_model(settings, parts, router_type)
         start_from_aligned(model, aligned)
         model, training[name] = train(
-            settings, name, model, processor, splits["train"], settings.steps, settings.finetune_learning_rate
+            settings, name, model, processor, splits["train"], settings.steps, settings.finetune_learning_rate,
+            feature_store,
         )
         arms[name] = (model.eval(), processor)
         lap(f"train {name}")
@@ -392,7 +359,6 @@ def run_demo(settings: DemoSettings) -> dict:
     mowe, processor = arms["MoWE"]
     routing = routing_by_task(mowe, processor, splits["test"])
     tower = mowe.get_encoder(modality="audio")
-    tower.base_encoder = tower.base_encoder.uncached()
     model_dir = out / "mowe-model"
     examples = publish_and_answer(mowe, processor, splits["test"], out / "results.json", model_dir)
     encoder_names = [f"{i}:{c.model_type}" for i, c in enumerate(tower.config.weak_encoder_configs)]

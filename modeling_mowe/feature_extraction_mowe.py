@@ -227,10 +227,14 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         sampling_rate (`int`, defaults to 16000): the rate every clip is resampled to.
         chunk_length (`int`, defaults to 30): window length in seconds (Whisper's input length).
         min_samples (`int`, defaults to 400): shortest window every encoder gives a frame for.
+        log_mel_length (`str`, defaults to `"chunk"`): `"chunk"` gives every window's log-mels `chunk_length` s of
+            frames, as Whisper reads them in padded mode; `"longest"` only the frames of the batch's longest window
+            (rounded up to an even count) that a `dynamic_audio_length` model reads, with the same values on them.
 
     Returns a [`BatchFeature`] with one row per window:
-        - `input_features` `(num_windows, sum of distinct n_mels, chunk_length * 100)`: log-mels stacked on channels
-          (if any encoder reads log-mels);
+        - `input_features` `(num_windows, sum of distinct n_mels, mel_frames)`: log-mels stacked on channels (if any
+          encoder reads log-mels); `mel_frames` is `chunk_length * 100`, or with `log_mel_length="longest"` the
+          longest window's;
         - `input_values` `(num_windows, longest window)`: zero-mean unit-variance waveforms, zero-padded (if any
           encoder reads the waveform);
         - `audio_lengths` `(num_windows,)`: real samples per window.
@@ -245,6 +249,7 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         chunk_length: int = WHISPER_CHUNK_SECONDS,
         min_samples: int = 400,
         padding_value: float = 0.0,
+        log_mel_length: str = "chunk",
         **kwargs,
     ):
         front_ends = front_ends if front_ends is not None else [{"kind": "log_mel", "n_mels": 128}]
@@ -259,6 +264,9 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         self.front_ends = front_ends
         self.chunk_length = chunk_length
         self.min_samples = min_samples
+        if log_mel_length not in ("chunk", "longest"):
+            raise ValueError(f"log_mel_length must be 'chunk' or 'longest', got {log_mel_length!r}.")
+        self.log_mel_length = log_mel_length
         self._mel_extractors = {
             f["n_mels"]: WhisperFeatureExtractor(
                 feature_size=f["n_mels"], sampling_rate=sampling_rate, chunk_length=chunk_length
@@ -274,7 +282,9 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
 
     @classmethod
     def from_mowe_config(cls, config, **kwargs) -> MoWEFeatureExtractor:
-        """The feature extractor the encoders of a `MoWEConfig` need (only the base encoder's if `router_type="none"`)."""
+        """The feature extractor the encoders of a `MoWEConfig` need (only the base encoder's if `router_type="none"`);
+        log-mels only as long as the batch's longest window when the model runs in `dynamic_audio_length` mode."""
+        kwargs.setdefault("log_mel_length", "longest" if getattr(config, "dynamic_audio_length", False) else "chunk")
         return cls(
             front_ends=config.audio_front_ends,
             min_samples=max(min_samples(frame_spec(c)) for c in config.active_encoder_configs),
@@ -331,8 +341,15 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         stft = torch.stft(torch.from_numpy(batch), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True)
         return stft[..., :computed].abs() ** 2, num_frames
 
+    def mel_frames_read(self, longest_window: int) -> int:
+        """Log-mel frames a `dynamic_audio_length` Whisper reads for a batch whose longest window has `longest_window`
+        samples: its mel frames rounded up to an even count (conv2's stride), at most `chunk_length` s of them."""
+        hop = next(iter(self._mel_extractors.values())).hop_length
+        return min(self.chunk_length * self.sampling_rate // hop, 2 * ((longest_window // hop + 1) // 2))
+
     def log_mel(self, power: torch.Tensor, num_frames: int, n_mels: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output (into `out`)."""
+        """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output (into `out`, which
+        may keep only the first frames: their values are those of the full `num_frames`)."""
         filters = torch.from_numpy(self._mel_extractors[n_mels].mel_filters).to(torch.float32)
         log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
         floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
@@ -341,8 +358,9 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
             floor = floor.clamp(min=-10.0)
         if out is None:
             out = np.empty((power.shape[0], n_mels, num_frames), dtype=np.float32)
-        out[..., :computed] = ((torch.maximum(log_spec, floor) + 4.0) / 4.0).numpy()
-        out[..., computed:] = ((floor + 4.0) / 4.0).numpy()
+        shown = min(computed, out.shape[-1])
+        out[..., :shown] = ((torch.maximum(log_spec[..., :shown], floor) + 4.0) / 4.0).numpy()
+        out[..., shown:] = ((floor + 4.0) / 4.0).numpy()
         return out
 
     def normalized_waveform(self, windows: list[np.ndarray]) -> np.ndarray:
@@ -374,7 +392,10 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         data: dict[str, Any] = {}
         if self._mel_extractors:
             power, num_frames = self.power_spectrogram(windows)
-            features = np.empty((len(windows), self.feature_size, num_frames), dtype=np.float32)
+            kept = num_frames
+            if self.log_mel_length == "longest":
+                kept = self.mel_frames_read(max(len(w) for w in windows))
+            features = np.empty((len(windows), self.feature_size, kept), dtype=np.float32)
             start = 0
             for n_mels in self._mel_extractors:
                 self.log_mel(power, num_frames, n_mels, out=features[:, start : start + n_mels])

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .encoders import encoder_family
+from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 from .feature_extraction_mowe import to_mono_waveform
 
 IGNORE_INDEX = -100
@@ -260,9 +261,14 @@ def make_sft_trainer(
     train_language_model: bool = False,
     train_base_encoder: bool = False,
     callbacks: list | None = None,
+    cache_frozen_base: bool | FrozenFeatureStore | None = None,
+    frozen_base_cache_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ):
     """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
-    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats."""
+    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats, and the
+    frozen base encoder's features cached per clip (`cache_frozen_base`: None = where exact, the default; True;
+    False; or a `FrozenFeatureStore`), up to `frozen_base_cache_bytes` in memory, the rest spilled to
+    `<output_dir>/_frozen_base_features` (see `feature_cache.install_frozen_base_cache`)."""
     from trl import SFTTrainer
 
     training_args.remove_unused_columns = False
@@ -281,4 +287,5 @@ def make_sft_trainer(
         callbacks=callbacks,
     )
     add_routing_stats_callback(trainer)
+    install_frozen_base_cache(trainer, cache_frozen_base, frozen_base_cache_bytes)
     return trainer

@@ -122,34 +122,6 @@ def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processo
     assert weak_columns.abs().sum() == 0
 
 
-def test_cached_frozen_encoder_gives_the_encoders_frames_and_encodes_each_clip_once(tiny_config):
-    import torch
-
-    from modeling_mowe.cli import CachedFrozenEncoder
-    from modeling_mowe.encoders import DynamicLengthWhisperEncoder
-
-    torch.manual_seed(0)
-    encoder = DynamicLengthWhisperEncoder(tiny_config.base_encoder_config).eval()
-    calls = []
-    encoder.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
-    cached = CachedFrozenEncoder(encoder, store={})
-    features = torch.randn(3, tiny_config.base_encoder_config.num_mel_bins, 40)
-    mask = (torch.arange(40)[None] < torch.tensor([[40], [26], [10]])).long()
-    valid = [20, 13, 5]
-    with torch.no_grad():
-        direct = encoder(input_features=features, attention_mask=mask).last_hidden_state
-        first = cached(features, mask).last_hidden_state
-        # The same clips again, reordered and in a shorter batch: all from the store.
-        again = cached(features[[2, 1], :, :26], mask[[2, 1], :26]).last_hidden_state
-    assert len(calls) == 2 and len(cached.store) == 3  # the direct call and the first cached one
-    for row, frames in enumerate(valid):
-        torch.testing.assert_close(first[row, :frames], direct[row, :frames], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(again[0, :5], direct[2, :5], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(again[1, :13], direct[1, :13], atol=1e-5, rtol=1e-5)
-    assert again.shape[1] == 13 and first[2, 5:].abs().sum() == 0
-    assert cached.uncached() is encoder
-
-
 def test_demo_with_gemma_names_its_licence(tmp_path):
     from modeling_mowe.cli import describe_parts
     from modeling_mowe.publishing import _card_license
@@ -164,3 +136,16 @@ def test_demo_refuses_an_unknown_llm(tmp_path):
         DemoSettings(output_dir=tmp_path, llm="gpt-5")
     with pytest.raises(SystemExit):
         main(["--llm", "gpt-5"])
+
+
+def test_demo_runs_serve_the_frozen_base_from_one_feature_cache(demo_run):
+    """The alignment encodes the clips; both arms, trained on the same clips in the same order, only read them."""
+    out, _ = demo_run
+    training = json.loads((out / "training.json").read_text())
+    counts = {
+        name: [sum(h.get(f"frozen_base_cache/{k}", 0) for h in run["history"]) for k in ("hits", "misses")]
+        for name, run in training.items()
+    }
+    assert counts["alignment"][1] > 0
+    seen = sum(counts["alignment"])  # clips the alignment read, some twice where its steps span two epochs
+    assert counts["MoWE"] == [seen, 0] and counts["base-only"] == [seen, 0]

@@ -330,3 +330,44 @@ def test_batch_errors_name_the_clip(extractor):
         extractor([noise(0.1), np.zeros(0, np.float32)], sampling_rate=SR)
     with pytest.raises(ValueError, match="Audio clip 0: .*NaN/Inf"):
         extractor([np.full(100, np.nan, np.float32)], sampling_rate=SR)
+
+
+def test_dynamic_mode_log_mels_end_at_the_longest_window_with_the_same_values():
+    """`dynamic_audio_length` models get log-mels only as long as the batch's longest window (even frame count),
+    equal to the 30 s ones on every frame kept; clips over 30 s keep their full windows; padded models are unchanged."""
+    config = MoWEConfig.from_pretrained(TINY, dynamic_audio_length=True)
+    short = MoWEFeatureExtractor.from_mowe_config(config)
+    full = MoWEFeatureExtractor.from_mowe_config(config, log_mel_length="chunk")
+    clips = [noise(s, seed=i) for i, s in enumerate([1.1, 2.9, 0.01, 1.234])]
+    kept = short(clips, sampling_rate=SR)["input_features"]
+    reference = full(clips, sampling_rate=SR)["input_features"]
+    assert short.log_mel_length == "longest" and kept.shape == (4, 208, 2 * ((int(2.9 * SR) // 160 + 1) // 2))
+    np.testing.assert_array_equal(kept, reference[..., : kept.shape[-1]])
+    assert short([noise(31.3)], sampling_rate=SR)["input_features"].shape == (2, 208, 3000)
+    config.dynamic_audio_length = False
+    assert MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR)["input_features"].shape[-1] == 3000
+
+
+def test_short_log_mels_give_the_model_the_same_outputs():
+    """The dynamic-mode model reads only the kept frames: logits and router choices equal those from 30 s log-mels."""
+    from modeling_mowe import MoWEForConditionalGeneration
+
+    config = MoWEConfig.from_pretrained(TINY, dynamic_audio_length=True)
+    torch.manual_seed(0)
+    model = MoWEForConditionalGeneration(config).eval()
+    clips = [noise(s, seed=i) for i, s in enumerate([1.3, 0.7, 2.05])]
+    extractors = {
+        length: MoWEFeatureExtractor.from_mowe_config(config, log_mel_length=length) for length in ("longest", "chunk")
+    }
+    with torch.no_grad():
+        outputs = {
+            length: model.get_audio_features(**extractor(clips, sampling_rate=SR, return_tensors="pt"))
+            for length, extractor in extractors.items()
+        }
+    torch.testing.assert_close(outputs["longest"].pooler_output, outputs["chunk"].pooler_output, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outputs["longest"].router_indices, outputs["chunk"].router_indices)
+
+
+def test_unknown_log_mel_length_is_refused():
+    with pytest.raises(ValueError, match="log_mel_length"):
+        MoWEFeatureExtractor(log_mel_length="short")

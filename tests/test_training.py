@@ -249,3 +249,20 @@ def test_bf16_with_checkpointing_trains(splits, processor, tmp_path):
     losses = train_losses(trainer)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert next(p for n, p in trainer.model.named_parameters() if "base_encoder" in n).dtype == torch.bfloat16
+
+
+def test_collator_works_in_spawned_dataloader_workers(splits, processor):
+    """Audio decoding and feature extraction run in 2 `DataLoader` worker processes (spawned: the collator is pickled
+    into them, as with `dataloader_num_workers=2` on macOS/Windows) and give the in-process batches."""
+    from torch.utils.data import DataLoader
+
+    rows = splits["train"].select(range(4))
+    collator = MoWEDataCollator(processor)
+    loader = DataLoader(rows, batch_size=2, collate_fn=collator, num_workers=2, multiprocessing_context="spawn")
+    in_workers = list(loader)
+    in_process = [collator([rows[i] for i in range(start, start + 2)]) for start in (0, 2)]
+    assert len(in_workers) == 2
+    for got, expected in zip(in_workers, in_process):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
