@@ -136,9 +136,13 @@ class MoWEAudioTower(nn.Module):
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
         # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
-        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do).
+        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do), and
+        # FSDP's class-based wrapping shards each such layer. Only classes the encoders contain: an encoder-only
+        # Whisper declares its decoder layer too, and accelerate refuses to wrap a class it cannot find.
+        encoders = (self.base_encoder, *self.weak_encoders)
+        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
         self._no_split_modules = sorted(
-            {name for encoder in (self.base_encoder, *self.weak_encoders) for name in encoder._no_split_modules or ()}
+            {name for encoder in encoders for name in encoder._no_split_modules or () if name in present}
         )
 
     @property
