@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
@@ -326,23 +327,24 @@ def check_audio_inputs(
     input_features: torch.Tensor | None, input_values: torch.Tensor | None, audio_lengths: torch.Tensor | None
 ) -> None:
     """Raise a `ValueError` for audio inputs that would otherwise end in a torch error or in silent NaN logits:
-    missing or negative `audio_lengths`, NaN/Inf features. One device sync for all checks."""
+    missing or negative `audio_lengths`, NaN/Inf features. One check on the device (`torch_compilable_check`: under
+    `torch.compile` a runtime assertion in the graph, no host sync); the message is worked out only on failure."""
     if audio_lengths is None:
         raise ValueError("`audio_lengths` (real samples per audio window) is required with audio inputs.")
     problems = {
         "`audio_lengths` has negative values; give the real number of samples of each window (>= 0), "
-        "as MoWEProcessor returns it.": (audio_lengths < 0).any(),
+        "as MoWEProcessor returns it.": (audio_lengths >= 0).all(),
     }
     for name, values in (("input_features", input_features), ("input_values", input_values)):
         if values is not None:
             problems[
                 f"`{name}` contains NaN or Inf values; check the audio (MoWEProcessor rejects NaN/Inf samples) "
                 "and any transform applied to the features after it."
-            ] = ~torch.isfinite(values).all()
-    flags = torch.stack(list(problems.values())).tolist()
-    for message, bad in zip(problems, flags):
-        if bad:
-            raise ValueError(message)
+            ] = torch.isfinite(values).all()
+    passed = torch.stack([ok.to(audio_lengths.device) for ok in problems.values()])
+    torch_compilable_check(
+        passed.all(), lambda: next(message for message, ok in zip(problems, passed.tolist()) if not ok)
+    )
 
 
 class MoWEPreTrainedModel(PreTrainedModel):
@@ -416,7 +418,8 @@ class MoWEModel(MoWEPreTrainedModel):
     def get_placeholder_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, num_audio_tokens: int
     ) -> torch.Tensor:
-        """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count."""
+        """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count against the audio's
+        `num_audio_tokens` on the device (a runtime assertion under `torch.compile`)."""
         if self.config.audio_token_id is None:
             raise ValueError(
                 "config.audio_token_id is not set, so the `<|audio|>` placeholders cannot be found; set it to "
@@ -429,12 +432,12 @@ class MoWEModel(MoWEPreTrainedModel):
             mask = (inputs_embeds == audio_embedding).all(-1)
         else:
             mask = input_ids == self.config.audio_token_id
-        if int(mask.sum()) != num_audio_tokens:
-            raise ValueError(
-                f"The text has {int(mask.sum())} audio placeholder tokens but the audio gives {num_audio_tokens} "
-                "audio embeddings. Build the inputs with MoWEProcessor, which expands each <|audio|> to its clip's "
-                "length (and check that truncation did not cut audio tokens)."
-            )
+        torch_compilable_check(
+            mask.sum() == num_audio_tokens,
+            lambda: f"The text has {int(mask.sum())} audio placeholder tokens but the audio gives {num_audio_tokens} "
+            "audio embeddings. Build the inputs with MoWEProcessor, which expands each <|audio|> to its clip's "
+            "length (and check that truncation did not cut audio tokens).",
+        )
         return mask[..., None].expand_as(inputs_embeds)
 
     @can_return_tuple
