@@ -232,3 +232,18 @@ def test_bf16_with_checkpointing_trains(splits, processor, tmp_path):
     losses = train_losses(trainer)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert next(p for n, p in trainer.model.named_parameters() if "base_encoder" in n).dtype == torch.bfloat16
+
+
+def test_freezing_policy_trains_the_pool_but_the_waveform_encoders_conv_stack():
+    from modeling_mowe.training import freeze_for_training
+
+    model = tiny_model()
+    freeze_for_training(model)
+    tower = model.model.audio_tower
+    assert not any(p.requires_grad for p in tower.base_encoder.parameters())
+    for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
+        conv_stack = encoder.feature_extractor if config.model_type == "hubert" else None
+        trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+        assert any(n.startswith(("layers.", "encoder.layers.")) for n in trainable), config.model_type
+        if conv_stack is not None:
+            assert not any(p.requires_grad for p in conv_stack.parameters())
