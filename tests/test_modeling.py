@@ -50,11 +50,11 @@ def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
 
 
 def selected_windows(router_indices):
-    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {expert: set(rows)}."""
+    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {weak_index: set(rows)}."""
     chosen: dict[int, set] = {}
     for row, per_router in enumerate(router_indices.tolist()):
-        for experts in per_router:
-            for e in experts:
+        for weak_indices in per_router:
+            for e in weak_indices:
                 chosen.setdefault(e, set()).add(row)
     return chosen
 
