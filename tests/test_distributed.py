@@ -145,6 +145,31 @@ def sharded_step(model, halves: list, rank: int, world: int, reference_grads: di
     }
 
 
+def ddp_steps(model, halves: list, rank: int, world: int, reference_grads: dict) -> dict:
+    """Two DDP steps (`find_unused_parameters=False`, which raises on the second step if a parameter got no gradient
+    in the first) on this rank's half: the first step's gradients against the single-process ones, and how far the
+    ranks' weights differ after both."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    inputs, labels = halves[rank]
+    mismatched = {}
+    for step in range(2):
+        optimizer.zero_grad()
+        ddp(**inputs, labels=labels).loss.backward()
+        if step == 0:
+            for name, param in model.named_parameters():
+                if param.grad is not None and not torch.allclose(param.grad, reference_grads[name], atol=ATOL, rtol=RTOL):
+                    mismatched[name] = (param.grad - reference_grads[name]).abs().max().item()
+        optimizer.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"mismatched": mismatched, "rank_difference": max((g - flat).abs().max().item() for g in gathered)}
+
+
 def fsdp_worker(out_dir: Path) -> None:
     """One rank: the single-process reference on the global batch, then the same step under FSDP2 (wrapped by hand as
     accelerate's default does, and by accelerate's own preparation), compared; then, for the hand-wrapped model, an SGD
@@ -166,9 +191,10 @@ def fsdp_worker(out_dir: Path) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference_loss, reference_grads = single_process_step(copy.deepcopy(model), halves)
 
+    result = {"ddp": ddp_steps(copy.deepcopy(model), halves, rank, world, reference_grads)}
     by_accelerate = copy.deepcopy(model)
     shard_with_accelerate(by_accelerate)
-    result = {"accelerate": sharded_step(by_accelerate, halves, rank, world, reference_grads)}
+    result["accelerate"] = sharded_step(by_accelerate, halves, rank, world, reference_grads)
     del by_accelerate
 
     shard_with_fsdp2(model, mesh)
@@ -196,12 +222,13 @@ def sharded_checkpoint_to_folder(dcp_dir: Path, folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_step_equals_one_process_and_sharded_checkpoint_reloads(processor, tmp_path):
+def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(processor, tmp_path):
     """2 gloo ranks, FSDP2 on every `_no_split_modules` class (weak encoders' layers included, as accelerate's default
     wrapping does; by hand and by accelerate's own preparation), ranks routing to different weak encoders, gradient
     checkpointing: loss and every gradient equal the single-process run on the same global batch (atol 1e-5,
     rtol 1e-4); eval after a step does not hang; the sharded checkpoint turns into a `from_pretrained` folder whose
-    logits equal the sharded model's."""
+    logits equal the sharded model's. DDP with `find_unused_parameters=False` takes two steps: the same gradients, and
+    identical ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                str(tmp_path)]
@@ -221,6 +248,8 @@ def test_fsdp2_step_equals_one_process_and_sharded_checkpoint_reloads(processor,
     assert used[0] != used[1], "both ranks routed alike: the test would not cover sparse routing across ranks"
     assert set(used[0]) - set(used[1]) and set(used[1]) - set(used[0]), "no weak encoder used on one rank only"
     assert ranks[0]["accelerate"]["weak_encoders_used"] == used
+    for r in ranks:  # DDP with find_unused_parameters=False: the same gradients, and identical ranks after 2 steps
+        assert r["ddp"]["mismatched"] == {} and r["ddp"]["rank_difference"] == 0.0
 
     sharded_checkpoint_to_folder(tmp_path / "dcp", tmp_path / "folder")
     loaded = MoWEForConditionalGeneration.from_pretrained(tmp_path / "folder").eval()
