@@ -190,6 +190,9 @@ def fsdp_worker(out_dir: Path) -> None:
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference_loss, reference_grads = single_process_step(copy.deepcopy(model), halves)
+    with torch.no_grad():
+        reference_eval_logits = model.eval()(**halves[rank][0]).logits
+    model.train()
 
     result = {"ddp": ddp_steps(copy.deepcopy(model), halves, rank, world, reference_grads)}
     by_accelerate = copy.deepcopy(model)
@@ -199,8 +202,14 @@ def fsdp_worker(out_dir: Path) -> None:
 
     shard_with_fsdp2(model, mesh)
     result["torch"] = sharded_step(model, halves, rank, world, reference_grads)
-    torch.optim.SGD(model.parameters(), lr=0.5).step()
     model.eval()
+    with torch.no_grad():  # sparse routing that differs between the ranks, in eval, with the pool sharded per layer
+        outputs = model(**halves[rank][0])
+    used = [None] * world
+    dist.all_gather_object(used, weak_encoders_used(outputs.router_indices))
+    eval_difference = (outputs.logits - reference_eval_logits).abs().max().item()
+    result["eval"] = {"weak_encoders_used": used, "logits_difference": eval_difference}
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
     with torch.no_grad():
         logits = model(**halves[rank][0]).logits
     dcp.save(get_model_state_dict(model), checkpoint_id=str(out_dir / "dcp"))
@@ -248,6 +257,8 @@ def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(pr
     assert used[0] != used[1], "both ranks routed alike: the test would not cover sparse routing across ranks"
     assert set(used[0]) - set(used[1]) and set(used[1]) - set(used[0]), "no weak encoder used on one rank only"
     assert ranks[0]["accelerate"]["weak_encoders_used"] == used
+    for r in ranks:  # eval of the sharded model before the step: the unsharded model's logits, routing still differs
+        assert r["eval"]["weak_encoders_used"] == used and r["eval"]["logits_difference"] <= ATOL
     for r in ranks:  # DDP with find_unused_parameters=False: the same gradients, and identical ranks after 2 steps
         assert r["ddp"]["mismatched"] == {} and r["ddp"]["rank_difference"] == 0.0
 
