@@ -7,6 +7,10 @@
 2. MoWE forward vs its components called directly (base encoder, the selected weak encoders, projector, LLM).
 3. Sparse top-1 of 4 weak encoders vs all 4 run dense (router_top_k=4): weak-pool time and whole forward.
 4. Whisper encoder with dynamic_audio_length vs 30 s padding on a 3 s clip.
+5. The idle calls in training: a train step where both routers send every clip to one weak encoder, so the other
+   three run only their idle call (0.5 s of one clip, weighted zero; what lets DDP and FSDP2 see every encoder on every
+   rank), vs the same step with the idle calls switched off.
+6. `torch.compile` (Inductor) vs eager: inference forward, after a warm-up that compiles.
 """
 
 from __future__ import annotations
@@ -118,22 +122,23 @@ def bench_train_step(repeats: int, seconds: list[float]) -> tuple[float, str]:
 
 @torch.no_grad()
 def run_components(model: MoWEForConditionalGeneration, inputs: dict, choice: torch.Tensor) -> torch.Tensor:
-    """The MoWE forward's work called component by component, routing given (`choice` [windows, routers]): the base
-    encoder, each selected weak encoder once on its rows, their projections, the projector, the LLM and its head."""
+    """The MoWE forward's work called component by component, routing given (`choice` [windows, routers, top_k], the
+    model's `router_indices`): the base encoder, each selected weak encoder once on its rows, their projections, the
+    projector, the LLM and its head."""
     config, tower = model.config, model.model.audio_tower
     lengths = inputs["audio_lengths"]
     family = encoder_family(config.base_encoder_config)
     base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True).last_hidden_state
     frames = num_frames(lengths, tower.base_spec)
     blocks = base.new_zeros(choice.shape[1], *base.shape[:2], config.weak_hidden_size)
-    for expert in choice.unique().tolist():
-        rows = (choice == expert).any(-1).nonzero(as_tuple=True)[0]
-        weak = family.encode(tower.weak_encoders[expert], inputs["input_features"][rows, 128:], lengths[rows], True)
+    for weak_index in choice.unique().tolist():
+        rows = (choice == weak_index).any(-1).any(-1).nonzero(as_tuple=True)[0]
+        weak = family.encode(tower.weak_encoders[weak_index], inputs["input_features"][rows, 128:], lengths[rows], True)
         weak = weak.last_hidden_state
-        weak = align_to_frames(weak, tower.weak_specs[expert], tower.base_spec, frames[rows], base.shape[1])
-        weak = tower.weak_projections[expert](weak)
+        weak = align_to_frames(weak, tower.weak_specs[weak_index], tower.base_spec, frames[rows], base.shape[1])
+        weak = tower.weak_projections[weak_index](weak)
         for r in range(choice.shape[1]):
-            mine = choice[rows, r] == expert
+            mine = (choice[rows, r] == weak_index).any(-1)
             blocks[r, rows[mine]] = weak[mine]
     hidden = torch.cat([base, *blocks], dim=-1)
     audio = model.model.multi_modal_projector(hidden, frames)
@@ -148,7 +153,7 @@ def bench_glue(repeats: int, seconds: list[float]) -> tuple[float, str]:
     model = build(config).eval()
     inputs, _ = make_inputs(config, seconds)
     with torch.no_grad():
-        choice = model(**inputs).router_logits.argmax(-1)  # [windows, routers]
+        choice = model(**inputs).router_indices  # [windows, routers, top_k]
 
     def mowe():
         with torch.no_grad():
@@ -156,7 +161,7 @@ def bench_glue(repeats: int, seconds: list[float]) -> tuple[float, str]:
 
     times = median_seconds({"mowe": mowe, "direct": lambda: run_components(model, inputs, choice)}, repeats, clock=CLOCK)
     note = f"MoWE {times['mowe'] * 1e3:.0f} ms, components {times['direct'] * 1e3:.0f} ms"
-    return times["mowe"] / times["direct"], note + f"; experts {choice.unique().tolist()}"
+    return times["mowe"] / times["direct"], note + f"; weak encoders {choice.unique().tolist()}"
 
 
 def bench_sparse_vs_dense(repeats: int, seconds: list[float], router_type: str) -> tuple[float, float, str]:
@@ -215,11 +220,66 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
     return times[False] / times[True], note
 
 
+def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
+    """Train step (base frozen, SGD) with every clip routed to weak encoder 0 by both routers: the other three run
+    only their idle call. Same model, idle calls on vs off (`calls_every_weak_encoder` patched to False)."""
+    config = make_config("both")
+    model = build(config).train()
+    model.model.audio_tower.base_encoder.requires_grad_(False)
+    tower = model.model.audio_tower
+    with torch.no_grad():
+        tower.router_independent.logits.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+        tower.router_dependent.classifier.weight.zero_()
+        tower.router_dependent.classifier.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs, labels = make_inputs(config, seconds)
+
+    def step(idle_calls: bool):
+        if idle_calls:
+            tower.__dict__.pop("calls_every_weak_encoder", None)
+        else:
+            tower.calls_every_weak_encoder = lambda: False
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+
+    times = median_seconds({"idle": lambda: step(True), "sparse": lambda: step(False)}, repeats, clock=CLOCK)
+    tower.__dict__.pop("calls_every_weak_encoder", None)
+    note = f"with {times['idle'] * 1e3:.0f} ms, without {times['sparse'] * 1e3:.0f} ms; 3 of 4 weak encoders idle"
+    return times["idle"] / times["sparse"], note
+
+
+def bench_compile(repeats: int, seconds: list[float]) -> tuple[float, str]:
+    """Inference forward: `torch.compile(model)` (Inductor, default mode) vs eager, same inputs; the warm-up compiles."""
+    config = make_config("both")
+    model = build(config).eval()
+    compiled = torch.compile(model)
+    inputs, _ = make_inputs(config, seconds)
+
+    def forward(module):
+        with torch.no_grad():
+            return module(**inputs).logits
+
+    start = time.perf_counter()
+    difference = (forward(compiled) - forward(model)).abs().max().item()
+    compile_seconds = time.perf_counter() - start
+    times = median_seconds({"compiled": lambda: forward(compiled), "eager": lambda: forward(model)}, repeats, clock=CLOCK)
+    note = (
+        f"compiled {times['compiled'] * 1e3:.0f} ms, eager {times['eager'] * 1e3:.0f} ms; first call "
+        f"{compile_seconds:.0f} s (wall); max |logit difference| {difference:.1e}"
+    )
+    return times["compiled"] / times["eager"], note
+
+
+ROWS = ("train", "glue", "sparse", "dynamic", "idle", "compile")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="cpu: less hurt by other processes")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which benchmarks to run")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -227,22 +287,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seconds = [2.0, 3.0, 2.5, 3.5]
     rows = []
-    ratio, note = bench_train_step(args.repeats, seconds)
-    rows.append(("MoWE / base-only train step", ratio, "<= 1.10", ratio <= 1.10, note))
-    ratio, note = bench_glue(args.repeats, seconds)
-    rows.append(("MoWE forward / components alone", ratio, "<= 1.05", ratio <= 1.05, note))
-    for router_type in ("data_dependent", "both"):
-        pool, whole, note = bench_sparse_vs_dense(args.repeats, seconds, router_type)
-        label = f"top-1 / dense-4 ({router_type})"
-        rows.append((f"{label}: weak pool", pool, "<= 0.35", pool <= 0.35, note))
-        rows.append((f"{label}: whole fwd", whole, "(info)", None, ""))
-    ratio, note = bench_dynamic_length(max(3, args.repeats // 2))
-    rows.append(("Whisper 30 s / dynamic (3 s clip)", ratio, ">= 5", ratio >= 5, note))
+    if "train" in args.rows:
+        ratio, note = bench_train_step(args.repeats, seconds)
+        rows.append(("MoWE / base-only train step", ratio, "<= 1.10", ratio <= 1.10, note))
+    if "glue" in args.rows:
+        ratio, note = bench_glue(args.repeats, seconds)
+        rows.append(("MoWE forward / components alone", ratio, "<= 1.05", ratio <= 1.05, note))
+    if "sparse" in args.rows:
+        for router_type in ("data_dependent", "both"):
+            pool, whole, note = bench_sparse_vs_dense(args.repeats, seconds, router_type)
+            label = f"top-1 / dense-4 ({router_type})"
+            rows.append((f"{label}: weak pool", pool, "<= 0.35", pool <= 0.35, note))
+            rows.append((f"{label}: whole fwd", whole, "(info)", None, ""))
+    if "dynamic" in args.rows:
+        ratio, note = bench_dynamic_length(max(3, args.repeats // 2))
+        rows.append(("Whisper 30 s / dynamic (3 s clip)", ratio, ">= 5", ratio >= 5, note))
+    if "idle" in args.rows:
+        ratio, note = bench_idle_calls(args.repeats, seconds)
+        rows.append(("train step: idle calls / none", ratio, "<= 1.10", ratio <= 1.10, note))
+    if "compile" in args.rows:
+        ratio, note = bench_compile(args.repeats, seconds)
+        rows.append(("forward: compiled / eager", ratio, "(info)", None, note))
 
     print_ratio_table(
         rows,
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} time, clips {seconds} s, "
-        "dynamic length on (except the last row)",
+        "dynamic length on (except the Whisper 30 s row)",
     )
 
 

@@ -58,7 +58,6 @@ class WhisperEncoderFamily:
 
     model_types = ("whisper",)
     frame_type = "whisper"
-    frozen_in_training: tuple[str, ...] = ()
 
     @staticmethod
     def num_frames(num_samples: Any, spec: dict) -> Any:
@@ -170,9 +169,6 @@ class WaveformEncoderFamily:
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")  # the keys of LENGTH_AWARE_WAVEFORM_MODELS
     frame_type = "conv"
-    # The conv feature encoder stays frozen when fine-tuning, as in wav2vec2/HuBERT recipes (`freeze_feature_encoder`):
-    # its backward over raw 16 kHz samples costs more than the rest of a small encoder.
-    frozen_in_training: tuple[str, ...] = ("feature_extractor",)
 
     @staticmethod
     def front_end(config: PretrainedConfig) -> dict:

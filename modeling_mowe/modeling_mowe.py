@@ -30,9 +30,19 @@ from .routing import (
     AddAuxiliaryLoss,
     DataDependentRouter,
     DataIndependentRouter,
+    RoutingDecision,
     load_balancing_loss,
     top_k_gates,
 )
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch build without distributed support, or one older than FSDP2's public API
+    FSDPModule = None
+
+# What the idle call of a weak encoder that no window picked runs on: 0.5 s (25 frames at 50 frames/s), short but
+# long enough for SpecAugment's time masks of waveform encoders in training (10 frames by default).
+IDLE_CALL_SAMPLES = 8_000
 
 
 @dataclass
@@ -109,14 +119,16 @@ def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) ->
 class MoWEAudioTower(nn.Module):
     """The strong base encoder plus the routed pool of weak encoders.
 
-    Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
-    no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
-    the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
-    `AddAuxiliaryLoss`. In training, every trainable parameter of the weak pool also joins the graph through one
-    zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
-    parameters in every step whatever its clips picked (encoders that got no window, layers skipped by layerdrop,
-    SpecAugment's mask embedding): DDP runs with `find_unused_parameters=False` and FSDP2's reduce-scatter of the
-    unit holding the pool has the same tensors on every rank.
+    Sparse dispatch: each weak encoder runs once per forward, on the windows routed to it (by either router). The
+    gates g_i (router probabilities) multiply the selected encoders' features, which is how the routers get gradients
+    from the LM loss; the balancing loss reaches the data-dependent router through `AddAuxiliaryLoss`.
+
+    A weak encoder that no window picked is skipped, except in training (train mode with gradients enabled) and when
+    the pool is sharded per layer by FSDP2: then it runs on a short piece of the first window and its output joins the
+    features through an empty `index_add` (exactly zero, never NaN). So every data-parallel rank calls every weak
+    encoder, in the same order, in every step whatever its clips picked: FSDP2 units inside the pool all-gather on
+    every rank together, and DDP with `find_unused_parameters=False` gets a (zero) gradient for every parameter the
+    encoder used. In eval the dispatch stays truly sparse.
     """
 
     def __init__(self, config: MoWEConfig):
@@ -144,9 +156,13 @@ class MoWEAudioTower(nn.Module):
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
         # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
-        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do).
+        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do), and
+        # FSDP's class-based wrapping shards each such layer. Only classes the encoders contain: an encoder-only
+        # Whisper declares its decoder layer too, and accelerate refuses to wrap a class it cannot find.
+        encoders = (self.base_encoder, *self.weak_encoders)
+        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
         self._no_split_modules = sorted(
-            {name for encoder in (self.base_encoder, *self.weak_encoders) for name in encoder._no_split_modules or ()}
+            {name for encoder in encoders for name in encoder._no_split_modules or () if name in present}
         )
 
     @property
@@ -171,22 +187,24 @@ class MoWEAudioTower(nn.Module):
             raise ValueError("A waveform encoder needs `input_values` but none were given; use MoWEProcessor.")
         return input_values
 
-    def run_encoder(self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor, **kwargs) -> BaseModelOutput:
+    def run_encoder(
+        self, config, encoder, inputs: torch.Tensor, lengths: torch.Tensor, dynamic: bool | None = None, **kwargs
+    ) -> BaseModelOutput:
+        """`encoder` on `inputs` of clips of `lengths` samples `(b,)`; `last_hidden_state` `(b, frames, hidden_size)`.
+        `dynamic` defaults to `config.dynamic_audio_length` (see the encoder family's `encode`); `kwargs`
+        (`output_hidden_states`, `output_attentions`) go to the encoder."""
         family = encoder_family(config)
         dtype = next(encoder.parameters()).dtype
-        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=self.config.dynamic_audio_length, **kwargs)
+        dynamic = self.config.dynamic_audio_length if dynamic is None else dynamic
+        return family.encode(encoder, inputs.to(dtype), lengths, dynamic=dynamic, **kwargs)
 
-    def _touch_routed_parameters(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` plus 0 x one element of every trainable weak-pool parameter (training only): each gets a (zero)
-        gradient even if no window was routed to its encoder. Only the pool: the base encoder runs every step (and
-        may be sharded per layer by FSDP2, whose parameters are not to be read outside their layer's forward)."""
-        if not (self.training and torch.is_grad_enabled()):
-            return hidden
-        pool = [*self.weak_encoders.parameters(), *self.weak_projections.parameters()]
-        touched = [p.view(-1)[:1].to(hidden.dtype) for p in pool if p.requires_grad]
-        if not touched:
-            return hidden
-        return hidden + 0.0 * torch.cat(touched).sum()
+    def calls_every_weak_encoder(self) -> bool:
+        """Whether this forward must call every weak encoder, picked or not: in training (so every rank calls the same
+        modules and every parameter gets a gradient) and when FSDP2 shards inside the pool (each unit's all-gather
+        is a collective that every rank must issue, in eval too)."""
+        if self.training and torch.is_grad_enabled():
+            return True
+        return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in self.weak_encoders.modules())
 
     def forward(
         self,
@@ -213,43 +231,47 @@ class MoWEAudioTower(nn.Module):
         if not self.routers:
             return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
-        router_logits, selections = self.route(base_hidden, valid_frames)
+        router_logits, decisions = self.route(base_hidden, valid_frames)
         blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
-        for expert in range(len(self.weak_encoders)):
-            window_gates = [(index == expert).to(gates.dtype).mul(gates).sum(-1) for _, index, gates in selections]
-            chosen = torch.stack([(index == expert).any(-1) for _, index, _ in selections]).any(0)
-            rows = chosen.nonzero(as_tuple=True)[0]
+        call_every_encoder = self.calls_every_weak_encoder()
+        for weak_index in range(len(self.weak_encoders)):
+            picked = [decision.index == weak_index for decision in decisions]  # per router: (num_windows, top_k)
+            rows = torch.stack([p.any(-1) for p in picked]).any(0).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
+                if call_every_encoder:
+                    idle = self.idle_weak_features(weak_index, input_features, input_values)
+                    no_rows = idle[:0, :1].expand(0, num_base_frames, -1).to(blocks[0].device, blocks[0].dtype)
+                    blocks[0] = blocks[0].index_add(0, rows, no_rows)
                 continue
-            hidden = self.weak_features(expert, rows, input_features, input_values, audio_lengths, num_base_frames)
+            hidden = self.weak_features(weak_index, rows, input_features, input_values, audio_lengths, num_base_frames)
             hidden = hidden.to(base_hidden.device)
-            for r, gate in enumerate(window_gates):
+            for r, (decision, mine) in enumerate(zip(decisions, picked)):
+                gate = (mine.to(decision.gates.dtype) * decision.gates).sum(-1)[rows]
                 # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
-                # the base features' dtype (fp32 for fp32 weights), as do the sums over experts.
-                weighted = hidden * gate[rows, None, None].to(hidden.dtype)
+                # the base features' dtype (fp32 for fp32 weights), as do the sums over weak encoders.
+                weighted = hidden * gate[:, None, None].to(hidden.dtype)
                 blocks[r] = blocks[r].index_add(0, rows, weighted.to(blocks[r].dtype))
 
         aux_loss = None
         if "data_dependent" in self.routers:
-            probs, index, _ = selections[self.routers.index("data_dependent")]
-            aux_loss = load_balancing_loss(probs, index)
-        hidden = torch.cat([base_hidden, *blocks], dim=-1)
+            decision = decisions[self.routers.index("data_dependent")]
+            aux_loss = load_balancing_loss(decision.probs, decision.index)
         return MoWEAudioFeaturesOutput(
-            last_hidden_state=self._touch_routed_parameters(hidden),
+            last_hidden_state=torch.cat([base_hidden, *blocks], dim=-1),
             **base_outputs,
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
-            router_indices=torch.stack([index for _, index, _ in selections], dim=1),
-            router_gates=torch.stack([gates for _, _, gates in selections], dim=1),
+            router_indices=torch.stack([decision.index for decision in decisions], dim=1),
+            router_gates=torch.stack([decision.gates for decision in decisions], dim=1),
         )
 
     def route(
         self, base_hidden: torch.Tensor, valid_frames: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """Each active router's logits `(num_windows, num_weak)` and its top-k selection `(probs, index, gates)`,
-        index and gates `(num_windows, top_k)`, from the base features `(num_windows, T, d_b)`."""
-        router_logits, selections = [], []
+    ) -> tuple[list[torch.Tensor], list[RoutingDecision]]:
+        """Each active router's logits `(num_windows, num_weak_encoders)` and its `RoutingDecision` (index and gates
+        `(num_windows, top_k)`), from the base features `(num_windows, T, d_b)`."""
+        router_logits, decisions = [], []
         for router in self.routers:
             if router == "data_independent":
                 logits = self.router_independent(base_hidden.shape[0])
@@ -257,32 +279,50 @@ class MoWEAudioTower(nn.Module):
                 logits = self.router_dependent(base_hidden, valid_frames)
             # With `device_map` the routers may sit on another device than the base features: route where they are.
             router_logits.append(logits)
-            selections.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k))
-        return router_logits, selections
+            decisions.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k))
+        return router_logits, decisions
 
     def weak_features(
         self,
-        expert: int,
+        weak_index: int,
         rows: torch.Tensor,
         input_features: torch.Tensor | None,
         input_values: torch.Tensor | None,
         audio_lengths: torch.Tensor,
         num_base_frames: int,
     ) -> torch.Tensor:
-        """Weak encoder `expert` run on the windows `rows` only -> `(len(rows), num_base_frames, weak_hidden_size)`:
-        its features moved onto the base frame grid (on the device of `rows`) and projected, not yet gated."""
-        weak_config, spec = self.config.weak_encoder_configs[expert], self.weak_specs[expert]
+        """Weak encoder `weak_index` run on the windows `rows` only -> `(len(rows), num_base_frames,
+        weak_hidden_size)`: its features moved onto the base frame grid (on the device of `rows`) and projected, not
+        yet gated."""
+        weak_config, spec = self.config.weak_encoder_configs[weak_index], self.weak_specs[weak_index]
         lengths = audio_lengths.to(rows.device)[rows]
         inputs = self.encoder_inputs(weak_config, input_features, input_values)
         inputs = inputs[rows.to(inputs.device)]
         if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
             inputs = inputs[:, : int(lengths.max())]
-        hidden = self.run_encoder(weak_config, self.weak_encoders[expert], inputs, lengths).last_hidden_state
+        hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths).last_hidden_state
         hidden = hidden.to(rows.device)
         weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
         hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
-        projection = self.weak_projections[expert]
+        projection = self.weak_projections[weak_index]
         return projection(hidden.to(projection.weight.dtype))
+
+    def idle_weak_features(
+        self, weak_index: int, input_features: torch.Tensor | None, input_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Weak encoder `weak_index` and its projection on the first `IDLE_CALL_SAMPLES` of the first window (a
+        whole window when shorter), Whisper encoders at that length, not padded to 30 s -> `(1, frames,
+        weak_hidden_size)`: the call a training step makes for an encoder that no window picked."""
+        weak_config = self.config.weak_encoder_configs[weak_index]
+        inputs = self.encoder_inputs(weak_config, input_features, input_values)[:1]
+        samples = min(IDLE_CALL_SAMPLES, inputs.shape[-1]) if inputs.ndim == 2 else IDLE_CALL_SAMPLES
+        if inputs.ndim == 2:
+            inputs = inputs[:, :samples]
+        lengths = torch.full((1,), samples, device=inputs.device)
+        hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths, dynamic=True)
+        hidden = hidden.last_hidden_state
+        projection = self.weak_projections[weak_index]
+        return projection(hidden.to(projection.weight.device, projection.weight.dtype))
 
 
 class MoWEProjector(nn.Module):
@@ -342,23 +382,24 @@ def check_audio_inputs(
     input_features: torch.Tensor | None, input_values: torch.Tensor | None, audio_lengths: torch.Tensor | None
 ) -> None:
     """Raise a `ValueError` for audio inputs that would otherwise end in a torch error or in silent NaN logits:
-    missing or negative `audio_lengths`, NaN/Inf features. One device sync for all checks."""
+    missing or negative `audio_lengths`, NaN/Inf features. One check on the device (`torch_compilable_check`: under
+    `torch.compile` a runtime assertion in the graph, no host sync); the message is worked out only on failure."""
     if audio_lengths is None:
         raise ValueError("`audio_lengths` (real samples per audio window) is required with audio inputs.")
     problems = {
         "`audio_lengths` has negative values; give the real number of samples of each window (>= 0), "
-        "as MoWEProcessor returns it.": (audio_lengths < 0).any(),
+        "as MoWEProcessor returns it.": (audio_lengths >= 0).all(),
     }
     for name, values in (("input_features", input_features), ("input_values", input_values)):
         if values is not None:
             problems[
                 f"`{name}` contains NaN or Inf values; check the audio (MoWEProcessor rejects NaN/Inf samples) "
                 "and any transform applied to the features after it."
-            ] = ~torch.isfinite(values).all()
-    flags = torch.stack(list(problems.values())).tolist()
-    for message, bad in zip(problems, flags):
-        if bad:
-            raise ValueError(message)
+            ] = torch.isfinite(values).all()
+    passed = torch.stack([ok.to(audio_lengths.device) for ok in problems.values()])
+    torch_compilable_check(
+        passed.all(), lambda: next(message for message, ok in zip(problems, passed.tolist()) if not ok)
+    )
 
 
 class MoWEPreTrainedModel(PreTrainedModel):
@@ -435,7 +476,8 @@ class MoWEModel(MoWEPreTrainedModel):
     def get_placeholder_mask(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, num_audio_tokens: int
     ) -> torch.Tensor:
-        """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count."""
+        """Boolean mask [batch, seq, hidden] of the `<|audio|>` positions; checks their count against the audio's
+        `num_audio_tokens` on the device (a runtime assertion under `torch.compile`)."""
         if self.config.audio_token_id is None:
             raise ValueError(
                 "config.audio_token_id is not set, so the `<|audio|>` placeholders cannot be found; set it to "
@@ -448,12 +490,12 @@ class MoWEModel(MoWEPreTrainedModel):
             mask = (inputs_embeds == audio_embedding).all(-1)
         else:
             mask = input_ids == self.config.audio_token_id
-        if int(mask.sum()) != num_audio_tokens:
-            raise ValueError(
-                f"The text has {int(mask.sum())} audio placeholder tokens but the audio gives {num_audio_tokens} "
-                "audio embeddings. Build the inputs with MoWEProcessor, which expands each <|audio|> to its clip's "
-                "length (and check that truncation did not cut audio tokens)."
-            )
+        torch_compilable_check(
+            mask.sum() == num_audio_tokens,
+            lambda: f"The text has {int(mask.sum())} audio placeholder tokens but the audio gives {num_audio_tokens} "
+            "audio embeddings. Build the inputs with MoWEProcessor, which expands each <|audio|> to its clip's "
+            "length (and check that truncation did not cut audio tokens).",
+        )
         return mask[..., None].expand_as(inputs_embeds)
 
     @can_return_tuple

@@ -1,6 +1,8 @@
-"""Routers over the weak-encoder pool, top-k selection and the load-balancing loss (docs/ARCHITECTURE.md, "Routing")."""
+"""Routers over the weak-encoder pool, top-k selection and the load-balancing loss."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,16 +35,29 @@ class DataDependentRouter(nn.Module):
         return self.classifier(pooled.to(self.classifier.weight.dtype))
 
 
-def top_k_gates(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class RoutingDecision(NamedTuple):
+    """One router's top-k decision for a batch of windows (unpacks as `(probs, index, gates)`).
+
+    probs (`torch.FloatTensor` of shape `(num_windows, num_weak_encoders)`): the router's softmax, in fp32.
+    index (`torch.LongTensor` of shape `(num_windows, top_k)`): the selected weak encoders, best first.
+    gates (`torch.FloatTensor` of shape `(num_windows, top_k)`): their probabilities, which weight their features.
+    """
+
+    probs: torch.Tensor
+    index: torch.Tensor
+    gates: torch.Tensor
+
+
+def top_k_gates(router_logits: torch.Tensor, top_k: int) -> RoutingDecision:
     """Softmax over the pool and its top-k.
 
-    Returns `probs` [b, E], the selected experts `index` [b, k] and their gates [b, k] (the router probabilities,
-    not renormalised, so the gates stay differentiable with respect to every logit).
+    Returns the `RoutingDecision`: `probs` [b, E], the selected weak encoders `index` [b, k] and their `gates` [b, k]
+    (the router probabilities, not renormalised, so the gates stay differentiable with respect to every logit).
     Deterministic: `torch.topk` breaks ties by the lower index.
     """
     probs = router_logits.float().softmax(dim=-1)
     gates, index = probs.topk(top_k, dim=-1)
-    return probs, index, gates
+    return RoutingDecision(probs, index, gates)
 
 
 def load_balancing_loss(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

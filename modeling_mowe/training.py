@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .encoders import encoder_family
+from .encoders import WaveformEncoderFamily
 from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 from .feature_extraction_mowe import to_mono_waveform
 
@@ -204,12 +204,20 @@ def trainable_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+# Parts of a weak encoder that stay frozen when fine-tuning, by `model_type`: the waveform models' conv feature encoder,
+# as wav2vec2/HuBERT recipes do (`freeze_feature_encoder`): its backward over raw 16 kHz samples costs more than the
+# rest of a small encoder.
+FROZEN_IN_TRAINING: dict[str, tuple[str, ...]] = {
+    model_type: ("feature_extractor",) for model_type in WaveformEncoderFamily.model_types
+}
+
+
 def freeze_for_training(
     model: nn.Module, train_language_model: bool = False, train_base_encoder: bool = False
 ) -> dict[str, int]:
     """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool + routers +
-    projector trainable (but for each family's `frozen_in_training` parts, e.g. HuBERT's conv feature encoder), the
-    LLM and its head trainable only if `train_language_model`. Returns trainable / total counts."""
+    projector trainable (but for the `FROZEN_IN_TRAINING` parts, e.g. HuBERT's conv feature encoder), the LLM and its
+    head trainable only if `train_language_model`. Returns trainable / total counts."""
     model.requires_grad_(False)
     trainable = trainable_module_names(model)
     for name, module in model.named_modules():
@@ -217,7 +225,7 @@ def freeze_for_training(
             module.requires_grad_(True)
     tower = model.get_encoder(modality="audio")
     for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
-        for name in encoder_family(config).frozen_in_training:
+        for name in FROZEN_IN_TRAINING.get(config.model_type, ()):
             getattr(encoder, name).requires_grad_(False)
     if train_language_model:
         model.get_decoder().requires_grad_(True)

@@ -50,11 +50,11 @@ def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
 
 
 def selected_windows(router_indices):
-    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {expert: set(rows)}."""
+    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {weak_index: set(rows)}."""
     chosen: dict[int, set] = {}
     for row, per_router in enumerate(router_indices.tolist()):
-        for experts in per_router:
-            for e in experts:
+        for weak_indices in per_router:
+            for e in weak_indices:
                 chosen.setdefault(e, set()).add(row)
     return chosen
 
@@ -277,17 +277,45 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(fast_config, proce
         torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_every_trainable_parameter_gets_a_grad_when_encoders_get_no_rows(fast_config, processor):
-    """What DDP with find_unused_parameters=False needs, even with HuBERT layerdrop skipping layers."""
-    for weak in fast_config.weak_encoder_configs:
-        if weak.model_type == "hubert":
-            weak.layerdrop = 1.0  # every transformer layer skipped in training
+def test_every_weak_encoder_runs_in_training_and_unpicked_ones_get_zero_grads(fast_config, processor):
+    """What DDP with find_unused_parameters=False and FSDP2 units inside the pool need: in a training step every weak
+    encoder is called once, an unpicked one on a short piece of one window, and every trainable parameter gets a
+    gradient, exactly zero for the unpicked encoders. In eval the unpicked ones do not run."""
     model = build_model(fast_config).train()
-    force_routing(model, independent=2, dependent=2)  # experts 0, 1, 3 get no rows
+    force_routing(model, independent=2, dependent=2)  # weak encoders 0, 1, 3 get no rows
+    tower = model.model.audio_tower
+    rows: dict[int, int] = {}
+    handles = [count_rows(enc, rows, i) for i, enc in enumerate(tower.weak_encoders)]
     inputs = make_inputs(processor, TEXTS, two_clips())
     model(**inputs, labels=lm_labels(inputs, fast_config.audio_token_id)).loss.backward()
+    assert rows == {0: 1, 1: 1, 2: 2, 3: 1}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+    for unpicked in (0, 1, 3):
+        assert all(float(p.grad.abs().max()) == 0 for p in tower.weak_encoders[unpicked].parameters() if p.requires_grad)
+        assert all(float(p.grad.abs().max()) == 0 for p in tower.weak_projections[unpicked].parameters())
+    assert any(float(p.grad.abs().max()) > 0 for p in tower.weak_encoders[2].parameters() if p.requires_grad)
+
+    rows.clear()
+    with torch.no_grad():
+        model(**inputs)  # train mode without gradients: nothing to synchronise, truly sparse
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    assert rows == {2: 4}
+
+
+def test_idle_calls_leave_the_training_loss_unchanged(fast_config, processor):
+    model = build_model(fast_config, seed=4).train()
+    force_routing(model, independent=2, dependent=2)
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = lm_labels(inputs, fast_config.audio_token_id)
+    loss = model(**inputs, labels=labels).loss
+    with torch.no_grad():
+        no_grad_loss = model(**inputs, labels=labels).loss  # no idle calls without gradients
+    assert torch.equal(loss.detach(), no_grad_loss)
 
 
 # ---------------------------------------------------------------- persistence

@@ -20,8 +20,8 @@ def test_tower_returns_the_selection_it_dispatched(fast_config, processor, top_k
     tower = model.model.audio_tower
     ran_on: dict[int, int] = {}
 
-    def counter(expert):
-        return lambda _module, _args, output: ran_on.update({expert: output.last_hidden_state.shape[0]})
+    def counter(weak_index):
+        return lambda _module, _args, output: ran_on.update({weak_index: output.last_hidden_state.shape[0]})
 
     handles = [enc.register_forward_hook(counter(i)) for i, enc in enumerate(tower.weak_encoders)]
     inputs = make_inputs(processor, TEXTS, CLIPS)
@@ -37,7 +37,7 @@ def test_tower_returns_the_selection_it_dispatched(fast_config, processor, top_k
     probs = audio.router_logits.float().softmax(-1)
     torch.testing.assert_close(audio.router_gates, probs.gather(-1, audio.router_indices))  # gates: probabilities
     assert (audio.router_gates[..., :-1] >= audio.router_gates[..., 1:]).all()  # best first
-    assert all(len(set(experts)) == top_k for row in audio.router_indices.tolist() for experts in row)
+    assert all(len(set(picked)) == top_k for row in audio.router_indices.tolist() for picked in row)
     # Each weak encoder ran on exactly the windows some router selected it for.
     selected = {e: int((audio.router_indices == e).any(-1).any(-1).sum()) for e in range(len(tower.weak_encoders))}
     assert ran_on == {e: n for e, n in selected.items() if n}
@@ -66,3 +66,15 @@ def test_routing_stats_callback_counts_the_tower_selection(fast_config, processo
         assert sum(logs[f"routing/{router}/{e}_{w.model_type}"] for e, w in enumerate(
             fast_config.weak_encoder_configs)) == pytest.approx(1.0, abs=1e-3)
     assert num_weak == 4 and "routing/aux_loss" in logs
+
+
+def test_top_k_gates_returns_a_named_decision_that_still_unpacks():
+    from modeling_mowe.routing import RoutingDecision, top_k_gates
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    decision = top_k_gates(logits, top_k=2)
+    assert isinstance(decision, RoutingDecision)
+    probs, index, gates = decision
+    assert torch.equal(decision.index, index) and index.tolist() == [[1, 2], [0, 1]]
+    torch.testing.assert_close(decision.gates, decision.probs.gather(-1, index))
+    torch.testing.assert_close(probs, logits.softmax(-1))

@@ -266,3 +266,18 @@ def test_collator_works_in_spawned_dataloader_workers(splits, processor):
         assert got.keys() == expected.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), key
+
+
+def test_freezing_policy_trains_the_pool_but_the_waveform_encoders_conv_stack():
+    from modeling_mowe.training import freeze_for_training
+
+    model = tiny_model()
+    freeze_for_training(model)
+    tower = model.model.audio_tower
+    assert not any(p.requires_grad for p in tower.base_encoder.parameters())
+    for config, encoder in zip(tower.config.weak_encoder_configs, tower.weak_encoders):
+        conv_stack = encoder.feature_extractor if config.model_type == "hubert" else None
+        trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+        assert any(n.startswith(("layers.", "encoder.layers.")) for n in trainable), config.model_type
+        if conv_stack is not None:
+            assert not any(p.requires_grad for p in conv_stack.parameters())
