@@ -21,7 +21,6 @@ from .encoders import (
     num_frames,
 )
 from .routing import (
-    AddAuxiliaryLoss,
     DataDependentRouter,
     DataIndependentRouter,
     load_balancing_loss,
@@ -62,7 +61,7 @@ class MoWEModelOutputWithPast(BaseModelOutputWithPast):
     audio_hidden_states (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`, *optional*):
         Projected audio embeddings that replaced the `<|audio|>` placeholders.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
-    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_aux_loss (`torch.FloatTensor`, *optional*): the data-dependent router's balancing loss, with its graph.
     router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
         The weak encoders each router selected per window.
     """
@@ -78,7 +77,9 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     """
     loss: LM loss + `router_aux_loss_coef * router_aux_loss`.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
-    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_aux_loss (`torch.FloatTensor`, *optional*): the data-dependent router's balancing loss, with its graph: a
+        loss computed from the logits instead of `loss` adds `router_aux_loss_coef * router_aux_loss` itself (as
+        with transformers' MoE models; `MoWESFTTrainer` does this for TRL's fused LM head).
     router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
         The weak encoders each router selected per window.
     """
@@ -93,8 +94,8 @@ class MoWEAudioTower(nn.Module):
 
     Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
     no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
-    the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
-    `AddAuxiliaryLoss`. In training, every trainable parameter of the weak pool also joins the graph through one
+    the routers get gradients from the LM loss; the balancing loss (`router_aux_loss`, with its graph) reaches the
+    data-dependent router through the loss it is added to. In training, every trainable parameter of the weak pool also joins the graph through one
     zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
     parameters in every step whatever its clips picked (encoders that got no window, layers skipped by layerdrop,
     SpecAugment's mask embedding): DDP runs with `find_unused_parameters=False` and FSDP2's reduce-scatter of the
@@ -230,7 +231,8 @@ class MoWEAudioTower(nn.Module):
                 logits = self.router_dependent(base_hidden, valid_frames)
             # With `device_map` the routers may sit on another device than the base features: route where they are.
             router_logits.append(logits)
-            selections.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k))
+            sample = self.training and self.config.router_sampling
+            selections.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k, sample=sample))
         return router_logits, selections
 
     def weak_features(
@@ -431,9 +433,6 @@ class MoWEModel(MoWEPreTrainedModel):
             audio_embeds, router_logits = audio.pooler_output, audio.router_logits
             router_aux_loss, router_indices = audio.router_aux_loss, audio.router_indices
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
-            coef = self.config.router_aux_loss_coef
-            if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
-                audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
 
         for flag in ("output_hidden_states", "output_attentions"):  # the MoWE config's flags reach the LLM
@@ -450,7 +449,7 @@ class MoWEModel(MoWEPreTrainedModel):
             **outputs,
             audio_hidden_states=audio_embeds,
             router_logits=router_logits,
-            router_aux_loss=None if router_aux_loss is None else router_aux_loss.detach(),
+            router_aux_loss=router_aux_loss,
             router_indices=router_indices,
         )
 
@@ -524,7 +523,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
             if outputs.router_aux_loss is not None:
-                # The value only: the gradient was injected where the audio entered the LLM (AddAuxiliaryLoss).
+                # Part of the loss's graph, so whatever scales the loss (gradient accumulation's 1/n, GradScaler's S)
+                # scales the balancing gradient alike.
                 loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss.to(loss.dtype)
 
         llm_outputs = {k: v for k, v in outputs.items() if k not in ("last_hidden_state", "audio_hidden_states")}

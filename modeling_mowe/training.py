@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from .encoders import encoder_family
 from .feature_extraction_mowe import to_mono_waveform
+from .routing import routing_entropy
 
 IGNORE_INDEX = -100
 
@@ -122,19 +123,24 @@ def _audio_tower(model: nn.Module) -> nn.Module | None:
 
 
 class RoutingStatsCallback(TrainerCallback):
-    """Logs how often each router picked each weak encoder (fraction of windows) and the mean balancing loss.
+    """Logs how often each router picked each weak encoder (fraction of windows), how sure each router is (the mean
+    entropy of its distribution over the pool, in nats: log(pool size) when uniform, 0 when certain) and the mean
+    balancing loss.
 
-    Keys: `routing/<router>/<index>_<family>` and `routing/aux_loss`, averaged over the training forwards since
-    the previous log. They go into the Trainer's logs, so they reach `trainer.state.log_history`, TensorBoard, W&B,
+    Keys: `routing/<router>/<index>_<family>`, `routing/<router>/entropy` and `routing/aux_loss`, averaged over the
+    training forwards since the previous log. They go into the Trainer's logs, so they reach `trainer.state.log_history`, TensorBoard, W&B,
     ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
     """
 
     def __init__(self):
         self._handle = None
         self._counts = None
+        self._entropy_sum = None
+        self._windows = 0
         self._aux_sum = 0.0
         self._forwards = 0
         self._names: list[str] = []
+        self._routers: tuple[str, ...] = ()
 
     def _record(self, tower: nn.Module, inputs, output) -> None:
         if not tower.training or output.router_indices is None:
@@ -142,6 +148,9 @@ class RoutingStatsCallback(TrainerCallback):
         num_weak = len(tower.config.weak_encoder_configs)
         counts = torch.nn.functional.one_hot(output.router_indices.detach(), num_weak).sum(dim=(0, 2)).cpu()  # [R, E]
         self._counts = counts if self._counts is None else self._counts + counts
+        entropy = routing_entropy(output.router_logits.detach()).sum(0).cpu()  # [R]
+        self._entropy_sum = entropy if self._entropy_sum is None else self._entropy_sum + entropy
+        self._windows += output.router_logits.shape[0]
         if output.router_aux_loss is not None:
             self._aux_sum += float(output.router_aux_loss.detach())
             self._forwards += 1
@@ -150,6 +159,7 @@ class RoutingStatsCallback(TrainerCallback):
         tower = _audio_tower(model) if model is not None else None
         if tower is None or not tower.routers or self._handle is not None:
             return
+        self._routers = tuple(tower.routers)
         self._names = [
             f"routing/{router}/{i}_{cfg.model_type}"
             for router in tower.routers
@@ -162,12 +172,14 @@ class RoutingStatsCallback(TrainerCallback):
             return
         fractions = self._counts / self._counts.sum(-1, keepdim=True).clamp(min=1)
         stats = {name: round(float(f), 4) for name, f in zip(self._names, fractions.reshape(-1))}
+        for router, entropy in zip(self._routers, self._entropy_sum / max(self._windows, 1)):
+            stats[f"routing/{router}/entropy"] = round(float(entropy), 4)
         if self._forwards:
             stats["routing/aux_loss"] = round(self._aux_sum / self._forwards, 4)
         logs.update(stats)
         if state.log_history:
             state.log_history[-1].update(stats)
-        self._counts, self._aux_sum, self._forwards = None, 0.0, 0
+        self._counts, self._entropy_sum, self._windows, self._aux_sum, self._forwards = None, None, 0, 0.0, 0
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
@@ -254,16 +266,17 @@ def make_sft_trainer(
     train_base_encoder: bool = False,
     callbacks: list | None = None,
 ):
-    """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
-    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats."""
-    from trl import SFTTrainer
+    """TRL's `SFTTrainer`, set up for MoWE (a `MoWESFTTrainer`, whose loss holds the routers' balancing loss): our
+    collator (TRL detects only image columns), no dataset preparation or column removal (the collator reads
+    `audio` + `messages`), the freezing policy or LoRA, routing stats."""
+    from .sft_trainer import MoWESFTTrainer
 
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None
     if not use_lora:
         freeze_for_training(model, train_language_model=train_language_model, train_base_encoder=train_base_encoder)
-    trainer = SFTTrainer(
+    trainer = MoWESFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
