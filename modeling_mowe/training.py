@@ -234,6 +234,23 @@ def freeze_for_training(
     }
 
 
+def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_rate: float) -> list[dict]:
+    """Optimizer parameter groups: the trainable parts that start from scratch in a MoWE model (the routers and the
+    weak projections) at `fresh_learning_rate`, every other trainable parameter at `learning_rate`. For a base-only
+    model (no routers) there is one group."""
+    tower = _audio_tower(model)
+    fresh_modules = [] if tower is None else [
+        m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections) if m is not None
+    ]
+    fresh_ids = {id(p) for m in fresh_modules for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in fresh_ids], "lr": learning_rate},
+        {"params": [p for p in trainable if id(p) in fresh_ids], "lr": fresh_learning_rate},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
     """A PEFT `LoraConfig` for the MoWE policy: LoRA on every linear layer of the LLM (and nowhere in the audio
     encoders, whose attention layers share names like `q_proj`), the weak pool, routers and projector trained in
