@@ -505,7 +505,7 @@ class StudySettings(DemoSettings):
     """The demo's parts, and the study's protocol (docs/RESULTS.md, "Study protocol")."""
 
     seeds: int = 3
-    steps: int = 300
+    steps: int = 200
     test_per_task: int = 200
     tasks: tuple[str, ...] = ()  # () = every task of `data.TASKS`, emotion included
     fresh_learning_rate: float | None = 3e-3
