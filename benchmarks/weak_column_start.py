@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             model.train()
             torch.manual_seed(0)
             out = model(**batch)
-            change = float((out.logits - reference).norm() / reference.norm())
+            change = float((out.logits.detach() - reference).norm() / reference.norm())
             out.loss.backward()
             tower = model.get_encoder(modality="audio")
             print(f"scale {scale:4.2f}: logits change {change:.4f} (relative); LM-loss gradient norms: "
