@@ -128,8 +128,8 @@ class RoutingStatsCallback(TrainerCallback):
     balancing loss.
 
     Keys: `routing/<router>/<index>_<family>`, `routing/<router>/entropy` and `routing/aux_loss`, averaged over the
-    training forwards since the previous log. They go into the Trainer's logs, so they reach `trainer.state.log_history`, TensorBoard, W&B,
-    ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
+    training forwards since the previous log. They go into the Trainer's logs, so they reach
+    `trainer.state.log_history`, TensorBoard, W&B, ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
     """
 
     def __init__(self):
