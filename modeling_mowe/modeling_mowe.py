@@ -94,9 +94,9 @@ class MoWEAudioTower(nn.Module):
 
     Sparse dispatch: each weak encoder runs only on the windows routed to it (by either router) and not at all when
     no window picked it. The gates g_i (router probabilities) multiply the selected encoders' features, which is how
-    the routers get gradients from the LM loss; the balancing loss (`router_aux_loss`, with its graph) reaches the
-    data-dependent router through the loss it is added to. In training, every trainable parameter of the weak pool
-    also joins the graph through one zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
+    the routers get gradients from the LM loss; the balancing loss reaches the data-dependent router through
+    the loss it joins. In training, every trainable parameter of the weak pool also joins the graph through one
+    zero-weighted term (`_touch_routed_parameters`), so every data-parallel rank has a gradient for the same
     parameters in every step whatever its clips picked (encoders that got no window, layers skipped by layerdrop,
     SpecAugment's mask embedding): DDP runs with `find_unused_parameters=False` and FSDP2's reduce-scatter of the
     unit holding the pool has the same tensors on every rank.
