@@ -2,6 +2,7 @@
 
     python -m modeling_mowe.cli                       # or: mowe-demo; README command 1 runs it after set-up
     python -m modeling_mowe.cli --llm gemma-3-270m    # the converted Gemma-3-270M with LoRA instead (hours on CPU)
+    python -m modeling_mowe.cli study --seeds 3       # the multi-seed study of every arm (`run_study`, docs/RESULTS.md)
 
 Stages (each prints what it does; artefacts under --output-dir):
 1. parts: the real pretrained encoders, converted from their PyPI packages on first use and cached
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,20 +171,26 @@ def sft_config(settings: DemoSettings, output_dir: Path, steps: int, learning_ra
 
 
 def train(
-    settings: DemoSettings, name: str, model, processor, train_split, steps: int, learning_rate: float, feature_store
+    settings: DemoSettings, name: str, model, processor, train_split, steps: int, learning_rate: float, feature_store,
+    fresh_learning_rate: float | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune `model` for `steps`; returns it (LoRA merged) and its parameter counts, time and log history.
 
     The policy, the same for every run: base encoder frozen (its features served from `feature_store`, a
     `FrozenFeatureStore` shared by the runs); weak pool, routers and projector trained; a from-scratch LLM trained
-    in full, a pretrained one with LoRA."""
-    from .training import make_sft_trainer
+    in full, a pretrained one with LoRA. With `fresh_learning_rate`, the parts that start from scratch in a MoWE arm
+    (routers, weak projections) train at that rate (`training.learning_rate_groups`)."""
+    from .training import learning_rate_groups, make_sft_trainer
 
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
         model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps, learning_rate), train_split,
         use_lora=lora, train_language_model=not lora, cache_frozen_base=feature_store,
     )
+    if fresh_learning_rate is not None:
+        trainer.optimizer = torch.optim.AdamW(
+            learning_rate_groups(trainer.model, learning_rate, fresh_learning_rate), weight_decay=0.0
+        )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     log(f"training {name}: {steps} steps of {settings.batch_size} clips, {trainable:,} of {total:,} parameters")
@@ -222,16 +230,22 @@ def align(settings: DemoSettings, parts: dict, train_split, feature_store) -> tu
     return state, stats
 
 
-def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor]) -> None:
+def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor], weak_init_scale: float = 0.0) -> None:
     """Load the aligned LLM and projector into `model`. A MoWE projector is wider (its input frames hold the base
     features, then the routed weak blocks): its base columns get the aligned weights and its weak columns zeros,
-    so the model starts as exactly the aligned base-only function and the weak pool's share grows from there."""
+    so the model starts as exactly the aligned base-only function and the weak pool's share grows from there.
+
+    `weak_init_scale > 0` starts the weak columns at random instead, with `weak_init_scale` times the standard
+    deviation of the aligned base columns: the start moves slightly off the aligned function, but the LM loss
+    reaches the weak encoders and routers from the first step (through zero columns it does not)."""
     state = dict(aligned)
     key = "model.multi_modal_projector.linear_1.weight"
     projector = model.get_submodule("model.multi_modal_projector")
     base_width = model.get_encoder(modality="audio").base_hidden_size
     frame_width = projector.linear_1.in_features // projector.stack_factor
     weight = torch.zeros_like(projector.linear_1.weight)  # [hidden, stack_factor * frame_width]
+    if weak_init_scale > 0 and frame_width > base_width:
+        weight.normal_(0.0, weak_init_scale * float(state[key].std()))
     for k in range(projector.stack_factor):
         weight[:, k * frame_width : k * frame_width + base_width] = state[key][:, k * base_width : (k + 1) * base_width]
     state[key] = weight
@@ -395,6 +409,7 @@ def evaluate_arms(settings: DemoSettings, arms: dict, test) -> tuple[dict, dict]
     results = {name: evaluate_model(model, processor, test) for name, (model, processor) in arms.items()}
     intervals = bootstrap_intervals(results, samples=settings.bootstrap_samples, seed=settings.seed)
     print("\n" + results_table_markdown(results, intervals=intervals) + "\n", flush=True)
+    print("\n".join(difference_verdicts(intervals, reference=list(results)[-1])) + "\n", flush=True)
     scores = {name: {k: v for k, v in r.items() if k != "predictions"} for name, r in results.items()}
     write_results(scores, settings.output_dir, intervals=intervals)
     predictions = [
@@ -437,7 +452,260 @@ def _one_per_task(dataset) -> list[int]:
     return list(first.values())
 
 
+# ------------------------------------------------------------------------------------------------- the study
+
+STUDY_ARMS = (
+    ("base-only", "none"),
+    ("MoWE", "both"),
+    ("MoWE data-dependent", "data_dependent"),
+    ("MoWE data-independent", "data_independent"),
+)
+"""The study's arms (name, router_type): base-only is the reference; the three MoWE arms are the paper's ablation."""
+
+WER_ROWS = ("asr",)
+"""Rows whose metric is a word error rate (lower is better)."""
+
+
+@dataclass
+class StudySettings(DemoSettings):
+    """The demo's parts, and the study's protocol (docs/RESULTS.md, "Study protocol")."""
+
+    seeds: int = 3
+    steps: int = 200
+    test_per_task: int = 200
+    tasks: tuple[str, ...] = ()  # () = every task of `data.TASKS`, emotion included
+    fresh_learning_rate: float | None = 3e-3
+    weak_init_scale: float = 0.1
+    data_seed: int = 0
+
+
+def difference_verdicts(intervals: dict, reference: str) -> list[str]:
+    """One line per row and difference to `reference`: its 95% interval and whether it says better, worse or
+    "within noise" (the interval holds zero). WER differences: lower is better."""
+    lines = []
+    for row, bounds in intervals.items():
+        for key, (low, high) in bounds.items():
+            if not key.endswith(f" - {reference}"):
+                continue
+            if low <= 0 <= high:
+                verdict = "within noise"
+            else:
+                verdict = "better" if (high < 0) == (row in WER_ROWS) else "worse"
+            lines.append(f"{row:14s} {key}: [{low:+.3f}, {high:+.3f}] {verdict}")
+    return lines
+
+
+def pool_seeds(per_seed: list[dict]) -> dict:
+    """One `score_predictions`-shaped result per arm over every seed's clips (per-example scores concatenated in the
+    same order for every arm), for a paired bootstrap over (seed, clip)."""
+    from .evaluation import task_score
+
+    pooled = {}
+    for arm in per_seed[0]:
+        tasks = {}
+        for task, first in per_seed[0][arm]["tasks"].items():
+            pairs = [pair for seed in per_seed for pair in seed[arm]["tasks"][task]["per_example"]]
+            value = sum(a for a, _ in pairs) / max(sum(b for _, b in pairs), 1)
+            tasks[task] = {"metric": first["metric"], "value": value, "n": len(pairs), "per_example": pairs}
+        accuracies = [t["value"] for t in tasks.values() if t["metric"] == "accuracy"]
+        pooled[arm] = {"tasks": tasks, "summary": {
+            "asr_wer": tasks["asr"]["value"] if "asr" in tasks else None,
+            "mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "average_score": sum(task_score(t) for t in tasks.values()) / len(tasks),
+            "n": sum(t["n"] for t in tasks.values()),
+        }}
+    return pooled
+
+
+def seed_statistics(per_seed: list[dict], reference: str) -> dict:
+    """Per arm and row (each task's metric, and the average score): the values over seeds, their mean and standard
+    deviation; for the other arms also the difference to `reference` in each seed and whether it favours the arm in
+    every seed (lower WER, higher accuracy)."""
+    import numpy as np
+
+    def values(result: dict) -> dict[str, float]:
+        return {**{t: r["value"] for t, r in result["tasks"].items()},
+                "average_score": result["summary"]["average_score"]}
+
+    table: dict = {}
+    for arm in per_seed[0]:
+        rows = [values(seed[arm]) for seed in per_seed]
+        table[arm] = {}
+        for row in rows[0]:
+            v = np.array([r[row] for r in rows])
+            entry = {"values": v.round(4).tolist(), "mean": round(float(v.mean()), 4),
+                     "sd": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4)}
+            if arm != reference:
+                diff = v - np.array([values(seed[reference])[row] for seed in per_seed])
+                better = diff < 0 if row in WER_ROWS else diff > 0
+                entry |= {"differences": diff.round(4).tolist(), "better_in_every_seed": bool(better.all())}
+            table[arm][row] = entry
+    return table
+
+
+def study_markdown(per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str) -> str:
+    """The study's report: per-seed tables, mean ± sd over seeds, the pooled table with intervals and verdicts."""
+    from .evaluation import results_table_markdown
+
+    parts = ["# MoWE study: every arm against base-only, several seeds\n"]
+    for seed, results in enumerate(per_seed):
+        parts += [f"## Seed {seed}\n", results_table_markdown(results)]
+    parts.append(f"## Mean ± sd over seeds (in brackets: the difference to {reference} per seed; ✓ = better in every "
+                 "seed)\n")
+    arms = list(statistics)
+    lines = ["| row | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
+    for row in statistics[reference]:
+        cells = []
+        for arm in arms:
+            entry = statistics[arm][row]
+            cell = f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
+            if "differences" in entry:
+                cell += " (" + ", ".join(f"{d:+.3f}" for d in entry["differences"]) + ")"
+                cell += " ✓" if entry["better_in_every_seed"] else ""
+            cells.append(cell)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines) + "\n")
+    parts += [f"## Pooled over seeds: paired bootstrap over (seed, clip), differences to {reference}\n",
+              results_table_markdown(pooled, intervals=intervals),
+              "```\n" + "\n".join(difference_verdicts(intervals, reference)) + "\n```\n"]
+    return "\n".join(parts)
+
+
+def draw_study_plots(pooled: dict, intervals: dict, histories: dict, reference: str, out: Path) -> list[Path]:
+    """`study_differences.png`: each row's pooled difference to `reference` in score units (accuracy, or -WER) with
+    its 95% interval, per arm; `routing_over_steps.png`: per-encoder usage and routing entropy over the training
+    steps of each MoWE arm (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [*pooled[reference]["tasks"], "average_score"]
+    arms = [a for a in pooled if a != reference]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
+    for k, arm in enumerate(arms):
+        x = [i + (k - (len(arms) - 1) / 2) * 0.2 for i in range(len(rows))]
+        points, errors = [], [[], []]
+        for row in rows:
+            sign = -1.0 if row in WER_ROWS else 1.0
+            if row == "average_score":
+                value = pooled[arm]["summary"][row] - pooled[reference]["summary"][row]
+            else:
+                value = pooled[arm]["tasks"][row]["value"] - pooled[reference]["tasks"][row]["value"]
+            low, high = sorted(sign * b for b in intervals[row][f"{arm} - {reference}"])
+            points.append(sign * value)
+            errors[0].append(max(sign * value - low, 0.0))
+            errors[1].append(max(high - sign * value, 0.0))
+        ax.errorbar(x, points, yerr=errors, fmt="o", capsize=3, label=arm)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r} (-WER)" if r in WER_ROWS else r for r in rows], rotation=20)
+    ax.set(ylabel=f"score difference to {reference}", title="Pooled over seeds, 95% paired bootstrap intervals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / "study_differences.png"]
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, max(1, len(histories)), figsize=(4.5 * max(1, len(histories)), 6), squeeze=False)
+    for column, (arm, history) in enumerate(histories.items()):
+        logged = [h for h in history if any(k.startswith("routing/") for k in h)]
+        steps = [h["step"] for h in logged]
+        keys = sorted({k for h in logged for k in h if k.startswith("routing/") and k != "routing/aux_loss"})
+        for key in keys:
+            target = axes[1][column] if key.endswith("/entropy") else axes[0][column]
+            target.plot(steps, [h.get(key, float("nan")) for h in logged], label=key.removeprefix("routing/"))
+        axes[0][column].set(title=arm, ylabel="fraction of clips per weak encoder", ylim=(0, 1))
+        axes[1][column].set(xlabel="step", ylabel="routing entropy (nats)")
+        for ax in axes[:, column]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "routing_over_steps.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run_study(settings: StudySettings) -> dict:
+    """Every arm of `STUDY_ARMS` for `settings.seeds` seeds on one benchmark (the same held-out clips in every seed):
+    per seed, a base-only alignment and each arm fine-tuned from it with the same steps, data order and recipe;
+    evaluation on the test split; statistics over seeds and a paired bootstrap over clips pooled across seeds."""
+    import dataclasses
+
+    from .data import TASKS, BenchmarkConfig, build_benchmark
+    from .evaluation import bootstrap_intervals, evaluate_model
+    from .feature_cache import FrozenFeatureStore
+
+    out = settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    bench_config = settings.benchmark or BenchmarkConfig(
+        seed=settings.data_seed, tasks=settings.tasks or TASKS, train_per_task=settings.train_per_task,
+        validation_per_task=0, test_per_task=settings.test_per_task,
+    )
+    log(f"study: {settings.seeds} seeds x {len(STUDY_ARMS)} arms, tasks {list(bench_config.tasks)}")
+    splits = build_benchmark(out / "cache" / "benchmark", bench_config, progress=False)
+    feature_store = FrozenFeatureStore()  # the frozen base encoder's frames, shared by every seed and arm
+    per_seed, histories, seconds = [], {}, {}
+    for seed in range(settings.seeds):
+        seed_settings = dataclasses.replace(settings, seed=seed, output_dir=out / f"seed-{seed}")
+        parts = prepare_parts(seed_settings)
+        aligned, _ = align(seed_settings, parts, splits["train"], feature_store)
+        results = {}
+        for name, router_type in STUDY_ARMS:
+            log(f"study seed {seed}: {name}")
+            model, processor = build_model(seed_settings, parts, router_type)
+            start_from_aligned(model, aligned, weak_init_scale=settings.weak_init_scale)
+            model, stats = train(
+                seed_settings, name, model, processor, splits["train"], settings.steps,
+                settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
+            )
+            if seed == 0 and router_type != "none":
+                histories[name] = stats["history"]
+            results[name] = evaluate_model(model.eval(), processor, splits["test"], progress=False)
+            results[name].pop("predictions")
+        per_seed.append(results)
+        seconds[f"seed {seed}"] = round(time.perf_counter() - started, 1)
+        (out / "per_seed.json").write_text(json.dumps(per_seed))
+
+    reference = STUDY_ARMS[0][0]
+    pooled = pool_seeds(per_seed)
+    intervals = bootstrap_intervals(pooled, reference=reference, samples=settings.bootstrap_samples, seed=0)
+    statistics = seed_statistics(per_seed, reference)
+    markdown = study_markdown(per_seed, statistics, pooled, intervals, reference)
+    (out / "study.md").write_text(markdown)
+    plots = draw_study_plots(pooled, intervals, histories, reference, out)
+    print("\n" + markdown, flush=True)
+    summary = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items() if k != "benchmark"},
+        "benchmark": bench_config.to_dict(), "statistics": statistics, "intervals": intervals,
+        "verdicts": difference_verdicts(intervals, reference), "seconds": seconds,
+        "files": [str(out / "study.md"), str(out / "per_seed.json"), *map(str, plots)],
+    }
+    (out / "study.json").write_text(json.dumps(summary, indent=1))
+    log(f"study done in {time.perf_counter() - started:.0f} s: {out / 'study.md'}")
+    return summary
+
+
+def study_main(argv: list[str] | None = None) -> dict:
+    """`python -m modeling_mowe.cli study --seeds 3`: the multi-seed study (docs/RESULTS.md, "Study protocol")."""
+    defaults = StudySettings(output_dir=Path("outputs/study"))
+    parser = argparse.ArgumentParser(prog="python -m modeling_mowe.cli study", description=run_study.__doc__)
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--seeds", type=int, default=defaults.seeds)
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
+    parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: a standard deviation over seeds needs two")
+    return run_study(StudySettings(**vars(args)))
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:
+        return study_main(argv[1:])
     defaults = DemoSettings(output_dir=Path("outputs/demo"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)

@@ -48,6 +48,10 @@ class MoWEConfig(PreTrainedConfig):
             Defaults to `"both"` (the paper's best) when there is a weak pool, `"none"` when there is none.
         router_top_k (`int`, defaults to 1):
             Weak encoders each router activates.
+        router_sampling (`bool`, defaults to `True`):
+            In training, each router draws its top-k from its own distribution (Gumbel top-k) instead of taking the
+            most probable, so every weak encoder keeps being tried (docs/ARCHITECTURE.md, "Routing"). Eval routing
+            is always the deterministic top-k.
         router_aux_loss_coef (`float`, defaults to 0.1):
             Weight of the load-balancing loss of the data-dependent router (the paper's `L_MoWE` weight).
             Read at every forward, so a trainer may change it during training.
@@ -81,6 +85,7 @@ class MoWEConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     router_type: str | None = None
     router_top_k: int = 1
+    router_sampling: bool = True
     router_aux_loss_coef: float | int = 0.1
     weak_hidden_size: int = 256
     stack_factor: int = 4

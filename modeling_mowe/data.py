@@ -1,7 +1,8 @@
 """A synthetic multi-task speech benchmark made on the spot (docs/ARCHITECTURE.md, "The synthetic benchmark").
 
 Speech comes from the ``espeak-ng`` command-line synthesiser (22.05 kHz, resampled to 16 kHz with ``soxr``);
-sounds are generated with numpy. Nothing is downloaded. Five tasks, one instruction each:
+sounds are generated with numpy. Nothing is downloaded. Six tasks, one instruction each (the first five are built by
+default, :data:`DEFAULT_TASKS`; ``emotion`` on request, ``BenchmarkConfig(tasks=TASKS)``):
 
 ========  ======================================  ==================================================
 task      prompt                                  answers
@@ -12,7 +13,13 @@ language  "Which language is spoken?"             ``english`` | ``german`` | ``f
                                                   ``italian`` | ``dutch``
 rate      "Is the speech slow, normal or fast?"   ``slow`` | ``normal`` | ``fast``
 count     "How many beeps do you hear?"           ``one`` | ``two`` | ``three`` | ``four`` | ``five``
+emotion   "Which emotion does the voice convey?"  ``neutral`` | ``happy`` | ``sad`` | ``angry``
 ========  ======================================  ==================================================
+
+``emotion`` is a prosody-style stand-in for emotion recognition (the paper judges its pools on it): the same English
+sentences spoken with an SSML ``<prosody>`` profile per label (:data:`EMOTION_PROSODY`: pitch, pitch range, rate and
+volume, each jittered per clip), by every voice of the split. Peak normalisation removes the volume cue, and voices
+differ in their own pitch, so the answer lies in pitch and melody relative to the voice, not in loudness.
 
 Splits. ``train`` and ``validation`` share the training conditions (voices, rate values, beep frequencies);
 ``test`` is held out: its voice variants, its speaking-rate values (odd wpm; training uses even), its beep
@@ -48,7 +55,10 @@ from .feature_extraction_mowe import downmix, read_audio, resample
 GENERATOR_VERSION = "1"
 
 SPLITS = ("train", "validation", "test")
-TASKS = ("asr", "gender", "language", "rate", "count")
+DEFAULT_TASKS = ("asr", "gender", "language", "rate", "count")
+"""The tasks :class:`BenchmarkConfig` builds by default (the demo's)."""
+TASKS = (*DEFAULT_TASKS, "emotion")
+"""Every task this module can build."""
 
 TASK_PROMPTS = {
     "asr": "Transcribe the audio.",
@@ -56,6 +66,7 @@ TASK_PROMPTS = {
     "language": "Which language is spoken?",
     "rate": "Is the speech slow, normal or fast?",
     "count": "How many beeps do you hear?",
+    "emotion": "Which emotion does the voice convey?",
 }
 
 COUNT_WORDS = ("one", "two", "three", "four", "five")
@@ -66,6 +77,7 @@ TASK_LABELS: dict[str, tuple[str, ...] | None] = {
     "language": ("english", "german", "french", "spanish", "italian", "dutch"),
     "rate": ("slow", "normal", "fast"),
     "count": COUNT_WORDS,
+    "emotion": ("neutral", "happy", "sad", "angry"),
 }
 """The closed answer vocabulary of each classification task (``None``: free text)."""
 
@@ -95,6 +107,17 @@ RATE_RANGES = {"slow": (90, 120), "normal": (160, 190), "fast": (260, 320)}
 
 NEUTRAL_RATE_RANGE = (140, 200)
 """Speaking rate of the tasks that are not about rate."""
+
+EMOTION_PROSODY = {
+    "neutral": {"pitch": 0, "range": 0, "rate": 0, "volume": 0},
+    "happy": {"pitch": 30, "range": 70, "rate": 10, "volume": 20},
+    "sad": {"pitch": -20, "range": -60, "rate": -20, "volume": -30},
+    "angry": {"pitch": 10, "range": 30, "rate": 20, "volume": 50},
+}
+"""SSML ``<prosody>`` changes in percent per emotion label; each clip adds uniform jitter of
++-:data:`EMOTION_JITTER` points to each."""
+
+EMOTION_JITTER = 8
 
 BEEP_BANDS = {
     "train": ((300.0, 700.0), (1100.0, 1500.0), (1900.0, 2300.0)),
@@ -175,7 +198,7 @@ class BenchmarkConfig:
         train_per_task, validation_per_task, test_per_task: Rows per task in each split, before ``scale``.
         scale: Multiplier of the three counts (rounded, at least 1 row per task and split when the count is > 0).
         sampling_rate: Output sampling rate in Hz (the wav bytes' rate).
-        tasks: Which tasks to build, a subset of :data:`TASKS`.
+        tasks: Which tasks to build, a subset of :data:`TASKS` (default: :data:`DEFAULT_TASKS`).
         languages: Languages of the ``language`` task, a subset of :data:`ESPEAK_LANGUAGE`'s keys.
     """
 
@@ -185,7 +208,7 @@ class BenchmarkConfig:
     test_per_task: int = 40
     scale: float = 1.0
     sampling_rate: int = 16000
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
 
     def __post_init__(self):
@@ -255,14 +278,15 @@ def espeak_version() -> str:
     return " ".join(out.split("Data at:")[0].split())
 
 
-def synthesize(text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
-    """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en+m3"``) at ``rate`` words per minute.
+def synthesize(text: str, voice: str, rate: int, ssml: bool = False) -> tuple[np.ndarray, int]:
+    """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en+m3"``) at ``rate`` words per minute; with ``ssml``,
+    ``text`` is SSML markup (espeak-ng ``-m``).
 
     Returns:
         ``(waveform, sampling_rate)``: float32 mono samples in [-1, 1], shape ``[num_samples]``, and espeak-ng's
         native rate (22050 Hz).
     """
-    cmd = [_espeak_binary(), "-v", voice, "-s", str(int(rate)), "--stdout", text]
+    cmd = [_espeak_binary(), *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate)), "--stdout", text]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise RuntimeError(f"espeak-ng failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace').strip()}")
@@ -284,13 +308,15 @@ def _finish(wave: np.ndarray, sr: int, rng: np.random.Generator, noise: tuple[fl
     return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
 
-def make_speech(text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:
+def make_speech(
+    text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator, ssml: bool = False
+) -> np.ndarray:
     """A speech clip: espeak-ng, silences trimmed, resampled to ``sampling_rate``, padded, peak-normalised, noisy.
 
     Returns:
         float32 samples, shape ``[num_samples]``.
     """
-    wave, sr = synthesize(text, voice, rate)
+    wave, sr = synthesize(text, voice, rate, ssml=ssml)
     wave = _trim(wave)
     wave = resample(wave, sr, sampling_rate)
     return _finish(wave, sampling_rate, rng, noise=(0.0005, 0.003))
@@ -416,6 +442,13 @@ def _draw_sentence(make, split: str, rng: np.random.Generator) -> str:
             return sentence
 
 
+def prosody_markup(sentence: str, prosody: Mapping[str, int]) -> str:
+    """SSML that speaks ``sentence`` with ``<prosody>`` changes in percent (keys ``pitch``, ``range``, ``rate``,
+    ``volume``)."""
+    attributes = " ".join(f'{key}="{value:+d}%"' for key, value in prosody.items())
+    return f"<speak><prosody {attributes}>{sentence}</prosody></speak>"
+
+
 def _voice_group(split: str) -> str:
     return "test" if split == "test" else "train"
 
@@ -453,6 +486,7 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
             "sentence": "",
             "num_beeps": -1,
             "beep_hz": -1.0,
+            "ssml": "",
             "render_seed": [config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], i],
         }
         if task == "count":
@@ -479,6 +513,10 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
             )
             if task == "asr":
                 answer = sentence
+            if task == "emotion":
+                jitter = rng.integers(-EMOTION_JITTER, EMOTION_JITTER + 1, size=len(EMOTION_PROSODY[answer]))
+                profile = {k: int(v + j) for (k, v), j in zip(EMOTION_PROSODY[answer].items(), jitter)}
+                spec["ssml"] = prosody_markup(sentence, profile)
         spec["answer"] = answer
         specs.append(spec)
     return specs
@@ -490,9 +528,10 @@ def _make_row(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
     if spec["task"] == "count":
         wave, _ = make_beeps(spec["num_beeps"], spec["beep_hz"], sampling_rate, rng)
     else:
-        wave = make_speech(spec["sentence"], spec["voice"], spec["rate"], sampling_rate, rng)
+        text = spec["ssml"] or spec["sentence"]
+        wave = make_speech(text, spec["voice"], spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]))
     prompt = TASK_PROMPTS[spec["task"]]
-    row = {k: v for k, v in spec.items() if k != "render_seed"}
+    row = {k: v for k, v in spec.items() if k not in ("render_seed", "ssml")}
     row.update(
         audio={"bytes": to_wav_bytes(wave, sampling_rate), "path": f"{spec['id']}.wav"},
         prompt=prompt,

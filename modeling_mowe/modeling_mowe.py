@@ -27,7 +27,6 @@ from .encoders import (
     num_frames,
 )
 from .routing import (
-    AddAuxiliaryLoss,
     DataDependentRouter,
     DataIndependentRouter,
     RoutingDecision,
@@ -78,7 +77,7 @@ class MoWEModelOutputWithPast(BaseModelOutputWithPast):
     audio_hidden_states (`torch.FloatTensor` of shape `(num_audio_tokens, hidden_size)`, *optional*):
         Projected audio embeddings that replaced the `<|audio|>` placeholders.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
-    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_aux_loss (`torch.FloatTensor`, *optional*): the data-dependent router's balancing loss, with its graph.
     router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
         The weak encoders each router selected per window.
     """
@@ -94,7 +93,9 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     """
     loss: LM loss + `router_aux_loss_coef * router_aux_loss`.
     router_logits (`torch.FloatTensor` of shape `(num_windows, num_routers, num_weak_encoders)`, *optional*)
-    router_aux_loss (`torch.FloatTensor`, *optional*): balancing loss, detached (its gradient is already injected).
+    router_aux_loss (`torch.FloatTensor`, *optional*): the data-dependent router's balancing loss, with its graph: a
+        loss computed from the logits instead of `loss` adds `router_aux_loss_coef * router_aux_loss` itself (as
+        with transformers' MoE models; `MoWESFTTrainer` does this for TRL's fused LM head).
     router_indices (`torch.LongTensor` of shape `(num_windows, num_routers, router_top_k)`, *optional*):
         The weak encoders each router selected per window.
     """
@@ -121,7 +122,8 @@ class MoWEAudioTower(nn.Module):
 
     Sparse dispatch: each weak encoder runs once per forward, on the windows routed to it (by either router). The
     gates g_i (router probabilities) multiply the selected encoders' features, which is how the routers get gradients
-    from the LM loss; the balancing loss reaches the data-dependent router through `AddAuxiliaryLoss`.
+    from the LM loss; the balancing loss reaches the data-dependent router through
+    the loss it joins.
 
     A weak encoder that no window picked is skipped, except in training (train mode with gradients enabled) and when
     the pool is sharded per layer by FSDP2: then it runs on a short piece of the first window and its output joins the
@@ -279,7 +281,8 @@ class MoWEAudioTower(nn.Module):
                 logits = self.router_dependent(base_hidden, valid_frames)
             # With `device_map` the routers may sit on another device than the base features: route where they are.
             router_logits.append(logits)
-            decisions.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k))
+            sample = self.training and self.config.router_sampling
+            decisions.append(top_k_gates(logits.to(base_hidden.device), self.config.router_top_k, sample=sample))
         return router_logits, decisions
 
     def weak_features(
@@ -533,9 +536,6 @@ class MoWEModel(MoWEPreTrainedModel):
             audio_embeds, router_logits = audio.pooler_output, audio.router_logits
             router_aux_loss, router_indices = audio.router_aux_loss, audio.router_indices
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
-            coef = self.config.router_aux_loss_coef
-            if router_aux_loss is not None and coef > 0 and torch.is_grad_enabled() and audio_embeds.requires_grad:
-                audio_embeds = AddAuxiliaryLoss.apply(audio_embeds, coef * router_aux_loss)
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
 
         for flag in ("output_hidden_states", "output_attentions"):  # the MoWE config's flags reach the LLM
@@ -552,7 +552,7 @@ class MoWEModel(MoWEPreTrainedModel):
             **outputs,
             audio_hidden_states=audio_embeds,
             router_logits=router_logits,
-            router_aux_loss=None if router_aux_loss is None else router_aux_loss.detach(),
+            router_aux_loss=router_aux_loss,
             router_indices=router_indices,
         )
 
@@ -639,7 +639,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
             if outputs.router_aux_loss is not None:
-                # The value only: the gradient was injected where the audio entered the LLM (AddAuxiliaryLoss).
+                # Part of the loss's graph, so whatever scales the loss (gradient accumulation's 1/n, GradScaler's S)
+                # scales the balancing gradient alike.
                 loss = loss + self.config.router_aux_loss_coef * outputs.router_aux_loss.to(loss.dtype)
 
         llm_outputs = {k: v for k, v in outputs.items() if k not in ("last_hidden_state", "audio_hidden_states")}

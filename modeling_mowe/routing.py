@@ -9,26 +9,26 @@ from torch import nn
 
 
 class DataIndependentRouter(nn.Module):
-    """q = softmax(theta): one learned distribution over the pool, the same top-k for every input."""
+    """q = softmax(theta): one learned distribution over the pool, the same top-k for every input (in eval)."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_weak_encoders: int):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(num_experts))
+        self.logits = nn.Parameter(torch.zeros(num_weak_encoders))
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        """Router logits [batch_size, num_experts] (one row repeated)."""
+        """Router logits [batch_size, num_weak_encoders] (one row repeated)."""
         return self.logits[None, :].expand(batch_size, -1)
 
 
 class DataDependentRouter(nn.Module):
     """p(x) = softmax(W . masked_mean_t(H_b) + b): a distribution per clip from its base features."""
 
-    def __init__(self, base_hidden_size: int, num_experts: int):
+    def __init__(self, base_hidden_size: int, num_weak_encoders: int):
         super().__init__()
-        self.classifier = nn.Linear(base_hidden_size, num_experts)
+        self.classifier = nn.Linear(base_hidden_size, num_weak_encoders)
 
     def forward(self, base_hidden: torch.Tensor, valid_frames: torch.Tensor) -> torch.Tensor:
-        """Router logits [b, num_experts] from base features [b, T, d_b] with `valid_frames` [b] real frames."""
+        """Router logits [b, num_weak_encoders] from base features [b, T, d_b] with `valid_frames` [b] real frames."""
         mask = torch.arange(base_hidden.shape[1], device=base_hidden.device)[None, :] < valid_frames[:, None]
         mask = mask[..., None].to(base_hidden.dtype)
         pooled = (base_hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -39,7 +39,7 @@ class RoutingDecision(NamedTuple):
     """One router's top-k decision for a batch of windows (unpacks as `(probs, index, gates)`).
 
     probs (`torch.FloatTensor` of shape `(num_windows, num_weak_encoders)`): the router's softmax, in fp32.
-    index (`torch.LongTensor` of shape `(num_windows, top_k)`): the selected weak encoders, best first.
+    index (`torch.LongTensor` of shape `(num_windows, top_k)`): the selected weak encoders (best first in eval).
     gates (`torch.FloatTensor` of shape `(num_windows, top_k)`): their probabilities, which weight their features.
     """
 
@@ -48,50 +48,40 @@ class RoutingDecision(NamedTuple):
     gates: torch.Tensor
 
 
-def top_k_gates(router_logits: torch.Tensor, top_k: int) -> RoutingDecision:
-    """Softmax over the pool and its top-k.
+def top_k_gates(router_logits: torch.Tensor, top_k: int, sample: bool = False) -> RoutingDecision:
+    """Softmax over the pool and the k weak encoders it selects.
 
     Returns the `RoutingDecision`: `probs` [b, E], the selected weak encoders `index` [b, k] and their `gates` [b, k]
     (the router probabilities, not renormalised, so the gates stay differentiable with respect to every logit).
-    Deterministic: `torch.topk` breaks ties by the lower index.
+
+    `sample=False` (eval) takes the k most probable, deterministically (`torch.topk`; which of equal logits wins is
+    up to the kernel, not always the lower index). `sample=True` (training) draws k without replacement from `probs`
+    (Gumbel top-k: the top-k of log-probabilities + Gumbel noise), so every weak encoder keeps being tried in
+    proportion to its probability. Without it a router whose logits start equal picks one tie winner for every clip,
+    trains only that encoder and reinforces its own choice.
     """
     probs = router_logits.float().softmax(dim=-1)
-    gates, index = probs.topk(top_k, dim=-1)
-    return RoutingDecision(probs, index, gates)
+    scores = probs.log()
+    if sample:
+        scores = scores - torch.empty_like(scores).exponential_().log()  # + Gumbel(0, 1)
+    index = scores.topk(top_k, dim=-1).indices
+    return RoutingDecision(probs, index, probs.gather(-1, index))
+
+
+def routing_entropy(router_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each window's router distribution, [..., E] -> [...]: log(E) when uniform, 0 when sure."""
+    log_probs = router_logits.float().log_softmax(dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def load_balancing_loss(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer balance loss L = N * sum_i f_i * P_i.
 
-    f_i: fraction of the routed slots (b * k) that went to expert i; P_i: mean of p_i over the batch.
-    Equals 1 when routing is perfectly balanced; grows to N when one expert takes everything.
+    f_i: fraction of the routed slots (b * k) that went to weak encoder i; P_i: mean of p_i over the batch.
+    Equals 1 when routing is perfectly balanced; grows to N when one weak encoder takes everything.
     """
-    num_experts = probs.shape[-1]
-    counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
+    num_weak_encoders = probs.shape[-1]
+    counts = torch.zeros(num_weak_encoders, device=probs.device, dtype=probs.dtype)
     counts = counts.index_add(0, index.reshape(-1), torch.ones_like(index.reshape(-1), dtype=probs.dtype))
     fraction = counts / index.numel()
-    return num_experts * (fraction * probs.mean(0)).sum()
-
-
-class AddAuxiliaryLoss(torch.autograd.Function):
-    """Identity on `hidden` whose backward also feeds d(aux_loss)/d(aux_loss) = 1 into `aux_loss`.
-
-    The audio embeddings pass through this on their way into the LLM, so the balancing loss reaches the routers
-    whenever any loss computed from the LLM's outputs is back-propagated: the model's own loss, TRL's fused LM head
-    (which never calls our `forward`'s loss), or a user's loop on the logits. Autograd runs a node's backward once
-    per backward pass, so the gradient arrives exactly once; `aux_loss` must already carry its coefficient.
-    (The technique of DeepSeek-MoE's `AddAuxiliaryLoss`.)
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-        ctx.aux_dtype = aux_loss.dtype
-        ctx.aux_requires_grad = aux_loss.requires_grad
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_aux = None
-        if ctx.aux_requires_grad:
-            grad_aux = torch.ones((), dtype=ctx.aux_dtype, device=grad_output.device)
-        return grad_output, grad_aux
+    return num_weak_encoders * (fraction * probs.mean(0)).sum()

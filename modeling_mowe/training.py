@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from .encoders import WaveformEncoderFamily
 from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 from .feature_extraction_mowe import to_mono_waveform
+from .routing import routing_entropy
 
 IGNORE_INDEX = -100
 
@@ -130,19 +131,24 @@ def _audio_tower(model: nn.Module) -> nn.Module | None:
 
 
 class RoutingStatsCallback(TrainerCallback):
-    """Logs how often each router picked each weak encoder (fraction of windows) and the mean balancing loss.
+    """Logs how often each router picked each weak encoder (fraction of windows), how sure each router is (the mean
+    entropy of its distribution over the pool, in nats: log(pool size) when uniform, 0 when certain) and the mean
+    balancing loss.
 
-    Keys: `routing/<router>/<index>_<family>` and `routing/aux_loss`, averaged over the training forwards since
-    the previous log. They go into the Trainer's logs, so they reach `trainer.state.log_history`, TensorBoard, W&B,
-    ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
+    Keys: `routing/<router>/<index>_<family>`, `routing/<router>/entropy` and `routing/aux_loss`, averaged over the
+    training forwards since the previous log. They go into the Trainer's logs, so they reach
+    `trainer.state.log_history`, TensorBoard, W&B, ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
     """
 
     def __init__(self):
         self._handle = None
         self._counts = None
+        self._entropy_sum = None
+        self._windows = 0
         self._aux_sum = 0.0
         self._forwards = 0
         self._names: list[str] = []
+        self._routers: tuple[str, ...] = ()
 
     def _record(self, tower: nn.Module, inputs, output) -> None:
         if not tower.training or output.router_indices is None:
@@ -150,6 +156,9 @@ class RoutingStatsCallback(TrainerCallback):
         num_weak = len(tower.config.weak_encoder_configs)
         counts = torch.nn.functional.one_hot(output.router_indices.detach(), num_weak).sum(dim=(0, 2)).cpu()  # [R, E]
         self._counts = counts if self._counts is None else self._counts + counts
+        entropy = routing_entropy(output.router_logits.detach()).sum(0).cpu()  # [R]
+        self._entropy_sum = entropy if self._entropy_sum is None else self._entropy_sum + entropy
+        self._windows += output.router_logits.shape[0]
         if output.router_aux_loss is not None:
             self._aux_sum += float(output.router_aux_loss.detach())
             self._forwards += 1
@@ -158,6 +167,7 @@ class RoutingStatsCallback(TrainerCallback):
         tower = _audio_tower(model) if model is not None else None
         if tower is None or not tower.routers or self._handle is not None:
             return
+        self._routers = tuple(tower.routers)
         self._names = [
             f"routing/{router}/{i}_{cfg.model_type}"
             for router in tower.routers
@@ -170,12 +180,14 @@ class RoutingStatsCallback(TrainerCallback):
             return
         fractions = self._counts / self._counts.sum(-1, keepdim=True).clamp(min=1)
         stats = {name: round(float(f), 4) for name, f in zip(self._names, fractions.reshape(-1))}
+        for router, entropy in zip(self._routers, self._entropy_sum / max(self._windows, 1)):
+            stats[f"routing/{router}/entropy"] = round(float(entropy), 4)
         if self._forwards:
             stats["routing/aux_loss"] = round(self._aux_sum / self._forwards, 4)
         logs.update(stats)
         if state.log_history:
             state.log_history[-1].update(stats)
-        self._counts, self._aux_sum, self._forwards = None, 0.0, 0
+        self._counts, self._entropy_sum, self._windows, self._aux_sum, self._forwards = None, None, 0, 0.0, 0
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
@@ -238,6 +250,23 @@ def freeze_for_training(
     }
 
 
+def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_rate: float) -> list[dict]:
+    """Optimizer parameter groups: the trainable parts that start from scratch in a MoWE model (the routers and the
+    weak projections) at `fresh_learning_rate`, every other trainable parameter at `learning_rate`. For a base-only
+    model (no routers) there is one group."""
+    tower = _audio_tower(model)
+    fresh_modules = [] if tower is None else [
+        m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections) if m is not None
+    ]
+    fresh_ids = {id(p) for m in fresh_modules for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in fresh_ids], "lr": learning_rate},
+        {"params": [p for p in trainable if id(p) in fresh_ids], "lr": fresh_learning_rate},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
     """A PEFT `LoraConfig` for the MoWE policy: LoRA on every linear layer of the LLM (and nowhere in the audio
     encoders, whose attention layers share names like `q_proj`), the weak pool, routers and projector trained in
@@ -272,19 +301,20 @@ def make_sft_trainer(
     cache_frozen_base: bool | FrozenFeatureStore | None = None,
     frozen_base_cache_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ):
-    """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
-    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats, and the
-    frozen base encoder's features cached per clip (`cache_frozen_base`: None = where exact, the default; True;
-    False; or a `FrozenFeatureStore`), up to `frozen_base_cache_bytes` in memory, the rest spilled to
-    `<output_dir>/_frozen_base_features` (see `feature_cache.install_frozen_base_cache`)."""
-    from trl import SFTTrainer
+    """TRL's `SFTTrainer`, set up for MoWE (a `MoWESFTTrainer`, whose loss holds the routers' balancing loss): our
+    collator (TRL detects only image columns), no dataset preparation or column removal (the collator reads
+    `audio` + `messages`), the freezing policy or LoRA, routing stats, and the frozen base encoder's features cached
+    per clip (`cache_frozen_base`: None = where exact, the default; True; False; or a `FrozenFeatureStore`), up to
+    `frozen_base_cache_bytes` in memory, the rest spilled to `<output_dir>/_frozen_base_features` (see
+    `feature_cache.install_frozen_base_cache`)."""
+    from .sft_trainer import MoWESFTTrainer
 
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None
     if not use_lora:
         freeze_for_training(model, train_language_model=train_language_model, train_base_encoder=train_base_encoder)
-    trainer = SFTTrainer(
+    trainer = MoWESFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

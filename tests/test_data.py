@@ -53,7 +53,7 @@ def _beep_bursts(wave: np.ndarray, sr: int) -> int:
 
 def test_splits_sizes_and_schema(tiny):
     assert set(tiny) == {"train", "validation", "test"}
-    n_tasks = len(data.TASKS)
+    n_tasks = len(data.DEFAULT_TASKS)
     assert [tiny[s].num_rows for s in ("train", "validation", "test")] == [4 * n_tasks, 2 * n_tasks, 2 * n_tasks]
     expected = {"id", "audio", "task", "prompt", "answer", "messages", "voice", "language", "rate", "sentence"}
     assert expected <= set(tiny["train"].column_names)
@@ -197,7 +197,7 @@ def test_beep_rows_count_matches_answer(tiny):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="tasks"):
-        data.BenchmarkConfig(tasks=("asr", "emotion"))
+        data.BenchmarkConfig(tasks=("asr", "music"))
     with pytest.raises(ValueError, match="languages"):
         data.BenchmarkConfig(languages=("english", "klingon"))
     with pytest.raises(ValueError):
@@ -211,3 +211,20 @@ def test_an_empty_split_builds_with_the_full_schema(cache_root):
     splits = data.build_benchmark(cache_root, config, progress=False)
     assert len(splits["validation"]) == 0 and len(splits["train"]) > 0
     assert splits["validation"].features == splits["train"].features
+
+
+def test_emotion_rows_speak_their_prosody_profile_with_unseen_voices(cache_root):
+    config = data.BenchmarkConfig.tiny(tasks=("emotion",), train_per_task=8, validation_per_task=0, test_per_task=4)
+    splits = data.build_benchmark(cache_root, config, progress=False)
+    for split in ("train", "test"):
+        rows = splits[split]
+        assert sorted(set(rows["answer"])) == sorted(data.TASK_LABELS["emotion"])
+        assert all(prompt == data.TASK_PROMPTS["emotion"] for prompt in rows["prompt"])
+    assert data.split_overlap(splits)["test"]["voices"] == []
+    # The markup is interpreted, not read aloud: the clip is about as long as the plain sentence.
+    row = splits["test"][0]
+    wave, sr = data.load_audio(row["audio"])
+    plain, plain_sr = data.synthesize(row["sentence"], row["voice"], row["rate"])
+    assert len(wave) / sr < 2.0 * len(plain) / plain_sr
+    markup = data.prosody_markup("the dog runs", {"pitch": 30, "range": -60})
+    assert markup == '<speak><prosody pitch="+30%" range="-60%">the dog runs</prosody></speak>'

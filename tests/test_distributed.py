@@ -39,7 +39,8 @@ def build_model(seed: int = 0) -> MoWEForConditionalGeneration:
 def route_by_rank(model: MoWEForConditionalGeneration, halves: list) -> None:
     """Sparse routing that differs between the ranks: the data-independent router picks encoder 3 for every clip; the
     data-dependent one sends rank 0's clips to encoder 0 and rank 1's to encoder 2 (its classifier solved on their
-    pooled base features). Encoder 1 gets no clip at all."""
+    pooled base features). Encoder 1 gets no clip at all. In training too: no sampled exploration."""
+    model.config.router_sampling = False
     tower = model.model.audio_tower
     pooled = []
     hook = tower.router_dependent.classifier.register_forward_hook(lambda m, args, out: pooled.append(args[0]))
@@ -103,8 +104,7 @@ def weak_encoders_used(router_indices: torch.Tensor) -> list[int]:
 
 def single_process_step(model: MoWEForConditionalGeneration, halves: list) -> tuple[float, dict]:
     """What data parallel computes for the global batch, in one process: the mean of the halves' losses and of their
-    gradients. One backward per half, then / 2 (not `(loss / 2).backward()`: `AddAuxiliaryLoss` injects the balancing
-    loss's gradient at weight 1, whatever the LM loss is scaled by)."""
+    gradients: one backward per half, then / 2."""
     mean_loss = 0.0
     for inputs, labels in halves:
         loss = model(**inputs, labels=labels).loss

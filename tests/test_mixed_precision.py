@@ -34,6 +34,7 @@ def two_clip_inputs(processor, audio_token_id):
 def loss_and_router_grads(model, inputs, labels, autocast_dtype=None):
     """Loss of one forward (under autocast when `autocast_dtype` is set), and the routers' gradients after backward."""
     model.zero_grad()
+    torch.manual_seed(0)  # the same sampled routing in training
     with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = model(**inputs, labels=labels)
     out.loss.backward()

@@ -38,7 +38,9 @@ def lm_labels(inputs, audio_token_id):
 
 
 def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
-    """Make the data-independent router pick `independent` and the data-dependent one `dependent` for every clip."""
+    """Make the data-independent router pick `independent` and the data-dependent one `dependent` for every clip,
+    in training too (no sampled exploration)."""
+    model.config.router_sampling = False
     tower = model.model.audio_tower
     num = len(tower.weak_encoders)
     with torch.no_grad():
@@ -157,44 +159,43 @@ def test_model_router_aux_loss_matches_formula_on_its_router_logits(fast_config,
 
 
 def _user_loop_loss(model, inputs, labels):
-    logits = model(**inputs).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def _fused_head_loss(model, inputs, labels):
-    return model(**inputs, labels=labels, fused_lm_head=True).loss
+    """A loss computed from the logits, plus the balancing loss the outputs carry (as with transformers' MoE models)."""
+    out = model(**inputs)
+    lm_loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return lm_loss + model.config.router_aux_loss_coef * out.router_aux_loss
 
 
 def _model_loss(model, inputs, labels):
     return model(**inputs, labels=labels).loss
 
 
-@pytest.mark.parametrize(
-    "loss_fn", [_model_loss, _fused_head_loss, _user_loop_loss], ids=["model_loss", "trl_fused_head", "user_loop"]
-)
-def test_aux_loss_gradient_reaches_router_exactly_once(fast_config, processor, loss_fn):
+@pytest.mark.parametrize("loss_fn", [_model_loss, _user_loop_loss], ids=["model_loss", "user_loop"])
+def test_router_gradients_scale_with_the_loss_and_hold_the_balancing_loss_once(fast_config, processor, loss_fn):
+    """`(s * loss).backward()` gives s times the router gradients of `loss.backward()`: gradient accumulation's 1/n
+    and fp16 loss scaling's S scale the balancing term like the LM term. Its share is `coef * d(aux)`, once."""
     model = build_model(fast_config, seed=7).train()
-    if loss_fn is _fused_head_loss:
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model)
     clips = [make_clip(s, seed=i) for i, s in enumerate((0.6, 1.4, 2.0))]
     inputs = make_inputs(processor, [f"Describe <|audio|> now {i}" for i in range(3)], clips)
     labels = lm_labels(inputs, fast_config.audio_token_id)
     router = model.model.audio_tower.router_dependent.classifier
     params = [router.weight, router.bias]
 
-    grads = {}
-    for coef in (0.0, 0.5):
+    def router_grads(scale: float, coef: float) -> list[torch.Tensor]:
         model.config.router_aux_loss_coef = coef  # read at every forward
         model.zero_grad()
-        loss_fn(model, inputs, labels).backward()
-        grads[coef] = [p.grad.clone() for p in params]
+        torch.manual_seed(0)  # the same sampled routing in every forward
+        (scale * loss_fn(model, inputs, labels)).backward()
+        return [p.grad.clone() for p in params]
 
+    unscaled = router_grads(1.0, 0.5)
+    for scale in (0.25, 1024.0):
+        for scaled, reference in zip(router_grads(scale, 0.5), unscaled):
+            torch.testing.assert_close(scaled, scale * reference, atol=1e-6 * scale, rtol=1e-4)
+    torch.manual_seed(0)
     tower_out = model.model.audio_tower(inputs["input_features"], inputs["input_values"], inputs["audio_lengths"])
     aux_grads = torch.autograd.grad(tower_out.router_aux_loss, params)
     assert any(float(g.abs().max()) > 1e-4 for g in aux_grads)
-    for with_aux, without, aux in zip(grads[0.5], grads[0.0], aux_grads):
+    for with_aux, without, aux in zip(unscaled, router_grads(1.0, 0.0), aux_grads):
         torch.testing.assert_close(with_aux - without, 0.5 * aux, atol=1e-6, rtol=1e-4)
 
 
@@ -262,6 +263,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(fast_config, proce
 
     def loss_and_grads():
         model.zero_grad()
+        torch.manual_seed(0)  # the same sampled routing
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import build_model, make_clip, make_inputs
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from modeling_mowe.routing import routing_entropy, top_k_gates
 from modeling_mowe.training import RoutingStatsCallback
 
 CLIPS = [make_clip(s, seed=i, kind="sine" if i % 2 else "noise") for i, s in enumerate((0.6, 1.2, 2.1, 0.9, 1.5))]
@@ -49,10 +52,12 @@ def test_routing_stats_callback_counts_the_tower_selection(fast_config, processo
     state, control = TrainerState(), TrainerControl()
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
     callback.on_train_begin(args, state, control, model=model)
-    selections = []
+    selections, logits = [], []
     for clips in (CLIPS[:3], CLIPS[3:]):
         inputs = make_inputs(processor, TEXTS[: len(clips)], clips)
-        selections.append(model(**inputs).router_indices)
+        out = model(**inputs)
+        selections.append(out.router_indices)
+        logits.append(out.router_logits.detach())
     logs = {"loss": 1.0}
     callback.on_log(args, state, control, logs=logs)
     callback.on_train_end(args, state, control)
@@ -66,6 +71,27 @@ def test_routing_stats_callback_counts_the_tower_selection(fast_config, processo
         assert sum(logs[f"routing/{router}/{e}_{w.model_type}"] for e, w in enumerate(
             fast_config.weak_encoder_configs)) == pytest.approx(1.0, abs=1e-3)
     assert num_weak == 4 and "routing/aux_loss" in logs
+    entropy = routing_entropy(torch.cat(logits)).mean(0)  # [routers]
+    for r, router in enumerate(fast_config.active_routers):
+        assert logs[f"routing/{router}/entropy"] == pytest.approx(float(entropy[r]), abs=1e-4)
+        assert 0 <= logs[f"routing/{router}/entropy"] <= math.log(num_weak) + 1e-3
+
+
+def test_training_routing_tries_every_weak_encoder_in_proportion_eval_routing_is_deterministic():
+    equal = torch.zeros(4000, 4)
+    eval_index = top_k_gates(equal, 1)[1]
+    assert (eval_index == eval_index[0]).all()  # eval: one kernel-chosen winner of the tie for every clip
+    counts = torch.bincount(top_k_gates(equal, 1, sample=True)[1].reshape(-1), minlength=4) / 4000
+    torch.testing.assert_close(counts, torch.full((4,), 0.25), atol=0.03, rtol=0)
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(4000, -1)
+    probs, index, gates = top_k_gates(logits, 1, sample=True)
+    counts = torch.bincount(index.reshape(-1), minlength=4) / 4000
+    torch.testing.assert_close(counts, logits[0].softmax(-1), atol=0.03, rtol=0)  # drawn from the router's own p
+    torch.testing.assert_close(gates, probs.gather(-1, index))
+    _, index, _ = top_k_gates(logits, 2, sample=True)
+    assert (index[:, 0] != index[:, 1]).all()  # k distinct weak encoders
+    assert routing_entropy(equal[:1]).item() == pytest.approx(math.log(4))
 
 
 def test_top_k_gates_returns_a_named_decision_that_still_unpacks():

@@ -123,9 +123,9 @@ def test_sft_learns_with_checkpointing_and_logs_routing(splits, processor, tmp_p
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
     routed = [h for h in trainer.state.log_history if "routing/data_dependent/0_whisper" in h]
     assert routed, "routing statistics missing from log_history"
-    dependent = [v for k, v in routed[-1].items() if k.startswith("routing/data_dependent/")]
+    dependent = [v for k, v in routed[-1].items() if k.startswith("routing/data_dependent/") and "entropy" not in k]
     assert len(dependent) == 4 and abs(sum(dependent) - 1.0) < 1e-3
-    assert "routing/aux_loss" in routed[-1]
+    assert "routing/aux_loss" in routed[-1] and "routing/data_independent/entropy" in routed[-1]
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert not any("base_encoder" in n for n in trainable) and any("language_model" in n for n in trainable)
 
@@ -281,3 +281,31 @@ def test_freezing_policy_trains_the_pool_but_the_waveform_encoders_conv_stack():
         assert any(n.startswith(("layers.", "encoder.layers.")) for n in trainable), config.model_type
         if conv_stack is not None:
             assert not any(p.requires_grad for p in conv_stack.parameters())
+
+
+def test_sft_trainer_loss_holds_the_balancing_loss_scaled_like_the_lm_loss(splits, processor, tmp_path):
+    """TRL's SFTTrainer computes the LM loss itself (fused LM head); `make_sft_trainer`'s trainer adds the balancing
+    loss to it, and with gradient accumulation (`num_items_in_batch` over n micro-batches) both terms shrink by n."""
+    model = tiny_model(seed=3)
+    trainer = make_sft_trainer(model, processor, sft_args(tmp_path), splits["train"].select(range(4)))
+    batch = trainer.data_collator([splits["train"][i] for i in range(4)])
+    router = model.model.audio_tower.router_dependent.classifier
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    model.train()
+
+    def router_grads(coef: float, accumulation: int = 1) -> torch.Tensor:
+        model.config.router_aux_loss_coef = coef
+        trainer.current_gradient_accumulation_steps = accumulation
+        model.zero_grad()
+        torch.manual_seed(0)  # the same sampled routing
+        items = None if accumulation == 1 else torch.tensor(accumulation * tokens)
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=items).backward()
+        return router.weight.grad.clone()
+
+    torch.manual_seed(0)
+    aux = model.model.audio_tower(batch["input_features"], batch.get("input_values"), batch["audio_lengths"])
+    aux_grad = torch.autograd.grad(aux.router_aux_loss, router.weight)[0]
+    assert float(aux_grad.abs().max()) > 1e-4
+    with_aux = router_grads(0.5)
+    torch.testing.assert_close(with_aux - router_grads(0.0), 0.5 * aux_grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(router_grads(0.5, accumulation=4), with_aux / 4, atol=1e-7, rtol=1e-4)
