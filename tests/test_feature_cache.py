@@ -30,10 +30,11 @@ def frozen_model(dynamic: bool, seed: int = 0) -> MoWEForConditionalGeneration:
 
 
 def training_step(model, processor, texts, clips) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradients of one step on `clips` (with their `texts`)."""
+    """Loss and gradients of one step on `clips` (with their `texts`), with the same sampled routing every call."""
     inputs = make_inputs(processor, texts, clips)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     model.zero_grad()
+    torch.manual_seed(0)
     loss = model(**inputs, labels=labels).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
