@@ -255,9 +255,23 @@ def make_sft_trainer(
     callbacks: list | None = None,
 ):
     """TRL's `SFTTrainer`, set up for MoWE: our collator (TRL detects only image columns), no dataset preparation
-    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats."""
+    or column removal (the collator reads `audio` + `messages`), the freezing policy or LoRA, routing stats.
+
+    A quantized model (`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`) trains
+    as QLoRA: PEFT's `prepare_model_for_kbit_training` (with `training_args.gradient_checkpointing`, on by default
+    in `SFTConfig`), LoRA on the LLM, and the weak pool, routers and projector trained in full in fp32."""
     from trl import SFTTrainer
 
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
+        check_quantized_training(use_lora, train_language_model, train_base_encoder)
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        )
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None
@@ -273,5 +287,28 @@ def make_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if quantized:
+        # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's adapters); the parts trained in
+        # full keep fp32 weights, as they would without quantization.
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.data = param.data.float()
     add_routing_stats_callback(trainer)
     return trainer
+
+
+def check_quantized_training(use_lora: bool, train_language_model: bool, train_base_encoder: bool) -> None:
+    """Raise a `ValueError` for training settings a quantized model cannot train with (quantized weights have no
+    gradient): it trains as QLoRA, `use_lora=True`, and only LoRA and the full-precision parts learn."""
+    if not use_lora:
+        raise ValueError(
+            "The model is quantized, and quantized weights cannot be trained: pass use_lora=True (QLoRA: LoRA on the "
+            "LLM, the weak pool, routers and projector trained in full), or load the model without "
+            "quantization_config."
+        )
+    if train_language_model or train_base_encoder:
+        raise ValueError(
+            "train_language_model / train_base_encoder train quantized weights in full, which cannot be done: with "
+            "use_lora=True the LLM learns through LoRA; load the model without quantization_config to train "
+            "the LLM or the base encoder in full."
+        )
