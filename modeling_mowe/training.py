@@ -259,7 +259,8 @@ def make_sft_trainer(
 
     A quantized model (`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`) trains
     as QLoRA: PEFT's `prepare_model_for_kbit_training` (with `training_args.gradient_checkpointing`, on by default
-    in `SFTConfig`), LoRA on the LLM, and the weak pool, routers and projector trained in full in fp32."""
+    in `SFTConfig`), LoRA on the LLM, and the weak pool, routers and projector trained in full; trainable weights in
+    fp32."""
     from trl import SFTTrainer
 
     quantized = getattr(model, "is_quantized", False)
@@ -288,10 +289,11 @@ def make_sft_trainer(
         callbacks=callbacks,
     )
     if quantized:
-        # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's adapters); the parts trained in
-        # full keep fp32 weights, as they would without quantization.
-        for name, param in trainer.model.named_parameters():
-            if param.requires_grad and "lora_" not in name:
+        # TRL stores every trainable parameter of a quantized model in bf16 (the QLoRA paper's adapters). Trainable
+        # weights stay fp32 here, as without quantization: `bf16=True` computes in bf16 under autocast either way,
+        # the optimizer updates fp32 weights, and a reloaded adapter (PEFT loads it in fp32) gives the same logits.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
                 param.data = param.data.float()
     add_routing_stats_callback(trainer)
     return trainer
