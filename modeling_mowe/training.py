@@ -273,6 +273,12 @@ def make_sft_trainer(
             use_gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
+        for module in model.modules():
+            # bitsandbytes (0.50) repacks a 4-bit layer for its fast CPU kernel at its first eval forward without
+            # gradients (an evaluation, a `generate`); that kernel has no backward, so later training steps would
+            # silently lose the gradient through every repacked layer. A model being trained keeps the plain path.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None

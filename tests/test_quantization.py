@@ -210,6 +210,31 @@ def test_qlora_trains_lora_and_full_precision_parts_and_reloads_onto_a_fresh_4bi
         torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation(folder, rows, inputs, tmp_path):
+    from modeling_mowe.training import make_sft_trainer
+
+    processor = MoWEProcessor.from_pretrained(TINY)
+    model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=four_bit())
+    model = make_sft_trainer(model, processor, sft_args(tmp_path), rows, use_lora=True, lora_r=4).model
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        model(**inputs, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)  # on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights here unless told not to
+    after = gradients()
+    assert before.keys() == after.keys() and any("lora_A" in name for name in before)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
