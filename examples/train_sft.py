@@ -73,14 +73,17 @@ def quantization_config(args: ScriptArguments, training_args: SFTConfig) -> Bits
 
 
 def load_model_and_processor(args: ScriptArguments, quantization: BitsAndBytesConfig | None = None):
-    """The model in fp32 (with `--bf16`/`--fp16` the Trainer runs it under autocast: fp32 master weights), its LLM
-    quantized with `quantization`, and its processor."""
+    """The model in fp32 (with `--bf16`/`--fp16` the Trainer runs it under autocast: fp32 master weights) and its
+    processor. With `quantization` (QLoRA) its LLM is quantized and the rest loads in the compute dtype (composed in
+    CPU memory in it); `prepare_model_for_kbit_training` then makes the trained parts fp32."""
     overrides = {k: v for k, v in {"router_type": args.router_type, "router_top_k": args.router_top_k}.items() if v}
+    quantized = {} if quantization is None else dict(
+        quantization_config=quantization, dtype=quantization.bnb_4bit_compute_dtype
+    )
     if args.base_encoder:
         processor = MoWEProcessor.from_components(args.base_encoder, args.weak_encoders, args.text_model, **overrides)
         model = MoWEForConditionalGeneration.from_components(
-            args.base_encoder, args.weak_encoders, args.text_model, processor=processor,
-            quantization_config=quantization, **overrides,
+            args.base_encoder, args.weak_encoders, args.text_model, processor=processor, **quantized, **overrides
         )
         return model, processor
     processor = MoWEProcessor.from_pretrained(args.model)
@@ -92,8 +95,7 @@ def load_model_and_processor(args: ScriptArguments, quantization: BitsAndBytesCo
             )
         config = MoWEConfig.from_pretrained(args.model, **overrides)  # a preset: random initialisation
         return MoWEForConditionalGeneration(config), processor
-    model = MoWEForConditionalGeneration.from_pretrained(args.model, quantization_config=quantization, **overrides)
-    return model, processor
+    return MoWEForConditionalGeneration.from_pretrained(args.model, **quantized, **overrides), processor
 
 
 def load_splits(args: ScriptArguments):
