@@ -199,7 +199,8 @@ def compose_real_model(folder: Path) -> None:
 def prompts(processor, clips) -> list[dict]:
     out = []
     for clip in clips:
-        messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": QUESTION}]}]
+        audio = {"type": "audio", "audio": clip, "sampling_rate": 16_000}
+        messages = [{"role": "user", "content": [audio, {"type": "text", "text": QUESTION}]}]
         out.append(
             processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
