@@ -16,12 +16,14 @@ Needs `pip install '.[quant]'`. Prints one JSON line per measurement, then a mar
   plus an fp32 scale per row.
 - `inference`: a MoWE model in full precision (fp32) next to the same weights loaded with
   `from_pretrained(..., quantization_config=...)` in 4-bit (NF4, LLM), 4-bit with the base encoder, and 8-bit
-  (LLM): weight bytes (`get_memory_footprint`), next-token logits on every prompt position (cosine, top-1
-  agreement), greedy answers (identical answers, token agreement), generate time (variants interleaved clip by
-  clip, ratio of the sums to fp32). Without `--model` the model is composed from the converted real parts
-  (`modeling_mowe.pretrained`): Whisper-base + 4 x Whisper-tiny.en + Gemma-3-270M (routers and projector untrained,
-  so the answers are the LLM's reaction to untrained audio embeddings: a test of the quantized LLM, not of audio
-  understanding); the prompts are espeak-ng English clips with "Transcribe the audio.". With `--dataset`, each
+  (LLM): weight bytes (`get_memory_footprint`); on an English text without audio, next-token logits (cosine,
+  top-1 agreement with fp32) and perplexity: the LLM's own quantization error; with audio prompts, next-token
+  logits on every prompt position (cosine, top-1 agreement), greedy answers (identical answers, token
+  agreement), generate time (variants interleaved clip by clip, ratio of the sums to fp32). Without `--model`
+  the model is composed from the converted real parts (`modeling_mowe.pretrained`): Whisper-base + 4 x
+  Whisper-tiny.en + Gemma-3-270M (routers and projector untrained, so the answers are the LLM's reaction to
+  untrained audio embeddings: a test of the quantized LLM, not of audio understanding); the prompts are espeak-ng
+  English clips with "Transcribe the audio.". `--clips 0`: the text measurement only. With `--dataset`, each
   variant is also scored on that split (`modeling_mowe.evaluation`), with paired bootstrap intervals of the
   difference to fp32.
 """
@@ -48,6 +50,10 @@ PRESETS = [
     "mowe-gemma3-270m-whisper-base-4x-tiny-en",
 ]
 QUESTION = "Transcribe the audio."
+TEXT = (
+    "The history of the city goes back more than two thousand years. It was founded by fishermen on the banks of "
+    "the river, and over the centuries it grew into an important centre of trade."
+)
 GB = 1e9  # decimal gigabytes, as GPU memory is quoted
 
 
@@ -225,8 +231,21 @@ def inference(args) -> None:
     for name, model in models.items():
         report(section="inference", variant=name, weight_mib=round(model.get_memory_footprint() / 2**20, 1))
 
-    inputs = prompts(processor, english_speech(ENGLISH_SENTENCES[: args.clips]))
     reference = models["full"]
+    text = processor.tokenizer(TEXT, return_tensors="pt")
+    expected_logits = reference(**text).logits[0, :-1]
+    targets = text["input_ids"][0, 1:]
+    for name, model in models.items():  # text only: the LLM's own quantization error, whatever the audio parts
+        logits = model(**text).logits[0, :-1]
+        report(
+            section="inference_text", variant=name, tokens=len(targets),
+            logit_cosine=round(float(nn.functional.cosine_similarity(logits, expected_logits, dim=-1).mean()), 4),
+            top1_agreement=round(float((logits.argmax(-1) == expected_logits.argmax(-1)).float().mean()), 4),
+            perplexity=round(float(nn.functional.cross_entropy(logits.float(), targets).exp()), 2),
+        )
+    if not args.clips:
+        return
+    inputs = prompts(processor, english_speech(ENGLISH_SENTENCES[: args.clips]))
     seconds = dict.fromkeys(models, 0.0)
     agreement = {name: {"cos": [], "top1": [], "same_answer": 0, "tokens": [0, 0]} for name in models}
     for batch in inputs:
