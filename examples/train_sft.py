@@ -4,6 +4,9 @@ Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/
 decoding and feature extraction in 2 DataLoader worker processes:
     python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
         --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4 --dataloader_num_workers 2
+QLoRA (the LLM in 4-bit NF4 with bitsandbytes, LoRA on it; weak pool, routers and projector trained in full):
+    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/qlora \
+        --model outputs/demo/mowe-model --load_in_4bit --max_steps 2 --per_device_train_batch_size 2
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, set_seed
+from transformers import BitsAndBytesConfig, HfArgumentParser, set_seed
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
@@ -52,6 +55,10 @@ class ScriptArguments:
     train_split: str = "train"
     eval_split: str | None = None
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM (else the LLM stays frozen)."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the LLM in 4-bit NF4 (bitsandbytes) and train LoRA on it (implies --use_lora)."},
+    )
     lora_r: int = 16
     train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
     cache_frozen_base: str = field(
@@ -64,21 +71,43 @@ class ScriptArguments:
     )
 
 
-def load_model_and_processor(args: ScriptArguments):
+def quantization_config(args: ScriptArguments, training_args: SFTConfig) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit settings (NF4, double quantization, computing in the training precision) for `--load_in_4bit`."""
+    if not args.load_in_4bit:
+        return None
+    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model_and_processor(args: ScriptArguments, quantization: BitsAndBytesConfig | None = None):
     """The model in fp32 (with `--bf16`/`--fp16` the Trainer runs it under autocast: fp32 master weights) and its
-    processor."""
+    processor. With `quantization` (QLoRA) its LLM is quantized and the rest loads in the compute dtype (composed in
+    CPU memory in it); `prepare_model_for_kbit_training` then makes the trained parts fp32."""
     overrides = {k: v for k, v in {"router_type": args.router_type, "router_top_k": args.router_top_k}.items() if v}
+    quantized = {} if quantization is None else dict(
+        quantization_config=quantization, dtype=quantization.bnb_4bit_compute_dtype
+    )
     if args.base_encoder:
         processor = MoWEProcessor.from_components(args.base_encoder, args.weak_encoders, args.text_model, **overrides)
         model = MoWEForConditionalGeneration.from_components(
-            args.base_encoder, args.weak_encoders, args.text_model, processor=processor, **overrides
+            args.base_encoder, args.weak_encoders, args.text_model, processor=processor, **quantized, **overrides
         )
         return model, processor
     processor = MoWEProcessor.from_pretrained(args.model)
     if (Path(args.model) / "config.json").exists() and not any(Path(args.model).glob("*.safetensors")):
+        if quantization is not None:
+            raise ValueError(
+                f"--load_in_4bit quantizes pretrained weights, and {args.model} is a preset without weights: give a "
+                "model folder with weights, or the parts (--base_encoder, --weak_encoders, --text_model)."
+            )
         config = MoWEConfig.from_pretrained(args.model, **overrides)  # a preset: random initialisation
         return MoWEForConditionalGeneration(config), processor
-    return MoWEForConditionalGeneration.from_pretrained(args.model, **overrides), processor
+    return MoWEForConditionalGeneration.from_pretrained(args.model, **quantized, **overrides), processor
 
 
 def load_splits(args: ScriptArguments):
@@ -91,10 +120,10 @@ def load_splits(args: ScriptArguments):
 
 def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     train_dataset, eval_dataset = load_splits(args)
-    model, processor = load_model_and_processor(args)
+    model, processor = load_model_and_processor(args, quantization_config(args, training_args))
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,
-        use_lora=args.use_lora, lora_r=args.lora_r, train_language_model=args.train_language_model,
+        use_lora=args.use_lora or args.load_in_4bit, lora_r=args.lora_r, train_language_model=args.train_language_model,
         cache_frozen_base={"auto": None, "true": True, "false": False}[args.cache_frozen_base],
         frozen_base_cache_bytes=int(args.frozen_base_cache_gb * 2**30),
     )

