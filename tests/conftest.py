@@ -12,6 +12,19 @@ TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
 SR = 16_000
 
 
+def tiny_whisper(num_mel_bins: int, d_model: int):
+    """A 1-layer random `WhisperModel` with `num_mel_bins` mels: a stand-in for a pretrained Whisper checkpoint."""
+    from transformers import WhisperConfig, WhisperModel
+
+    return WhisperModel(
+        WhisperConfig(
+            num_mel_bins=num_mel_bins, d_model=d_model, encoder_layers=1, encoder_attention_heads=2,
+            encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=16,
+            max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        )
+    )
+
+
 @pytest.fixture
 def tiny_config():
     """A fresh `MoWEConfig` of the tiny preset (tests may edit it)."""

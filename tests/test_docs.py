@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from conftest import SR, TINY, make_clip
+from conftest import SR, TINY, make_clip, tiny_whisper
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted(
@@ -84,28 +84,14 @@ def readme_quickstart() -> str:
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins for the quickstart's Hub ids: a 128-mel Whisper, an 80-mel Whisper, a Llama with a tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("quickstart_parts")
-    whisper = dict(
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=32,
-        vocab_size=16,
-        max_target_positions=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     torch.manual_seed(0)
     parts = {
-        "openai/whisper-large-v3": WhisperModel(WhisperConfig(num_mel_bins=128, d_model=32, **whisper)),
-        "openai/whisper-tiny": WhisperModel(WhisperConfig(num_mel_bins=80, d_model=16, **whisper)),
+        "openai/whisper-large-v3": tiny_whisper(128, 32),
+        "openai/whisper-tiny": tiny_whisper(80, 16),
         "Qwen/Qwen2.5-0.5B-Instruct": LlamaForCausalLM(
             LlamaConfig(
                 vocab_size=len(tokenizer),

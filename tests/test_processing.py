@@ -10,7 +10,7 @@ import pytest
 import soundfile
 import soxr
 import torch
-from conftest import run_without_package
+from conftest import run_without_package, tiny_whisper
 from transformers import (
     AutoProcessor,
     HubertConfig,
@@ -18,8 +18,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    WhisperConfig,
-    WhisperModel,
     pipeline,
 )
 
@@ -475,24 +473,10 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 def components(tmp_path_factory) -> dict[str, Path]:
     """Tiny pretrained parts saved to folders: Whisper 128-mel, Whisper 80-mel, HuBERT, and a Llama + tokenizer."""
     root = tmp_path_factory.mktemp("components")
-    whisper = dict(
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=32,
-        vocab_size=16,
-        max_target_positions=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
     torch.manual_seed(0)
     parts = {
-        "base": WhisperModel(WhisperConfig(num_mel_bins=128, d_model=32, **whisper)),
-        "whisper80": WhisperModel(WhisperConfig(num_mel_bins=80, d_model=16, **whisper)),
+        "base": tiny_whisper(128, 32),
+        "whisper80": tiny_whisper(80, 16),
         "hubert": HubertModel(
             HubertConfig(
                 hidden_size=16,
