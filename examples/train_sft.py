@@ -156,3 +156,5 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a torchrun rank exiting with a live gloo group can abort
