@@ -1,12 +1,14 @@
 """vLLM vs batched transformers `generate()` on one MoWE folder: requests/s and generated tokens/s, as ratios of one run.
 
-    .venv/bin/python benchmarks/bench_vllm.py [--model FOLDER] [--requests 64] [--max-new-tokens 32]
+    .venv/bin/python benchmarks/bench_vllm.py [--model FOLDER] [--requests 64] [--warmup 16] [--max-new-tokens 32]
                                               [--hf-batch-size 16] [--llm-layers 2] [--llm-width 64]
 
 `FOLDER` is any MoWE folder (e.g. the demo's `outputs/demo/mowe-model`); without it a random MoWE of the tiny
 preset's audio tower is built, with a Llama of `--llm-layers` x `--llm-width` (head size 32 or more: vLLM's CPU
 attention needs one of its sizes). `--requests` chat requests, each one 1-3 s clip (a tone under noise, its length
-drawn uniformly) and "Transcribe the audio.", greedy, at most `--max-new-tokens` tokens.
+drawn uniformly) and "Transcribe the audio.", greedy, at most `--max-new-tokens` tokens. Each side first answers
+`--warmup` other requests (other clips), untimed: the first calls of either pay one-time costs (oneDNN kernel set-up
+for new shapes, allocator growth) that a running server or a warm process has already paid; their times are printed.
 
 - vLLM: one `LLM.generate` call with every request (continuous batching), in `.venv-vllm` (`bash scripts/setup.sh
   serve`), fp32, eager (no torch.compile); the engine start is reported apart and not counted.
@@ -52,29 +54,48 @@ def generated_length(tokens: list[int], eos: set[int]) -> int:
     return len(tokens)
 
 
-def hf_generate(folder: Path, prompt: str, clips: list[np.ndarray], batch_size: int, max_new_tokens: int):
-    """Greedy answers of `generate()` on batches of `batch_size`: (token lists, wall seconds)."""
+def hf_generate(
+    folder: Path,
+    prompt: str,
+    clips: list[np.ndarray],
+    batch_size: int,
+    max_new_tokens: int,
+    warmup: list[np.ndarray] = (),
+):
+    """Greedy answers of `generate()` on batches of `batch_size`, after answering `warmup` untimed:
+    (token lists, wall seconds, warm-up wall seconds)."""
     model = MoWEForConditionalGeneration.from_pretrained(folder).eval()
     processor = MoWEProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    answers = []
+
+    def answer(clips):
+        answers = []
+        for first in range(0, len(clips), batch_size):
+            batch = clips[first : first + batch_size]
+            inputs = processor(
+                text=[prompt] * len(batch), audio=batch, sampling_rate=SAMPLING_RATE, return_tensors="pt"
+            )
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+                answers.append(row[: generated_length(row, eos)])
+        return answers
+
     start = time.perf_counter()
-    for first in range(0, len(clips), batch_size):
-        batch = clips[first : first + batch_size]
-        inputs = processor(text=[prompt] * len(batch), audio=batch, sampling_rate=SAMPLING_RATE, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        for row in out[:, inputs["input_ids"].shape[1] :].tolist():
-            answers.append(row[: generated_length(row, eos)])
-    return answers, time.perf_counter() - start
+    answer(list(warmup))
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    answers = answer(clips)
+    return answers, time.perf_counter() - start, warmup_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a MoWE folder (default: a random one built here)")
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=16, help="untimed requests on other clips, each side first")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--llm-layers", type=int, default=2, help="random folder only")
@@ -96,14 +117,21 @@ def main() -> None:
             )
         processor = MoWEProcessor.from_pretrained(folder)
         prompt = processor.apply_chat_template(mowe_messages(QUESTION, 1), add_generation_prompt=True)
-        clips = make_clips(args.requests)
-        requests = [
-            {"id": str(i), "prompt": prompt, "clips": [clip], "max_tokens": args.max_new_tokens}
-            for i, clip in enumerate(clips)
-        ]
-        served = run_vllm(folder, requests, Path(tmp) / "vllm", timeout=1800)
+        clips, warmup_clips = make_clips(args.requests), make_clips(args.warmup, seed=1)
+
+        def requests(clips, name):
+            return [
+                {"id": f"{name}{i}", "prompt": prompt, "clips": [clip], "max_tokens": args.max_new_tokens}
+                for i, clip in enumerate(clips)
+            ]
+
+        served = run_vllm(
+            folder, requests(clips, ""), Path(tmp) / "vllm", timeout=1800, warmup=requests(warmup_clips, "warmup")
+        )
         vllm_answers = [served["results"][str(i)]["token_ids"] for i in range(len(clips))]
-        hf_answers, hf_seconds = hf_generate(folder, prompt, clips, args.hf_batch_size, args.max_new_tokens)
+        hf_answers, hf_seconds, hf_warmup_seconds = hf_generate(
+            folder, prompt, clips, args.hf_batch_size, args.max_new_tokens, warmup=warmup_clips
+        )
 
     vllm_seconds = served["generate_seconds"]
     vllm_tokens, hf_tokens = sum(map(len, vllm_answers)), sum(map(len, hf_answers))
@@ -114,6 +142,10 @@ def main() -> None:
         f"threads: torch {torch.get_num_threads()}"
     )
     print(f"vLLM engine start (not counted): {served['engine_seconds']:.1f} s")
+    print(
+        f"warm-up, {args.warmup} other requests (not counted): vLLM {served.get('warmup_seconds', 0.0):.2f} s, "
+        f"transformers {hf_warmup_seconds:.2f} s"
+    )
     print(
         f"vLLM:         {vllm_seconds:7.2f} s  {args.requests / vllm_seconds:7.2f} requests/s  "
         f"{vllm_tokens / vllm_seconds:8.1f} tokens/s ({vllm_tokens} tokens)"

@@ -146,18 +146,21 @@ def run_vllm(
     engine_kwargs: dict | None = None,
     timeout: float = 600,
     python: str | os.PathLike = VLLM_PYTHON,
+    warmup: list[dict] | None = None,
 ) -> dict[str, Any]:
     """Run `requests` through one `vllm.LLM(model, trust_remote_code=True)` in `python` (`.venv-vllm`).
 
     Each request is `{"id", "max_tokens", "logprobs"}` plus either `"prompt"` (a string) and `"clips"` (16 kHz
     arrays, one per `<|audio|>`) for `LLM.generate`, or `"messages"` (OpenAI chat format) for `LLM.chat`. Returns
     `{"results": {id: {"token_ids", "logprobs", "text"}}, "engine_seconds", "generate_seconds", "chat_seconds"}`.
+    `warmup` prompt requests (ids of their own) run first, untimed and not returned, with `"warmup_seconds"`: the
+    engine's first calls pay one-time costs (kernel set-up for new shapes) that a running server has paid already.
     Raises `RuntimeError` with the end of vLLM's log when it fails or runs past `timeout` seconds.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for request in requests:
+    for request in [*(dict(r, warmup=True) for r in warmup or []), *requests]:
         job = {k: v for k, v in request.items() if k != "clips"}
         if request.get("clips"):
             paths = []
@@ -210,11 +213,8 @@ def _vllm_main(job_file: str, out_file: str) -> None:
         ]
         return {"token_ids": list(completion.token_ids), "logprobs": logprobs, "text": completion.text}
 
-    results, seconds = {}, {}
-    prompts = [r for r in job["requests"] if "prompt" in r]
-    chats = [r for r in job["requests"] if "messages" in r]
-    if prompts:
-        inputs = [
+    def prompt_inputs(requests):
+        return [
             {
                 "prompt": r["prompt"],
                 **(
@@ -223,8 +223,19 @@ def _vllm_main(job_file: str, out_file: str) -> None:
                     else {}
                 ),
             }
-            for r in prompts
+            for r in requests
         ]
+
+    results, seconds = {}, {}
+    warmup = [r for r in job["requests"] if r.get("warmup")]
+    prompts = [r for r in job["requests"] if "prompt" in r and not r.get("warmup")]
+    chats = [r for r in job["requests"] if "messages" in r]
+    if warmup:
+        start = time.perf_counter()
+        llm.generate(prompt_inputs(warmup), [params(r) for r in warmup], use_tqdm=False)
+        seconds["warmup_seconds"] = time.perf_counter() - start
+    if prompts:
+        inputs = prompt_inputs(prompts)
         start = time.perf_counter()
         outputs = llm.generate(inputs, [params(r) for r in prompts], use_tqdm=False)
         seconds["generate_seconds"] = time.perf_counter() - start
