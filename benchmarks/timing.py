@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(
+def interleaved_seconds(
     fns: dict, repeats: int, warmup: int = 1, clock: Callable[[], float] = time.process_time
 ) -> dict:
-    """Median `clock` time of each of `fns` (name -> callable) over `repeats` rounds, after `warmup` rounds; the order
-    of the calls alternates between rounds.
+    """`clock` times of each of `fns` (name -> callable), one list of `repeats` per name, after `warmup` rounds; the
+    order of the calls alternates between rounds, so round i of every candidate ran back to back.
 
     `clock` is this process's CPU time by default (less hurt by other processes on a shared machine); pass
     `time.perf_counter` for wall time (needed when the work waits on other processes, as DDP ranks do)."""
@@ -26,7 +26,14 @@ def median_seconds(
             start = clock()
             fn()
             times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_seconds(
+    fns: dict, repeats: int, warmup: int = 1, clock: Callable[[], float] = time.process_time
+) -> dict:
+    """Median `clock` time of each of `fns` over `repeats` interleaved rounds (see `interleaved_seconds`)."""
+    return {name: statistics.median(t) for name, t in interleaved_seconds(fns, repeats, warmup, clock).items()}
 
 
 def print_ratio_table(rows: list[tuple], header: str, precision: int = 2) -> None:

@@ -235,25 +235,31 @@ class MoWEAudioTower(nn.Module):
             return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
         router_logits, decisions = self.route(base_hidden, valid_frames)
-        blocks = [base_hidden.new_zeros(num_windows, num_base_frames, config.weak_hidden_size) for _ in self.routers]
+        router_indices = torch.stack([decision.index for decision in decisions], dim=1)  # (windows, routers, top_k)
+        router_gates = torch.stack([decision.gates for decision in decisions], dim=1)
+        # (windows, routers, weak encoders): each router's gate on each weak encoder, 0 where it did not select it.
+        gates = router_gates.new_zeros(*router_indices.shape[:2], len(self.weak_encoders))
+        gates = gates.scatter(-1, router_indices, router_gates)
+        # Which windows each weak encoder runs on (picked by any router), read on the host once for the whole pool.
+        picked = torch.zeros_like(gates, dtype=torch.bool).scatter(-1, router_indices, True).any(1).T.cpu()
+        # One block per router: (routers, windows, frames, weak_hidden_size), joined to the base features below.
+        blocks = base_hidden.new_zeros(len(self.routers), num_windows, num_base_frames, config.weak_hidden_size)
         call_every_encoder = self.calls_every_weak_encoder()
-        for weak_index in range(len(self.weak_encoders)):
-            picked = [decision.index == weak_index for decision in decisions]  # per router: (num_windows, top_k)
-            rows = torch.stack([p.any(-1) for p in picked]).any(0).nonzero(as_tuple=True)[0]
+        for weak_index, windows in enumerate(picked):
+            rows = windows.nonzero(as_tuple=True)[0].to(base_hidden.device)
             if rows.numel() == 0:
                 if call_every_encoder:
                     idle = self.idle_weak_features(weak_index, input_features, input_values)
-                    no_rows = idle[:0, :1].expand(0, num_base_frames, -1).to(blocks[0].device, blocks[0].dtype)
-                    blocks[0] = blocks[0].index_add(0, rows, no_rows)
+                    no_rows = idle[None, :0, :1].expand(len(self.routers), 0, num_base_frames, -1)
+                    blocks = blocks.index_add(1, rows, no_rows.to(blocks.device, blocks.dtype))
                 continue
             hidden = self.weak_features(weak_index, rows, input_features, input_values, audio_lengths, num_base_frames)
             hidden = hidden.to(base_hidden.device)
-            for r, (decision, mine) in enumerate(zip(decisions, picked)):
-                gate = (mine.to(decision.gates.dtype) * decision.gates).sum(-1)[rows]
-                # `.to(blocks[r].dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep
-                # the base features' dtype (fp32 for fp32 weights), as do the sums over weak encoders.
-                weighted = hidden * gate[:, None, None].to(hidden.dtype)
-                blocks[r] = blocks[r].index_add(0, rows, weighted.to(blocks[r].dtype))
+            gate = gates[rows, :, weak_index].T  # (routers, len(rows))
+            # `.to(blocks.dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep the base
+            # features' dtype (fp32 for fp32 weights), as do the sums over weak encoders.
+            weighted = hidden * gate[..., None, None].to(hidden.dtype)  # (routers, len(rows), frames, weak_hidden_size)
+            blocks = blocks.index_add(1, rows, weighted.to(blocks.dtype))
 
         aux_loss = None
         if "data_dependent" in self.routers:
@@ -265,8 +271,8 @@ class MoWEAudioTower(nn.Module):
             valid_frames=valid_frames,
             router_logits=torch.stack(router_logits, dim=1),
             router_aux_loss=aux_loss,
-            router_indices=torch.stack([decision.index for decision in decisions], dim=1),
-            router_gates=torch.stack([decision.gates for decision in decisions], dim=1),
+            router_indices=router_indices,
+            router_gates=router_gates,
         )
 
     def route(
