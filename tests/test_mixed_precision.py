@@ -134,41 +134,43 @@ from test_mixed_precision import user_sft_config
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.training import make_sft_trainer
 
-data, output_dir = datasets.load_from_disk(sys.argv[1])["train"], sys.argv[2]
-results = {{}}
-for precision, overrides in (("bf16", {{}}), ("fp32", {{"bf16": False}})):
-    torch.manual_seed(0)
-    model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
-    args = user_sft_config(output_dir + "/" + precision, max_steps=2, **overrides)
-    trainer = make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), args, data)
-    trainer.train()
-    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])
-    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    results[precision] = {{
+data, output_dir, precision = datasets.load_from_disk(sys.argv[1])["train"], sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
+args = user_sft_config(output_dir + "/" + precision, max_steps=2, **({{}} if precision == "bf16" else {{"bf16": False}}))
+trainer = make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), args, data)
+trainer.train()
+flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    print("RESULT " + json.dumps({{
         "world": dist.get_world_size(), "bf16": args.bf16, "dtype": str(flat.dtype),
         "rank_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-    }}
-if dist.get_rank() == 0:
-    print("RESULT " + json.dumps(results))
+    }}))
 dist.destroy_process_group()  # a rank that exits with a live gloo group can abort ("terminate called ...")
 """
 
 
 @pytest.mark.slow
 def test_two_process_ddp_with_default_bf16_matches_fp32(benchmark_dir, tmp_path):
+    """One torchrun per precision, one Trainer per process (as `train_sft.py` runs): TRL's default bf16 autocast on 2
+    gloo ranks keeps fp32 weights, identical ranks, and fp32's losses."""
     import json
 
     script = tmp_path / "ddp_mixed_precision.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(benchmark_dir), str(tmp_path)]
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    bf16, fp32 = json.loads(line[len("RESULT "):]).values()
+    results = {}
+    for precision in ("bf16", "fp32"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(script), str(benchmark_dir), str(tmp_path), precision]
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-4000:]}"
+        line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+        results[precision] = json.loads(line[len("RESULT "):])
+    bf16, fp32 = results["bf16"], results["fp32"]
     assert bf16["world"] == 2 and bf16["bf16"] and not fp32["bf16"]
     assert bf16["dtype"] == "torch.float32"  # fp32 master weights, bf16 compute
     assert bf16["rank_diff"] == 0.0  # DDP kept the ranks identical
