@@ -280,6 +280,16 @@ def routing_by_task(model, processor, dataset, per_task: int = 50) -> dict:
     return table
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out `fig`, write it to `path` (PNG, 120 dpi) and close it; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -292,10 +302,7 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
     ax.set(xlabel="step", ylabel="training loss", title="Alignment, then the two arms", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    paths = [out / "loss_curves.png"]
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths = [save_figure(fig, out / "loss_curves.png")]
 
     fig, axes = plt.subplots(1, len(routing), figsize=(5 * len(routing), 3.6), squeeze=False)
     for ax, (router, per_task) in zip(axes[0], routing.items()):
@@ -309,10 +316,7 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    paths.append(out / "routing_by_task.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "routing_by_task.png"))
     return paths
 
 
@@ -601,10 +605,7 @@ def draw_study_plots(pooled: dict, intervals: dict, histories: dict, reference: 
     ax.set_xticks(range(len(rows)), [f"{r} (-WER)" if r in WER_ROWS else r for r in rows], rotation=20)
     ax.set(ylabel=f"score difference to {reference}", title="Pooled over seeds, 95% paired bootstrap intervals")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [out / "study_differences.png"]
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths = [save_figure(fig, out / "study_differences.png")]
 
     fig, axes = plt.subplots(2, max(1, len(histories)), figsize=(4.5 * max(1, len(histories)), 6), squeeze=False)
     for column, (arm, history) in enumerate(histories.items()):
@@ -618,10 +619,7 @@ def draw_study_plots(pooled: dict, intervals: dict, histories: dict, reference: 
         axes[1][column].set(xlabel="step", ylabel="routing entropy (nats)")
         for ax in axes[:, column]:
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "routing_over_steps.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "routing_over_steps.png"))
     return paths
 
 
