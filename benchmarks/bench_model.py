@@ -9,7 +9,7 @@
 4. Whisper encoder with dynamic_audio_length vs 30 s padding on a 3 s clip.
 5. The idle calls in training: a train step where both routers send every clip to one weak encoder, so the other
    three run only their idle call (0.5 s of one clip, weighted zero; what lets DDP and FSDP2 see every encoder on every
-   rank), vs the same step with the idle calls switched off.
+   rank, made under a process group), vs the same step without them (one process, no process group).
 6. `torch.compile` (Inductor) vs eager: inference forward, after a warm-up that compiles.
 """
 
@@ -222,7 +222,8 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
 
 def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     """Train step (base frozen, SGD) with every clip routed to weak encoder 0 by both routers: the other three run
-    only their idle call. Same model, idle calls on vs off (`calls_every_weak_encoder` patched to False)."""
+    only their idle call. Same model, idle calls on (`calls_every_weak_encoder` patched to True, as under a process
+    group) vs off (one process's default)."""
     config = make_config("both")
     model = build(config).train()
     model.model.audio_tower.base_encoder.requires_grad_(False)
@@ -235,10 +236,7 @@ def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     inputs, labels = make_inputs(config, seconds)
 
     def step(idle_calls: bool):
-        if idle_calls:
-            tower.__dict__.pop("calls_every_weak_encoder", None)
-        else:
-            tower.calls_every_weak_encoder = lambda: False
+        tower.calls_every_weak_encoder = lambda: idle_calls
         optimizer.zero_grad(set_to_none=True)
         model(**inputs, labels=labels).loss.backward()
         optimizer.step()

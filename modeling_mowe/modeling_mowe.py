@@ -126,12 +126,14 @@ class MoWEAudioTower(nn.Module):
     from the LM loss; the balancing loss reaches the data-dependent router through
     the loss it joins.
 
-    A weak encoder that no window picked is skipped, except in training (train mode with gradients enabled) and when
-    the pool is sharded per layer by FSDP2: then it runs on a short piece of the first window and its output joins the
-    features through an empty `index_add` (exactly zero, never NaN). So every data-parallel rank calls every weak
-    encoder, in the same order, in every step whatever its clips picked: FSDP2 units inside the pool all-gather on
-    every rank together, and DDP with `find_unused_parameters=False` gets a (zero) gradient for every parameter the
-    encoder used. In eval the dispatch stays truly sparse.
+    A weak encoder that no window picked is skipped, except in training under a process group (train mode with
+    gradients enabled, `torch.distributed` initialized) and when the pool is sharded per layer by FSDP2: then it runs
+    on a short piece of the first window and its output joins the features through an empty `index_add` (exactly zero,
+    never NaN). So every data-parallel rank calls every weak encoder, in the same order, in every step whatever its
+    clips picked: FSDP2 units inside the pool all-gather on every rank together, and DDP with
+    `find_unused_parameters=False` gets a (zero) gradient for every parameter the encoder used. One process trains
+    truly sparse, as it evaluates: an unpicked encoder does not run and its parameters get no gradient (`None`), so the
+    optimizer leaves them alone that step.
     """
 
     def __init__(self, config: MoWEConfig):
@@ -202,11 +204,14 @@ class MoWEAudioTower(nn.Module):
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=dynamic, **kwargs)
 
     def calls_every_weak_encoder(self) -> bool:
-        """Whether this forward must call every weak encoder, picked or not: in training (so every rank calls the same
-        modules and every parameter gets a gradient) and when FSDP2 shards inside the pool (each unit's all-gather
-        is a collective that every rank must issue, in eval too)."""
-        if self.training and torch.is_grad_enabled():
-            return True
+        """Whether this forward must call every weak encoder, picked or not: in training under a process group (so
+        every rank calls the same modules and every parameter gets a gradient to all-reduce) and when FSDP2 shards
+        inside the pool (each unit's all-gather is a collective that every rank must issue, in eval too). Not in one
+        process without a process group: no other rank waits for the call, and skipping it saves a whole encoder's
+        forward and backward per unpicked encoder."""
+        if self.training and torch.is_grad_enabled() and torch.distributed.is_available():
+            if torch.distributed.is_initialized():
+                return True
         return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in self.weak_encoders.modules())
 
     def forward(

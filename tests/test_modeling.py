@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -279,18 +280,49 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(fast_config, proce
         torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_every_weak_encoder_runs_in_training_and_unpicked_ones_get_zero_grads(fast_config, processor):
-    """What DDP with find_unused_parameters=False and FSDP2 units inside the pool need: in a training step every weak
-    encoder is called once, an unpicked one on a short piece of one window, and every trainable parameter gets a
-    gradient, exactly zero for the unpicked encoders. In eval the unpicked ones do not run."""
-    model = build_model(fast_config).train()
+@contextlib.contextmanager
+def one_rank_process_group(folder: Path):
+    """A one-rank gloo process group, as `torchrun` / `accelerate launch` set one up before the first training step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    with one_rank_process_group(tmp_path):
+        yield
+
+
+def picked_forced_step(config, processor):
+    """A training step with the data-independent router on weak encoder 2 and the data-dependent one on 2 too: the
+    model, its loss, and the rows each weak encoder ran on."""
+    model = build_model(config).train()
     force_routing(model, independent=2, dependent=2)  # weak encoders 0, 1, 3 get no rows
     tower = model.model.audio_tower
     rows: dict[int, int] = {}
     handles = [count_rows(enc, rows, i) for i, enc in enumerate(tower.weak_encoders)]
     inputs = make_inputs(processor, TEXTS, two_clips())
-    model(**inputs, labels=lm_labels(inputs, fast_config.audio_token_id)).loss.backward()
+    loss = model(**inputs, labels=lm_labels(inputs, config.audio_token_id)).loss
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    return model, loss.detach(), rows
+
+
+def test_under_a_process_group_every_weak_encoder_runs_in_training_and_unpicked_ones_get_zero_grads(
+    fast_config, processor, process_group
+):
+    """What DDP with find_unused_parameters=False and FSDP2 units inside the pool need: in a training step every weak
+    encoder is called once, an unpicked one on a short piece of one window, and every trainable parameter gets a
+    gradient, exactly zero for the unpicked encoders."""
+    model, _, rows = picked_forced_step(fast_config, processor)
     assert rows == {0: 1, 1: 1, 2: 2, 3: 1}
+    tower = model.model.audio_tower
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     for unpicked in (0, 1, 3):
@@ -298,18 +330,49 @@ def test_every_weak_encoder_runs_in_training_and_unpicked_ones_get_zero_grads(fa
         assert all(float(p.grad.abs().max()) == 0 for p in tower.weak_projections[unpicked].parameters())
     assert any(float(p.grad.abs().max()) > 0 for p in tower.weak_encoders[2].parameters() if p.requires_grad)
 
-    rows.clear()
+
+def test_one_process_trains_sparse_with_the_same_loss_and_gradients(fast_config, processor, tmp_path):
+    """Without a process group no other rank needs the idle calls: the unpicked weak encoders do not run and get no
+    gradient (`None`: the optimizer skips them), and every other gradient and the loss equal the process group's."""
+    sparse_model, sparse_loss, rows = picked_forced_step(fast_config, processor)
+    assert rows == {2: 2}
+    tower = sparse_model.model.audio_tower
+    for unpicked in (0, 1, 3):
+        assert all(p.grad is None for p in tower.weak_encoders[unpicked].parameters())
+        assert all(p.grad is None for p in tower.weak_projections[unpicked].parameters())
+
+    with one_rank_process_group(tmp_path):
+        model, loss, rows = picked_forced_step(fast_config, processor)
+    assert rows == {0: 1, 1: 1, 2: 2, 3: 1}
+    assert torch.equal(sparse_loss, loss)
+    sparse_grads = dict(sparse_model.named_parameters())
+    for name, param in model.named_parameters():
+        if sparse_grads[name].grad is not None:
+            assert torch.equal(sparse_grads[name].grad, param.grad), name
+        elif param.grad is not None:
+            assert float(param.grad.abs().max()) == 0, name
+
+
+def test_unpicked_weak_encoders_do_not_run_without_gradients_or_in_eval(fast_config, processor, process_group):
+    model = build_model(fast_config).train()
+    force_routing(model, independent=2, dependent=2)
+    tower = model.model.audio_tower
+    rows: dict[int, int] = {}
+    handles = [count_rows(enc, rows, i) for i, enc in enumerate(tower.weak_encoders)]
+    inputs = make_inputs(processor, TEXTS, two_clips())
     with torch.no_grad():
         model(**inputs)  # train mode without gradients: nothing to synchronise, truly sparse
+    assert rows == {2: 2}
+    rows.clear()
     model.eval()
     with torch.no_grad():
         model(**inputs)
     for handle in handles:
         handle.remove()
-    assert rows == {2: 4}
+    assert rows == {2: 2}
 
 
-def test_idle_calls_leave_the_training_loss_unchanged(fast_config, processor):
+def test_idle_calls_leave_the_training_loss_unchanged(fast_config, processor, process_group):
     model = build_model(fast_config, seed=4).train()
     force_routing(model, independent=2, dependent=2)
     inputs = make_inputs(processor, TEXTS, two_clips())
