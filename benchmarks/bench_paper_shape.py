@@ -1,14 +1,16 @@
 """MoWE at the paper's proportions, and the DDP policy for sparse routing: ratios measured in one run.
 
-    .venv/bin/python benchmarks/bench_paper_shape.py [--repeats 15] [--ddp-steps 9] [--threads 1] [--skip-ddp]
+    .venv/bin/python benchmarks/bench_paper_shape.py [--repeats 45] [--ddp-steps 9] [--threads 1] [--skip-ddp]
 
 1. MoWE / base-only train step where base : weak : LLM parameters follow Whisper-large-v3 encoder : Whisper-tiny
    encoder : Llama-3-8B (about 0.64 B : 8.2 M : 8.0 B), all three scaled down by one factor, trained as the recipe
    trains: base encoder frozen, LoRA (r 16) on every linear layer of the LLM, weak pool + routers + projector in full,
    and stepped as `Trainer` steps by default (gradients clipped to `max_grad_norm`, then its default optimizer:
-   fused AdamW). MoWE: 4 weak encoders, top-1, both routers; base-only: `router_type="none"`. CPU time of this
-   process, medians of interleaved rounds; the quartiles of the per-round ratios give the spread. Goal <= 1.03x; the
-   FLOP floor is 1.012x (the weak encoders and a wider projector input, next to a frozen base and the LLM).
+   fused AdamW). MoWE: 4 weak encoders, top-1, both routers (one process: weak encoders no clip picked do not run);
+   base-only: `router_type="none"`. CPU time of this process, medians of 45 interleaved rounds (with 15, the ratio
+   moved by up to 0.04 between runs on a quiet machine); the quartiles of the per-round ratios give the spread. Goal
+   <= 1.03x; the FLOP floor is 1.012x (the weak encoders and a wider projector input, next to a frozen base and the
+   LLM).
 2. DDP on 2 gloo ranks (one thread each), same model, each rank its own clips (so the ranks route differently):
    the tower's idle calls of unpicked weak encoders (0.5 s of one clip, weighted zero) + `find_unused_parameters=False`,
    vs no idle calls + `find_unused_parameters=True` (DDP walks the autograd graph after each forward to find unused
@@ -143,7 +145,7 @@ def count(module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=45)
     parser.add_argument("--ddp-steps", type=int, default=9)
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument(
