@@ -19,6 +19,10 @@ from .feature_extraction_mowe import to_mono_waveform
 from .routing import routing_entropy
 
 IGNORE_INDEX = -100
+AUDIO_COLUMN_REMOVED = (
+    "the Trainer removed it as a column the model's forward does not take. Set `remove_unused_columns=False` in the "
+    "SFTConfig / TrainingArguments (make_sft_trainer does), so the audio reaches the collator."
+)
 
 
 def _row_messages(row: dict) -> list[dict]:
@@ -28,6 +32,11 @@ def _row_messages(row: dict) -> list[dict]:
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str):
+            if "audio" not in row:
+                raise ValueError(
+                    "A row has a plain-text `prompt` and no `audio` column (give `audio: None` for a text-only row): "
+                    + AUDIO_COLUMN_REMOVED
+                )
             audio_parts = [{"type": "audio"}] * len(_row_audio(row))
             prompt = [{"role": "user", "content": [*audio_parts, {"type": "text", "text": prompt}]}]
         if isinstance(completion, str):
@@ -76,10 +85,8 @@ class MoWEDataCollator:
                     if isinstance(part, dict) and part.get("type") == "audio" and not _has_audio_data(part):
                         if not queue and "audio" not in row:
                             raise ValueError(
-                                "A row has {'type': 'audio'} parts without data and no `audio` column: the Trainer "
-                                "removed it as a column the model's forward does not take. Set "
-                                "`remove_unused_columns=False` in the SFTConfig / TrainingArguments (make_sft_trainer "
-                                "does), so the audio reaches the collator."
+                                "A row has {'type': 'audio'} parts without data and no `audio` column: "
+                                + AUDIO_COLUMN_REMOVED
                             )
                         if not queue:
                             raise ValueError(

@@ -114,6 +114,16 @@ def test_prompt_completion_rows(splits, processor):
     assert processor.tokenizer.decode(trained).startswith(row["answer"])
 
 
+def test_prompt_completion_rows_without_their_audio_column_are_refused_not_trained_as_text(splits, processor):
+    row = splits["train"][0]
+    collator = MoWEDataCollator(processor)
+    with pytest.raises(ValueError, match=r"no `audio` column.*`remove_unused_columns=False`"):
+        collator([{"prompt": row["prompt"], "completion": row["answer"]}])
+    text_only = collator([{"audio": None, "prompt": row["prompt"], "completion": row["answer"]}])
+    assert processor.audio_token_id not in text_only["input_ids"][0].tolist()
+    assert "input_features" not in text_only or text_only["input_features"] is None
+
+
 def test_sft_learns_with_checkpointing_and_logs_routing(splits, processor, tmp_path):
     args = sft_args(tmp_path, max_steps=10, gradient_checkpointing=True)
     trainer = make_sft_trainer(tiny_model(), processor, args, splits["train"].select(range(8)), train_language_model=True)
