@@ -179,8 +179,8 @@ def train(
     The policy, the same for every run: base encoder frozen (its features served from `feature_store`, a
     `FrozenFeatureStore` shared by the runs); weak pool, routers and projector trained; a from-scratch LLM trained
     in full, a pretrained one with LoRA. With `fresh_learning_rate`, the parts that start from scratch in a MoWE arm
-    (routers, weak projections) train at that rate (`training.learning_rate_groups`)."""
-    from .training import learning_rate_groups, make_sft_trainer
+    (routers, weak projections) train at that rate (`training.set_fresh_learning_rate`)."""
+    from .training import make_sft_trainer, set_fresh_learning_rate
 
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
@@ -188,9 +188,7 @@ def train(
         use_lora=lora, train_language_model=not lora, cache_frozen_base=feature_store,
     )
     if fresh_learning_rate is not None:
-        trainer.optimizer = torch.optim.AdamW(
-            learning_rate_groups(trainer.model, learning_rate, fresh_learning_rate), weight_decay=0.0
-        )
+        set_fresh_learning_rate(trainer, fresh_learning_rate)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     log(f"training {name}: {steps} steps of {settings.batch_size} clips, {trainable:,} of {total:,} parameters")

@@ -274,6 +274,18 @@ def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_
     return [g for g in groups if g["params"]]
 
 
+def set_fresh_learning_rate(trainer, fresh_learning_rate: float) -> None:
+    """Give `trainer` its own optimizer (`args.optim`: fused AdamW by default) over `learning_rate_groups`: the
+    routers and weak projections at `fresh_learning_rate`, the rest at `args.learning_rate`, no weight decay.
+    Call before `trainer.train()`, which then keeps it (and builds its scheduler over both groups)."""
+    from transformers import Trainer
+
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "lr"} | {"weight_decay": 0.0}
+    groups = learning_rate_groups(trainer.model, trainer.args.learning_rate, fresh_learning_rate)
+    trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+
+
 def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
     """A PEFT `LoraConfig` for the MoWE policy: LoRA on every linear layer of the LLM (and nowhere in the audio
     encoders, whose attention layers share names like `q_proj`), the weak pool, routers and projector trained in

@@ -320,3 +320,28 @@ def test_sft_trainer_loss_holds_the_balancing_loss_scaled_like_the_lm_loss(split
     with_aux = router_grads(0.5)
     torch.testing.assert_close(with_aux - router_grads(0.0), 0.5 * aux_grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(router_grads(0.5, accumulation=4), with_aux / 4, atol=1e-7, rtol=1e-4)
+
+
+def test_fresh_learning_rate_keeps_the_trainers_optimizer_with_a_rate_for_the_fresh_parts(splits, processor, tmp_path):
+    """The demo's MoWE arms train the routers and weak projections at their own rate, with the optimizer the Trainer
+    would build (fused AdamW by default, as the base-only arm gets), and the Trainer keeps it."""
+    from transformers import Trainer
+
+    from modeling_mowe.training import set_fresh_learning_rate
+
+    trainer = make_sft_trainer(tiny_model(), processor, sft_args(tmp_path, max_steps=2, learning_rate=1e-4),
+                               splits["train"].select(range(4)))
+    set_fresh_learning_rate(trainer, 3e-2)
+    optimizer = trainer.optimizer
+    expected_cls, expected_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    assert type(optimizer) is expected_cls and optimizer.defaults.get("fused") == expected_kwargs.get("fused")
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    tower = trainer.model.model.audio_tower
+    assert {rates[id(p)] for p in tower.router_dependent.parameters()} == {3e-2}
+    assert {rates[id(p)] for p in tower.weak_projections.parameters()} == {3e-2}
+    assert {rates[id(p)] for p in trainer.model.model.multi_modal_projector.parameters()} == {1e-4}
+    assert len(rates) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    before = [p.detach().clone() for p in tower.router_dependent.parameters()]
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer  # accelerate wraps, not replaces
+    assert any(not torch.equal(a, p) for a, p in zip(before, tower.router_dependent.parameters()))
