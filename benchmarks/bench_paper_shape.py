@@ -109,6 +109,8 @@ def ddp_worker(steps: int, seconds: list[float]) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from modeling_mowe.training import exit_distributed_process
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -124,7 +126,7 @@ def ddp_worker(steps: int, seconds: list[float]) -> None:
     times = median_seconds(arms, steps, clock=time.perf_counter)
     if rank == 0:
         print(json.dumps(times))
-    dist.destroy_process_group()
+    exit_distributed_process()
 
 
 def bench_ddp_policy(steps: int, seconds: list[float]) -> tuple[float, str]:

@@ -37,7 +37,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.training import make_sft_trainer
+from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 
 
 @dataclass
@@ -156,5 +156,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a torchrun rank exiting with a live gloo group can abort
+    exit_distributed_process()  # a torchrun rank ends here; one process exits normally

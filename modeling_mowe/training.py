@@ -5,7 +5,10 @@ Tooling wing: imports the model code, never the other way round (remote code mus
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -272,6 +275,26 @@ def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_
         {"params": [p for p in trainable if id(p) in fresh_ids], "lr": fresh_learning_rate},
     ]
     return [g for g in groups if g["params"]]
+
+
+def exit_distributed_process(exit_code: int = 0) -> None:
+    """End a data-parallel rank (`torchrun`, multi-process `accelerate launch`) whose work is done: destroy the
+    process group, run the `atexit` handlers (logging, W&B) while Python is whole, flush and leave with `os._exit`,
+    skipping the interpreter's and the C++ runtime's teardown. Without a process group it does nothing (the process
+    goes on to exit normally).
+
+    Why: with torch 2.13 on CPU, a `DistributedDataParallel` model keeps its gloo process group and that group's
+    threads alive after `destroy_process_group`, even once the model is freed. A two-rank run then aborted in its
+    teardown about one time in ten ("terminate called without an active exception"), after all its work: 4 of 40
+    runs of a 20-line PyTorch-only DDP script, and 0 of 40 that ended this way.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def set_fresh_learning_rate(trainer, fresh_learning_rate: float) -> None:

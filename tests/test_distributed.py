@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY, make_clip, make_inputs  # noqa: E402
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor  # noqa: E402
+from modeling_mowe.training import exit_distributed_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female?"]
@@ -216,7 +217,7 @@ def fsdp_worker(out_dir: Path) -> None:
     save_file({"logits": logits.contiguous()}, str(out_dir / f"logits_{rank}.safetensors"))
     result.update(reference_loss=reference_loss, reference_params=len(reference_grads))
     (out_dir / f"result_{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    exit_distributed_process()
 
 
 def sharded_checkpoint_to_folder(dcp_dir: Path, folder: Path) -> None:

@@ -175,6 +175,7 @@ DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {examples!r})
 import train_sft
+from modeling_mowe.training import exit_distributed_process
 
 cache, result = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -184,7 +185,7 @@ hits = torch.tensor(sum(h.get("frozen_base_cache/hits", 0) for h in trainer.stat
 dist.all_reduce(hits)
 if dist.get_rank() == 0:
     torch.save({{"world": dist.get_world_size(), "weights": flat, "hits": int(hits)}}, result)
-dist.destroy_process_group()
+exit_distributed_process()
 """
 
 

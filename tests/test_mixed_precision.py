@@ -132,7 +132,7 @@ import datasets
 from conftest import TINY
 from test_mixed_precision import user_sft_config
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.training import make_sft_trainer
+from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 
 data, output_dir, precision = datasets.load_from_disk(sys.argv[1])["train"], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
@@ -149,7 +149,7 @@ if dist.get_rank() == 0:
         "rank_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }}))
-dist.destroy_process_group()  # a rank that exits with a live gloo group can abort ("terminate called ...")
+exit_distributed_process()
 """
 
 

@@ -232,7 +232,7 @@ if dist.get_rank() == 0:
     diff = max((g - gathered[0]).abs().max().item() for g in gathered)
     changed = max((a - b).abs().max().item() for a, b in zip(trained, trainer.initial))
     open({str(tmp_path / "result.txt")!r}, "w").write(f"{{dist.get_world_size()}} {{diff}} {{changed}}")
-dist.destroy_process_group()
+train_sft.exit_distributed_process()
 """
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
