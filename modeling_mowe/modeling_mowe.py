@@ -209,9 +209,9 @@ class MoWEAudioTower(nn.Module):
         inside the pool (each unit's all-gather is a collective that every rank must issue, in eval too). Not in one
         process without a process group: no other rank waits for the call, and skipping it saves a whole encoder's
         forward and backward per unpicked encoder."""
-        if self.training and torch.is_grad_enabled() and torch.distributed.is_available():
-            if torch.distributed.is_initialized():
-                return True
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.training and torch.is_grad_enabled() and distributed:
+            return True
         return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in self.weak_encoders.modules())
 
     def forward(

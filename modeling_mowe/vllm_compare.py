@@ -118,11 +118,14 @@ def hf_greedy(
     return {"token_ids": tokens, "logprobs": logprobs, "text": text}
 
 
-def check_logprobs_close(reference: dict, tested: dict, name: str = "") -> None:
+def check_logprobs_close(reference: dict, tested: dict, name: str = "") -> int:
     """vLLM's rule for two greedy runs (`tests/models/utils.py::check_logprobs_close`): tokens agree until the first
     step where they differ, and there each run's token is among the other's top log-probabilities; after that the
-    sequences may go apart. Also checks that the agreed tokens' log-probabilities match to 1e-3."""
+    sequences may go apart. Also checks that the agreed tokens' log-probabilities match to 1e-3. Returns how many
+    steps it compared (the divergence step included), so a caller can see that the runs were not empty."""
+    compared = 0
     for step, (ref_token, test_token) in enumerate(zip(reference["token_ids"], tested["token_ids"])):
+        compared = step + 1
         ref_top, test_top = dict(map(tuple, reference["logprobs"][step])), dict(map(tuple, tested["logprobs"][step]))
         if ref_token == test_token:
             if abs(ref_top[ref_token] - test_top[test_token]) > 1e-3:
@@ -136,7 +139,8 @@ def check_logprobs_close(reference: dict, tested: dict, name: str = "") -> None:
                 f"{name} step {step}: transformers chose {ref_token} (top {ref_top}), vLLM {test_token} "
                 f"(top {test_top}); each must be in the other's top log-probabilities"
             )
-        return
+        return compared
+    return compared
 
 
 def run_vllm(
