@@ -324,7 +324,7 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
 def run_demo(settings: DemoSettings) -> dict:
     """All demo stages; returns the summary (results, intervals, timings, artefact paths, reloaded answers)."""
     from .data import BenchmarkConfig, build_benchmark
-    from .feature_cache import FrozenFeatureStore
+    from .training.feature_cache import FrozenFeatureStore
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -629,7 +629,7 @@ def run_study(settings: StudySettings) -> dict:
 
     from .data import TASKS, BenchmarkConfig, build_benchmark
     from .evaluation import bootstrap_intervals, evaluate_model
-    from .feature_cache import FrozenFeatureStore
+    from .training.feature_cache import FrozenFeatureStore
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)

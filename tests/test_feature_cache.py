@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, make_clip, make_inputs
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.feature_cache import FrozenBaseCache, FrozenFeatureStore, encoder_fingerprint
+from modeling_mowe.training.feature_cache import FrozenBaseCache, FrozenFeatureStore, encoder_fingerprint
 from modeling_mowe.training import freeze_for_training, make_sft_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

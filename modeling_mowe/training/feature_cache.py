@@ -23,7 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import BaseModelOutput
 
-from .encoders import encoder_family, num_frames
+from ..encoders import encoder_family, num_frames
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,7 @@ class FrozenBaseCache:
     """
 
     def __init__(self, model: nn.Module, store: FrozenFeatureStore):
-        from .training import _audio_tower
-
-        tower = _audio_tower(model) or model.get_encoder(modality="audio")
+        tower = model.get_encoder(modality="audio")
         encoder = tower.base_encoder
         trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
         if trainable:
@@ -309,9 +307,7 @@ class FrozenBaseCacheCallback(TrainerCallback):
 def cache_is_exact(model: nn.Module) -> bool:
     """Whether caching `model`'s base encoder gives exactly the uncached training run: the base is frozen and its
     training-mode forward is not random (no dropout, LayerDrop or SpecAugment)."""
-    from .training import _audio_tower
-
-    tower = _audio_tower(model) or model.get_encoder(modality="audio")
+    tower = model.get_encoder(modality="audio")
     frozen = not any(p.requires_grad for p in tower.base_encoder.parameters())
     return frozen and not train_mode_randomness(tower.config.base_encoder_config)
 

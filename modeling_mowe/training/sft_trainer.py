@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from .training import _audio_tower
 
 
 class MoWESFTTrainer(SFTTrainer):
@@ -23,10 +22,10 @@ class MoWESFTTrainer(SFTTrainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tower = _audio_tower(self.accelerator.unwrap_model(model))
+        tower = self.accelerator.unwrap_model(model).get_encoder(modality="audio")
         captured: list[torch.Tensor] = []
         handle = None
-        if tower is not None and tower.routers:
+        if tower.routers:
             # The first forward of a `compute_loss` is the one its loss comes from (later ones only feed metrics).
             handle = tower.register_forward_hook(lambda module, args, output: captured.append(output.router_aux_loss))
         try:
@@ -36,7 +35,7 @@ class MoWESFTTrainer(SFTTrainer):
         finally:
             if handle is not None:
                 handle.remove()
-        coef = tower.config.router_aux_loss_coef if tower is not None else 0.0
+        coef = tower.config.router_aux_loss_coef
         if not captured or captured[0] is None or coef == 0:
             return result
         loss, outputs = result if return_outputs else (result, None)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .encoders import WaveformEncoderFamily
+from ..encoders import WaveformEncoderFamily
 from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
-from .feature_extraction_mowe import to_mono_waveform
-from .routing import routing_entropy
+from ..feature_extraction_mowe import to_mono_waveform
+from ..routing import routing_entropy
 
 IGNORE_INDEX = -100
 AUDIO_COLUMN_REMOVED = (
@@ -133,13 +133,6 @@ def _has_audio_data(part: dict) -> bool:
     return any(part.get(key) is not None for key in ("audio", "path", "url"))
 
 
-def _audio_tower(model: nn.Module) -> nn.Module | None:
-    """The audio tower of a MoWE model (also inside a PEFT wrapper), found with transformers' own accessor."""
-    get_encoder = getattr(model, "get_encoder", None)
-    tower = get_encoder(modality="audio") if get_encoder is not None else None
-    return tower if tower is not None and hasattr(tower, "weak_encoders") else None
-
-
 class RoutingStatsCallback(TrainerCallback):
     """Logs how often each router picked each weak encoder (fraction of windows), how sure each router is (the mean
     entropy of its distribution over the pool, in nats: log(pool size) when uniform, 0 when certain) and the mean
@@ -174,7 +167,7 @@ class RoutingStatsCallback(TrainerCallback):
             self._forwards += 1
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        tower = _audio_tower(model) if model is not None else None
+        tower = model.get_encoder(modality="audio") if model is not None else None
         if tower is None or not tower.routers or self._handle is not None:
             return
         self._routers = tuple(tower.routers)
@@ -264,8 +257,8 @@ def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_
     """Optimizer parameter groups: the trainable parts that start from scratch in a MoWE model (the routers and the
     weak projections) at `fresh_learning_rate`, every other trainable parameter at `learning_rate`. For a base-only
     model (no routers) there is one group."""
-    tower = _audio_tower(model)
-    fresh_modules = [] if tower is None else [
+    tower = model.get_encoder(modality="audio")
+    fresh_modules = [
         m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections) if m is not None
     ]
     fresh_ids = {id(p) for m in fresh_modules for p in m.parameters()}
