@@ -16,7 +16,7 @@ if shutil.which("espeak-ng") is None and shutil.which("espeak") is None:
 
 def _load_data_module():
     try:
-        from modeling_mowe import data
+        from modeling_mowe.data import benchmark as data
 
         return data
     except Exception:  # the package's __init__ (model code) may be absent or broken

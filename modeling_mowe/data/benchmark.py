@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from .feature_extraction_mowe import downmix, read_audio, resample
+from ..feature_extraction_mowe import downmix, read_audio, resample
 
 GENERATOR_VERSION = "1"
 
