@@ -1,6 +1,5 @@
 """Scoring: normalisation, the local evaluate metrics, per-task results, tables and result files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,23 +11,9 @@ import pytest
 pytest.importorskip("evaluate")
 pytest.importorskip("jiwer")
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "modeling_mowe"
+from modeling_mowe import evaluation  # noqa: E402
 
-
-def _load_evaluation_module():
-    try:
-        from modeling_mowe import evaluation
-
-        return evaluation
-    except Exception:  # the package's __init__ (model code) may be absent or broken
-        spec = importlib.util.spec_from_file_location("mowe_evaluation_under_test", PACKAGE_DIR / "evaluation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-evaluation = _load_evaluation_module()
+METRICS_DIR = Path(evaluation.__file__).parent
 
 
 @pytest.mark.parametrize(
@@ -77,7 +62,7 @@ def test_metrics_load_by_path_offline(tmp_path):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(PACKAGE_DIR / "metric_wer.py"), str(PACKAGE_DIR / "metric_accuracy.py")],
+        [sys.executable, "-c", code, str(METRICS_DIR / "metric_wer.py"), str(METRICS_DIR / "metric_accuracy.py")],
         capture_output=True,
         text=True,
         env=env,
