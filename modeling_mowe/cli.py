@@ -6,7 +6,7 @@
 
 Stages (each prints what it does; artefacts under --output-dir):
 1. parts: the real pretrained encoders, converted from their PyPI packages on first use and cached
-   (`modeling_mowe.pretrained`): Whisper-base (multilingual) as the base encoder, 4 x Whisper-tiny.en as the weak
+   (`modeling_mowe.convert`): Whisper-base (multilingual) as the base encoder, 4 x Whisper-tiny.en as the weak
    pool; the LLM is a small Llama trained from scratch (or the converted Gemma-3-270M with `--llm gemma-3-270m`);
 2. the benchmark: espeak-ng speech + generated beeps, five tasks, held-out test clips (100 per task by default);
 3. alignment, shared by both arms: a base-only model (frozen Whisper-base, fresh projector, the LLM) trained on the
@@ -80,7 +80,7 @@ def log(message: str) -> None:
 def prepare_parts(settings: DemoSettings) -> dict[str, Path | list[Path]]:
     """Folders of the converted encoders and of the LLM (`{"base_encoder", "weak_encoders", "text_model"}`),
     converting or building each one on first use."""
-    from .pretrained import pretrained_folder
+    from .convert import pretrained_folder
 
     base = pretrained_folder(settings.base_encoder)
     weak = [pretrained_folder(name) for name in settings.weak_encoders]
@@ -129,7 +129,7 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str):
 
 def describe_parts(settings: DemoSettings, with_weak_pool: bool) -> dict:
     """`component_checkpoints` for the model card: each part's source packages and licence."""
-    from .pretrained import component_checkpoints
+    from .convert import component_checkpoints
 
     weak = settings.weak_encoders if with_weak_pool else ()
     if settings.llm != "scratch":

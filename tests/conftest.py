@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
 SR = 16_000
+# Proof helpers that tests share with the benchmarks (speech_checks, vllm_compare) live in benchmarks/.
+sys.path.insert(0, str(TINY.parents[1] / "benchmarks"))
 
 
 def tiny_whisper(num_mel_bins: int, d_model: int):

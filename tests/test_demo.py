@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from modeling_mowe import pretrained
+from modeling_mowe import convert as pretrained
 from modeling_mowe.cli import DemoSettings, main, run_demo
 
 pytestmark = [

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_mowe import pretrained
-from modeling_mowe.pretrained import PackagedFile, PretrainedSource
+import speech_checks
+
+from modeling_mowe import convert as pretrained
+from modeling_mowe.convert import PackagedFile, PretrainedSource
 
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
 needs_tiny_en = pytest.mark.skipif(
@@ -45,7 +47,7 @@ def tiny_en_model(tiny_en):
 
 @pytest.fixture(scope="module")
 def speech():
-    return pretrained.english_speech()
+    return speech_checks.english_speech()
 
 
 def test_converted_tiny_en_is_a_complete_fp32_safetensors_whisper(tiny_en, tiny_en_model):
@@ -66,14 +68,14 @@ def test_converted_tiny_en_is_a_complete_fp32_safetensors_whisper(tiny_en, tiny_
 def transcripts(tiny_en_model, speech):
     """Greedy transcripts of `speech` by the converted tiny.en (every clip is padded to 30 s: batch = rows)."""
     model, processor, _ = tiny_en_model
-    return pretrained.whisper_transcribe(model, processor, speech)
+    return speech_checks.whisper_transcribe(model, processor, speech)
 
 
 def test_converted_tiny_en_transcribes_espeak_english(transcripts, speech):
     predictions = transcripts
-    wer = pretrained.word_error_rate(predictions, pretrained.ENGLISH_SENTENCES)
+    wer = speech_checks.word_error_rate(predictions, speech_checks.ENGLISH_SENTENCES)
     assert len(speech) >= 10
-    assert wer <= 0.25, list(zip(predictions, pretrained.ENGLISH_SENTENCES))
+    assert wer <= 0.25, list(zip(predictions, speech_checks.ENGLISH_SENTENCES))
 
 
 def test_converted_tiny_en_matches_ctranslate2(tiny_en_model, speech, transcripts):

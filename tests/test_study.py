@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from modeling_mowe import pretrained
+from modeling_mowe import convert as pretrained
 from modeling_mowe.cli import STUDY_ARMS, StudySettings, difference_verdicts, main, run_study
 
 pytestmark = [

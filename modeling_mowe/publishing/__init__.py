@@ -21,8 +21,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .evaluation import results_table_markdown
-from .feature_extraction_mowe import read_audio
+from ..evaluation import results_table_markdown
+from ..feature_extraction_mowe import read_audio
 
 EXAMPLE_AUDIO = "example.wav"
 SAMPLING_RATE = 16_000
@@ -33,7 +33,7 @@ TAGS = ["mowe", "audio", "audio-text-to-text", "speech", "multimodal", "mixture-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
-HANDLER = Path(__file__).with_name("handler.py")
+HANDLER = Path(__file__).parents[1] / "handler.py"
 
 
 def build_hub_folder(
@@ -352,7 +352,7 @@ def _is_hub_id(name: str) -> bool:
 
 def _component_rows(config, components: Mapping[str, Any]) -> list[tuple[str, str]]:
     """One row per part; a part with a licence in `components["licenses"]` (same keys as `components`, e.g. set by
-    `modeling_mowe.pretrained.component_checkpoints`) shows its source and licence."""
+    `modeling_mowe.convert.component_checkpoints`) shows its source and licence."""
     licenses = components.get("licenses") or {}
 
     def describe(sub_config, checkpoint, licence=None) -> str:
