@@ -31,7 +31,7 @@ import torch
 from timing import print_ratio_table
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.vllm_compare import SAMPLING_RATE, build_serving_test_folder, mowe_messages, run_vllm
+from vllm_compare import SAMPLING_RATE, build_serving_test_folder, mowe_messages, run_vllm
 
 QUESTION = "Transcribe the audio."
 

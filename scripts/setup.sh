@@ -42,7 +42,7 @@ setup_serving_venv() {
     fi
     $venv/bin/python -c "
 from importlib.metadata import entry_points
-import vllm, modeling_mowe.vllm_plugin
+import vllm, modeling_mowe.serving.vllm_plugin
 assert 'mowe' in entry_points(group='vllm.general_plugins').names, 'the vllm.general_plugins entry point is missing'
 "
     rm -f $venv/.mowe-serve-*

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modeling_mowe.vllm_compare import (
+from vllm_compare import (
     SAMPLING_RATE,
     TEST_ENGINE_KWARGS,
     VLLM_PYTHON,

@@ -6,11 +6,11 @@ vLLM pins its own torch and transformers, so it runs in its own environment (`.v
 - in the project's environment: [`build_serving_test_folder`] (a tiny MoWE whose LLM head size vLLM's CPU attention
   supports), [`hf_greedy`] (the reference tokens and top log-probabilities), [`check_logprobs_close`] (vLLM's own
   rule for comparing two greedy runs), [`run_vllm`] (starts the vLLM side and reads its answers);
-- in `.venv-vllm`: `python -m modeling_mowe.vllm_compare JOB.json OUT.json` starts one `vllm.LLM`, runs every
+- in `.venv-vllm`: `python benchmarks/vllm_compare.py JOB.json OUT.json` starts one `vllm.LLM`, runs every
   request of the job (one batched `LLM.generate`, one batched `LLM.chat`) and writes tokens, log-probabilities and
   timings.
 
-Tooling wing: no remote-code file imports this module.
+A proof helper: only tests and benchmarks import it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build_serving_test_folder(path: str | os.PathLike, seed: int = 0, text_overr
     """
     import torch
 
-    from . import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+    from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 
     preset = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
     config = MoWEConfig.from_pretrained(preset)
@@ -180,7 +180,7 @@ def run_vllm(
     with open(log_file, "w") as log:
         try:
             done = subprocess.run(
-                [str(python), "-m", "modeling_mowe.vllm_compare", str(job_file), str(out_file)],
+                [str(python), str(Path(__file__).resolve()), str(job_file), str(out_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -1,6 +1,6 @@
 """MoWE as a native vLLM model: the MoWE audio tower and projector run as they do in transformers, the LLM is vLLM's.
 
-vLLM imports this module (through [`modeling_mowe.vllm_plugin.register`]) to serve folders whose config names
+vLLM imports this module (through [`modeling_mowe.serving.vllm_plugin.register`]) to serve folders whose config names
 `MoWEForConditionalGeneration`. The audio side reuses this package's own `MoWEAudioTower` and `MoWEProjector`, so
 routing stays sparse and the audio embeddings are the ones `generate()` sees; the causal LLM (`config.text_config`)
 is built by vLLM (paged attention, continuous batching) and loads the checkpoint's `model.language_model.*` and
@@ -38,8 +38,8 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .feature_extraction_mowe import MoWEFeatureExtractor, to_mono_waveform
-from .modeling_mowe import MoWEAudioTower, MoWEProjector
+from ..feature_extraction_mowe import MoWEFeatureExtractor, to_mono_waveform
+from ..modeling_mowe import MoWEAudioTower, MoWEProjector
 
 AUDIO_PLACEHOLDER = "<|audio|>"
 # Longest dummy clip vLLM profiles with, in windows (as vLLM's Ultravox): it sizes the encoder cache, so longer clips
