@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from speech_checks import ENGLISH_SENTENCES, english_speech, whisper_transcribe, word_error_rate
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -39,7 +40,6 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.convert import SOURCES, pretrained_folder
-from speech_checks import ENGLISH_SENTENCES, english_speech, whisper_transcribe, word_error_rate
 
 NATURAL_TEXT = (
     "The history of the city goes back more than two thousand years. It was founded by fishermen on the banks of "

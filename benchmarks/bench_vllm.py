@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from timing import print_ratio_table
+from vllm_compare import SAMPLING_RATE, build_serving_test_folder, mowe_messages, run_vllm
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
-from vllm_compare import SAMPLING_RATE, build_serving_test_folder, mowe_messages, run_vllm
 
 QUESTION = "Transcribe the audio."
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_mowe.cli import ALIGNED_PARTS, DemoSettings, build_model, prepare_parts, start_from_aligned
 from modeling_mowe.data import BenchmarkConfig, build_benchmark
+from modeling_mowe.experiments.demo import ALIGNED_PARTS, DemoSettings, build_model, prepare_parts, start_from_aligned
 from modeling_mowe.training import MoWEDataCollator
 
 

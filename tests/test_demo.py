@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from modeling_mowe import convert as pretrained
-from modeling_mowe.cli import DemoSettings, main, run_demo
+from modeling_mowe.experiments.cli import main
+from modeling_mowe.experiments.demo import DemoSettings, run_demo
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (scripts/setup.sh)"),
@@ -104,7 +105,7 @@ def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processo
     import torch
     from conftest import build_model, make_clip, make_inputs
 
-    from modeling_mowe.cli import ALIGNED_PARTS, start_from_aligned
+    from modeling_mowe.experiments.demo import ALIGNED_PARTS, start_from_aligned
 
     tiny_config.dynamic_audio_length = True
     mowe = build_model(tiny_config, seed=1).eval()
@@ -123,7 +124,7 @@ def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processo
 
 
 def test_demo_with_gemma_names_its_licence(tmp_path):
-    from modeling_mowe.cli import describe_parts
+    from modeling_mowe.experiments.demo import describe_parts
     from modeling_mowe.publishing import _card_license
 
     described = describe_parts(DemoSettings(output_dir=tmp_path, llm="gemma-3-270m"), with_weak_pool=False)

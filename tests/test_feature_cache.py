@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, make_clip, make_inputs
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.training.feature_cache import FrozenBaseCache, FrozenFeatureStore, encoder_fingerprint
 from modeling_mowe.training import freeze_for_training, make_sft_trainer
+from modeling_mowe.training.feature_cache import FrozenBaseCache, FrozenFeatureStore, encoder_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female?", "Which language? <|audio|>"]

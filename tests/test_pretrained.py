@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import speech_checks
+import torch
 
 from modeling_mowe import convert as pretrained
 from modeling_mowe.convert import PackagedFile, PretrainedSource

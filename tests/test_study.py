@@ -1,4 +1,4 @@
-"""The study (`python -m modeling_mowe.cli study`) at a tiny size: the same code path as the full run (converted real
+"""The study (`python -m modeling_mowe.experiments study`) at a tiny size: the same code path as the full run (converted real
 Whisper parts, a from-scratch LLM, every arm, several seeds, pooled intervals, plots), with tiny.en in both roles, a
 one-layer LLM, two steps and a handful of clips."""
 
@@ -11,7 +11,9 @@ import shutil
 import pytest
 
 from modeling_mowe import convert as pretrained
-from modeling_mowe.cli import STUDY_ARMS, StudySettings, difference_verdicts, main, run_study
+from modeling_mowe.experiments.analysis import difference_verdicts
+from modeling_mowe.experiments.cli import main
+from modeling_mowe.experiments.study import STUDY_ARMS, StudySettings, run_study
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (scripts/setup.sh)"),

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from vllm_compare import (
     SAMPLING_RATE,
     TEST_ENGINE_KWARGS,

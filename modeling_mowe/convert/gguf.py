@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

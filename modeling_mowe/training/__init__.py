@@ -17,9 +17,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..encoders import WaveformEncoderFamily
-from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 from ..feature_extraction_mowe import to_mono_waveform
 from ..routing import routing_entropy
+from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 
 IGNORE_INDEX = -100
 AUDIO_COLUMN_REMOVED = (

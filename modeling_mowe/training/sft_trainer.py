@@ -9,7 +9,6 @@ import torch
 from trl import SFTTrainer
 
 
-
 class MoWESFTTrainer(SFTTrainer):
     """`SFTTrainer` that adds `router_aux_loss_coef * router_aux_loss` (the data-dependent router's balancing loss) to
     the loss it trains on.

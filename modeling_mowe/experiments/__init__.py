@@ -1,0 +1,6 @@
+"""Experiments: the demo (MoWE against base-only on the synthetic benchmark, `demo`), the multi-seed study (`study`),
+what they read off trained arms (`analysis`), their figures (`plots`) and their command line (`cli`).
+
+    python -m modeling_mowe.experiments                  # the demo (README command 1)
+    python -m modeling_mowe.experiments study --seeds 3  # the study
+"""

@@ -1,0 +1,53 @@
+"""The experiments' command line: `python -m modeling_mowe.experiments [study] ...` (or `mowe-demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import demo
+from .demo import LLM_CHOICES, DemoSettings, run_demo
+from .study import StudySettings, run_study
+
+
+def study_main(argv: list[str] | None = None) -> dict:
+    """`python -m modeling_mowe.experiments study --seeds 3`: the multi-seed study (docs/RESULTS.md, "Study protocol")."""
+    defaults = StudySettings(output_dir=Path("outputs/study"))
+    parser = argparse.ArgumentParser(prog="python -m modeling_mowe.experiments study", description=run_study.__doc__)
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--seeds", type=int, default=defaults.seeds)
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
+    parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: a standard deviation over seeds needs two")
+    return run_study(StudySettings(**vars(args)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:
+        return study_main(argv[1:])
+    defaults = DemoSettings(output_dir=Path("outputs/demo"))
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_mowe.experiments", description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--llm", choices=LLM_CHOICES, default=defaults.llm,
+                        help="a small Llama trained from scratch, or the converted Gemma-3-270M with LoRA")
+    parser.add_argument("--align-steps", type=int, default=defaults.align_steps,
+                        help="steps of the shared base-only alignment")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="of the alignment")
+    parser.add_argument("--finetune-learning-rate", type=float, default=defaults.finetune_learning_rate,
+                        help="of both arms")
+    parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
+    args = parser.parse_args(argv)
+    return run_demo(DemoSettings(**vars(args)))
