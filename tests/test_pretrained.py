@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import struct
 from pathlib import Path
 
@@ -104,9 +106,12 @@ def test_cached_conversion_is_reused_until_forced(tiny_en, monkeypatch):
 
 
 @needs_tiny_en
-def test_command_line_converts_into_a_folder(tmp_path, capsys):
-    pretrained.main(["whisper-tiny.en", str(tmp_path / "out")])
-    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+def test_command_line_converts_into_a_folder(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "modeling_mowe.convert", "whisper-tiny.en", str(tmp_path / "out")],
+        capture_output=True, text=True, check=True,
+    )
+    assert done.stdout.strip() == str(tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
 
 
