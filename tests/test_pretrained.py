@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
-import struct
 from pathlib import Path
 
 import numpy as np
