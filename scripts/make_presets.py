@@ -14,8 +14,10 @@ from transformers import HubertConfig, LlamaConfig, PreTrainedTokenizerFast, Whi
 
 from modeling_mowe import MoWEConfig, MoWEProcessor
 from modeling_mowe.data import ASR_WORDS, COUNT_WORDS, LANGUAGE_PHRASES, TASK_LABELS, TASK_PROMPTS
+from modeling_mowe.experiments.demo import SCRATCH_TOKENIZER
 
 ROOT = Path(__file__).resolve().parent.parent / "hub_configs"
+SCRATCH_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|audio|>"]
 
 WHISPER_LARGE_V3 = dict(
@@ -113,6 +115,9 @@ def tiny_random() -> None:
     processor.save_pretrained(folder)
     for code in folder.glob("*.py"):
         code.unlink()
+    # The demo's from-scratch LLM uses the same tokenizer; the package ships a copy (hub_configs/ is not installed).
+    for name in SCRATCH_TOKENIZER_FILES:
+        shutil.copyfile(folder / name, SCRATCH_TOKENIZER / name)
     for name in folder.glob("*.json"):
         data = json.loads(name.read_text())
         if isinstance(data, dict) and _drop_auto_map(data):

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from conftest import TINY
 
 from modeling_mowe import convert as pretrained
 from modeling_mowe.experiments.cli import main
@@ -150,3 +151,12 @@ def test_demo_runs_serve_the_frozen_base_from_one_feature_cache(demo_run):
     assert counts["alignment"][1] > 0
     seen = sum(counts["alignment"])  # clips the alignment read, some twice where its steps span two epochs
     assert counts["MoWE"] == [seen, 0] and counts["base-only"] == [seen, 0]
+
+
+def test_the_packaged_scratch_tokenizer_is_the_tiny_presets():
+    """The demo's from-scratch LLM reads its tokenizer from the package (hub_configs/ is not installed);
+    scripts/make_presets.py keeps the copy equal to the tiny preset's."""
+    from modeling_mowe.experiments.demo import SCRATCH_TOKENIZER
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (SCRATCH_TOKENIZER / name).read_bytes() == (TINY / name).read_bytes(), name
