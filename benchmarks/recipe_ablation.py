@@ -1,0 +1,165 @@
+"""Which recipe choice decides whether the weak pool helps: MoWE against base-only under several fine-tuning recipes,
+several seeds, one alignment per seed shared by every recipe.
+
+    python benchmarks/recipe_ablation.py --seeds 0 1 2 --output-dir outputs/recipe-ablation
+
+The demo's recipe (150 steps, one learning rate, the MoWE projector's weak columns started at zero) and the study's
+(200 steps, the fresh routers and weak projections at 3e-3, weak columns started at 0.1 x the aligned spread) differ
+in several choices at once. Each recipe in `RECIPES` changes some of them; both arms of a recipe fine-tune from the
+same aligned model of their seed, with the same data order, and are scored on the same held-out clips. A base-only
+arm depends only on its step count, so recipes that share one share that arm. Per recipe: the MoWE - base-only
+difference per seed and a paired bootstrap over (seed, clip) pooled across seeds, per task and on the average score;
+per MoWE arm, which weak encoder each router picked per task. Results are written after every arm
+(`per_arm/*.json`), so a rerun continues where an interrupted one stopped; `recipe_ablation.md` holds the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from modeling_mowe.data import BenchmarkConfig, build_benchmark
+from modeling_mowe.evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
+from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task
+from modeling_mowe.experiments.demo import (
+    DemoSettings,
+    align,
+    build_model,
+    log,
+    prepare_parts,
+    start_from_aligned,
+    train,
+)
+from modeling_mowe.training.feature_cache import FrozenFeatureStore
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One fine-tuning recipe for both arms (the alignment is the seed's, shared)."""
+
+    name: str
+    steps: int = 150
+    fresh_learning_rate: float | None = None  # the routers and weak projections' rate (None: the arms' one rate)
+    weak_init_scale: float = 0.0  # the MoWE projector's weak columns at start, x the aligned columns' spread
+
+
+RECIPES = (
+    Recipe("demo"),
+    Recipe("demo, 200 steps", steps=200),
+    Recipe("demo, fresh parts at 3e-3", fresh_learning_rate=3e-3),
+    Recipe("demo, weak columns at 0.1", weak_init_scale=0.1),
+    Recipe("study fine-tuning (200 steps, 3e-3, 0.1)", steps=200, fresh_learning_rate=3e-3, weak_init_scale=0.1),
+)
+
+
+def run_arm(settings: DemoSettings, parts, aligned, splits, store, recipe: Recipe, router_type: str) -> dict:
+    model, processor = build_model(settings, parts, router_type)
+    start_from_aligned(model, aligned, weak_init_scale=recipe.weak_init_scale if router_type != "none" else 0.0)
+    name = f"{recipe.name} {router_type}"
+    model, stats = train(
+        settings, name, model, processor, splits["train"], recipe.steps, settings.finetune_learning_rate, store,
+        fresh_learning_rate=recipe.fresh_learning_rate if router_type != "none" else None,
+    )
+    model.eval()
+    result = evaluate_model(model, processor, splits["test"], progress=False)
+    result["routing"] = routing_by_task(model, processor, splits["test"]) if router_type != "none" else None
+    result["final_losses"] = [h["loss"] for h in stats["history"] if "loss" in h][-5:]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/recipe-ablation"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", default=[r.name for r in RECIPES], help="names from RECIPES")
+    parser.add_argument("--align-steps", type=int, default=DemoSettings.align_steps)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every recipe's steps (tests: tiny)")
+    parser.add_argument("--train-per-task", type=int, default=DemoSettings.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=DemoSettings.test_per_task)
+    parser.add_argument("--tiny", action="store_true", help="tiny.en in both roles, a one-layer LLM (tests)")
+    args = parser.parse_args(argv)
+    recipes = [r for r in RECIPES if r.name in args.recipes]
+    if len(recipes) != len(args.recipes):
+        parser.error(f"--recipes takes names from {[r.name for r in RECIPES]}")
+    recipes = [Recipe(r.name, max(1, round(r.steps * args.steps_scale)), r.fresh_learning_rate, r.weak_init_scale)
+               for r in recipes]
+    out = args.output_dir
+    (out / "per_arm").mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if args.tiny:
+        extra = {"base_encoder": "whisper-tiny.en", "weak_encoders": ("whisper-tiny.en",) * 2, "batch_size": 4,
+                 "scratch_llm": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}}
+    bench = BenchmarkConfig(seed=0, train_per_task=args.train_per_task, validation_per_task=0,
+                            test_per_task=args.test_per_task)
+    splits = build_benchmark(out / "cache" / "benchmark", bench, progress=False)
+    store = FrozenFeatureStore()
+    per_arm: dict[tuple[int, str, str], dict] = {}
+    for seed in args.seeds:
+        settings = DemoSettings(output_dir=out / f"seed-{seed}", seed=seed, align_steps=args.align_steps,
+                                benchmark=bench, **extra)
+        parts = prepare_parts(settings)
+        aligned = None
+        for recipe in recipes:
+            for router_type in ("none", "both"):
+                # A base-only arm depends only on its steps: recipes with the same steps share it.
+                key = f"{recipe.steps}-steps" if router_type == "none" else recipe.name
+                path = out / "per_arm" / f"seed{seed}-{router_type}-{key}.json".replace(" ", "_").replace("/", "-")
+                if not path.exists():
+                    if aligned is None:
+                        aligned, _ = align(settings, parts, splits["train"], store)
+                    log(f"seed {seed}: {recipe.name}, {router_type}")
+                    result = run_arm(settings, parts, aligned, splits, store, recipe, router_type)
+                    path.write_text(json.dumps({**result, "recipe": asdict(recipe), "seed": seed}))
+                per_arm[seed, recipe.name, router_type] = json.loads(path.read_text())
+    report = summarise(per_arm, args.seeds, recipes)
+    (out / "recipe_ablation.md").write_text(report["markdown"])
+    (out / "recipe_ablation.json").write_text(json.dumps(report["json"], indent=1))
+    print(report["markdown"])
+    return report["json"]
+
+
+def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
+    """Per recipe: per-seed differences and the pooled paired bootstrap; the markdown report and its JSON."""
+    lines = ["# Recipe ablation: MoWE - base-only per recipe\n",
+             f"Seeds {seeds}; 95 % paired bootstrap over (seed, clip), stratified per task. Average score: mean over "
+             "tasks of accuracy or max(0, 1 - WER); WER differences: lower is better.\n",
+             "| recipe | per seed (points) | pooled (points) | " + " | ".join(_task_names(per_arm)) + " |",
+             "|---|---|---|" + "---|" * len(_task_names(per_arm))]
+    summary = {}
+    for recipe in recipes:
+        per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
+                    for s in seeds]
+        pooled = pool_seeds(per_seed)
+        intervals = bootstrap_intervals(pooled, reference="base-only", seed=0)
+        diffs = [r["MoWE"]["summary"]["average_score"] - r["base-only"]["summary"]["average_score"] for r in per_seed]
+        pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
+        low, high = intervals["average_score"]["MoWE - base-only"]
+        cells = []
+        for task in _task_names(per_arm):
+            value = pooled["MoWE"]["tasks"][task]["value"] - pooled["base-only"]["tasks"][task]["value"]
+            t_low, t_high = intervals[task]["MoWE - base-only"]
+            cells.append(f"{100 * value:+.1f} [{100 * t_low:+.1f}, {100 * t_high:+.1f}]")
+        lines.append(f"| {recipe.name} | " + ", ".join(f"{100 * d:+.1f}" for d in diffs)
+                     + f" | **{100 * pooled_diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]** | " + " | ".join(cells)
+                     + " |")
+        summary[recipe.name] = {
+            "per_seed_average_differences": diffs, "pooled_average_difference": pooled_diff,
+            "intervals": intervals, "pooled": {arm: r["summary"] for arm, r in pooled.items()},
+            "routing": {s: per_arm[s, recipe.name, "both"]["routing"] for s in seeds},
+        }
+    lines.append("\nPooled scores per recipe:\n")
+    for recipe in recipes:
+        per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
+                    for s in seeds]
+        lines += [f"### {recipe.name}\n", results_table_markdown(pool_seeds(per_seed)), ""]
+    return {"markdown": "\n".join(lines) + "\n", "json": summary}
+
+
+def _task_names(per_arm: dict) -> list[str]:
+    return list(next(iter(per_arm.values()))["tasks"])
+
+
+if __name__ == "__main__":
+    main()
