@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -796,9 +803,19 @@ def load_components(
     def load(part, auto_class):
         return part if isinstance(part, PreTrainedModel) else auto_class.from_pretrained(part, dtype=dtype)
 
+    def load_encoder(part):
+        """An encoder-only folder (its config's `architectures` names the family's encoder class, e.g.
+        `WhisperEncoder`) loads as that class; anything else through AutoModel."""
+        if not isinstance(part, PreTrainedModel):
+            config = AutoConfig.from_pretrained(part)
+            family = encoder_family(config, what=f"The config of {part}")
+            if set(config.architectures or ()) & set(getattr(family, "encoder_only_architectures", ())):
+                return family.encoder_only_class().from_pretrained(part, config=config, dtype=dtype)
+        return load(part, AutoModel)
+
     encoders = []
     for part in [base_encoder, *weak_encoders]:
-        loaded = load(part, AutoModel)
+        loaded = load_encoder(part)
         encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
     return encoders, load(text_model, AutoModelForCausalLM)
 

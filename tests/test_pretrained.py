@@ -105,7 +105,9 @@ def test_cached_conversion_is_reused_until_forced(tiny_en, monkeypatch):
 
 @needs_tiny_en
 def test_command_line_converts_into_a_folder(tmp_path, capsys):
-    pretrained.main(["whisper-tiny.en", str(tmp_path / "out")])
+    from modeling_mowe.convert.__main__ import main
+
+    main(["whisper-tiny.en", str(tmp_path / "out")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
 
