@@ -1,15 +1,23 @@
-"""Linear probes on frozen encoder features: what a frozen base encoder already holds for each task, against a weak
-encoder frozen or fine-tuned. Evidence for which tasks can show MoWE's premise (the pool adds what the base lacks).
+"""Linear probes on frozen encoder features: what each encoder already holds for each task, before MoWE trains on it.
+Evidence for which tasks can show MoWE's premise (a pool member knows what the base lacks), and "who knows what".
 
-    python benchmarks/probe_frozen_features.py                              # emotion and gender, dynamic length
-    python benchmarks/probe_frozen_features.py --tasks emotion --padded     # also Whisper padded to 30 s (slow)
+    python benchmarks/probe_frozen_features.py                                  # emotion and gender, dynamic length
+    python benchmarks/probe_frozen_features.py --smart-turn --tasks emotion gender rate
+    python benchmarks/probe_frozen_features.py --encoders whisper-tiny.en out/tiny-en-emotion --tasks emotion
+    python benchmarks/probe_frozen_features.py --tasks emotion --padded         # also Whisper padded to 30 s (slow)
 
-For each task: the benchmark's training split (unseen-voice test split held out, `--train-per-task` and
-`--test-per-task` clips), each encoder's features mean+std pooled over the clip's valid frames, standardised with the
-training statistics, and a multinomial logistic regression (L2, full-batch L-BFGS) fitted on the training clips and
-scored on the test clips. `--finetune-steps N` also fine-tunes Whisper-tiny.en's encoder with a linear head on the
-same pooled features (AdamW, batch 16) and scores that head. Prints one table (accuracy on held-out clips) and writes
-it as JSON to `--output`. Encoders are the real converted Whisper checkpoints (`modeling_mowe.convert`).
+`--encoders`: convertible parts by name (`python -m modeling_mowe.convert`'s list: whisper-base, whisper-tiny.en,
+smart-turn-v3) or encoder folders (any family `encoders.py` supports, e.g. a specialist saved by
+`python -m modeling_mowe.training.specialize`); `--smart-turn` adds `smart-turn-v3`. Each encoder reads its own
+front-end (log-mels of its size, or the normalised waveform) as MoWE computes it.
+
+For each task: the benchmark's training split (its unseen-voice test split held out; `--train-per-task` and
+`--test-per-task` clips), each encoder's last hidden state mean+std pooled over the clip's valid frames
+(`training.specialize.pooled_features`), standardised with the training statistics, and a multinomial logistic
+regression (L2, full-batch L-BFGS) fitted on the training clips and scored on the test clips. `--finetune-steps N`
+also fine-tunes `--finetune-encoder` with a linear head on the same pooled features (AdamW, batch 16; what the
+specialisation command trains) and scores that head. Prints one table (accuracy on held-out clips) and writes it as
+JSON to `--output`.
 """
 
 from __future__ import annotations
@@ -23,37 +31,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling_mowe.data import TASK_LABELS, BenchmarkConfig, build_benchmark, load_audio
-from modeling_mowe.encoders import encoder_family
-from modeling_mowe.feature_extraction_mowe import MoWEFeatureExtractor
+from modeling_mowe.data import TASK_LABELS, BenchmarkConfig, build_benchmark
+from modeling_mowe.modeling_mowe import load_audio_encoder
+from modeling_mowe.training.specialize import (
+    AudioLabelCollator,
+    PooledAudioClassifier,
+    encoder_feature_extractor,
+    pooled_features,
+    resolve_encoder,
+)
+
+BATCH = 16
 
 
-def load_encoder(name: str) -> tuple[nn.Module, object]:
-    """The encoder module of a converted Whisper checkpoint (`pretrained_folder(name)`) and its family."""
-    from transformers import AutoModel
-
-    from modeling_mowe.convert import pretrained_folder
-
-    model = AutoModel.from_pretrained(pretrained_folder(name))
-    family = encoder_family(model.config)
-    return family.from_pretrained_model(model).eval(), family
-
-
-def clip_features(split, extractor: MoWEFeatureExtractor) -> list[dict]:
-    """Log-mel features of every clip of `split`, one at a time (`input_features` [1, 80, 3000], lengths [1])."""
+def encode_split(encoder: nn.Module, rows, labels, dynamic: bool) -> torch.Tensor:
+    """Pooled features `(len(rows), 2 d)` of the benchmark rows, `BATCH` clips at a time."""
+    collator = AudioLabelCollator(encoder_feature_extractor(encoder.config, dynamic), labels, "audio", "answer")
     out = []
-    for row in split:
-        wave, rate = load_audio(row["audio"])
-        out.append(dict(extractor(wave, sampling_rate=rate, return_tensors="pt")))
-    return out
-
-
-def pooled(encoder, family, features: dict, dynamic: bool) -> torch.Tensor:
-    """Mean and std over the clip's valid frames of the encoder's last hidden state -> [2 * d]."""
-    hidden = family.encode(encoder, features["input_features"], features["audio_lengths"], dynamic=dynamic)[0]
-    valid = int(family.num_frames(features["audio_lengths"], family.frame_spec(encoder.config))[0])
-    hidden = hidden[: max(1, min(valid, hidden.shape[0]))]
-    return torch.cat([hidden.mean(0), hidden.std(0, unbiased=False)])
+    with torch.no_grad():
+        for start in range(0, len(rows), BATCH):
+            batch = collator([rows[i] for i in range(start, min(start + BATCH, len(rows)))])
+            batch.pop("labels")
+            out.append(pooled_features(encoder, encoder.config, dynamic=dynamic, **batch))
+    return torch.cat(out)
 
 
 def logistic_probe(train_x, train_y, test_x, num_classes: int, l2: float = 1e-3) -> np.ndarray:
@@ -75,82 +75,94 @@ def logistic_probe(train_x, train_y, test_x, num_classes: int, l2: float = 1e-3)
         return linear(test_x).argmax(-1).numpy()
 
 
-def finetune_accuracy(name: str, train, test, labels, steps: int, seed: int) -> float:
-    """Fine-tune encoder `name` (dynamic length) + a linear head on its pooled features; accuracy on `test`."""
+def finetune_accuracy(source: str, train, test, labels, steps: int, seed: int) -> float:
+    """Fine-tune encoder `source` (dynamic length) + a linear head on its pooled features; accuracy on `test`."""
     torch.manual_seed(seed)
-    encoder, family = load_encoder(name)
-    head = nn.Linear(2 * family.hidden_size(encoder.config), len(labels))
+    model = PooledAudioClassifier(load_audio_encoder(source), len(labels))
+    collator = AudioLabelCollator(encoder_feature_extractor(model.config), labels, "audio", "answer")
     optimizer = torch.optim.AdamW(
-        [{"params": encoder.parameters(), "lr": 1e-4}, {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.0
+        [{"params": model.encoder.parameters(), "lr": 1e-4}, {"params": model.head.parameters(), "lr": 1e-3}],
+        weight_decay=0.0,
     )
-    encoder.train()
+    model.train()
     rng = np.random.default_rng(seed)
     for _ in range(steps):
-        batch = rng.choice(len(train), size=min(16, len(train)), replace=False)
-        logits = torch.stack([head(pooled(encoder, family, train[i][0], dynamic=True)) for i in batch])
-        loss = nn.functional.cross_entropy(logits, torch.tensor([train[i][1] for i in batch]))
+        batch = collator([train[int(i)] for i in rng.choice(len(train), size=min(BATCH, len(train)), replace=False)])
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    encoder.eval()
+    model.eval()
+    correct = 0
     with torch.no_grad():
-        predictions = [int(head(pooled(encoder, family, f, dynamic=True)).argmax()) for f, _ in test]
-    return float(np.mean([p == y for p, (_, y) in zip(predictions, test)]))
+        for start in range(0, len(test), BATCH):
+            batch = collator([test[i] for i in range(start, min(start + BATCH, len(test)))])
+            correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+    return correct / len(test)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["emotion", "gender"])
-    parser.add_argument("--encoders", nargs="+", default=["whisper-base", "whisper-tiny.en"])
+    parser.add_argument(
+        "--encoders",
+        nargs="+",
+        default=["whisper-base", "whisper-tiny.en"],
+        help="convertible parts by name, or encoder folders",
+    )
+    parser.add_argument("--smart-turn", action="store_true", help="also probe Smart Turn v3 (smart-turn-v3)")
     parser.add_argument("--train-per-task", type=int, default=240)
     parser.add_argument("--test-per-task", type=int, default=200)
     parser.add_argument("--padded", action="store_true", help="also probe Whisper padded to 30 s (its training input)")
-    parser.add_argument("--finetune-steps", type=int, default=0, help="fine-tune Whisper-tiny.en for this many steps")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="fine-tune --finetune-encoder this many steps")
+    parser.add_argument("--finetune-encoder", default="whisper-tiny.en")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/probe/benchmark"))
     parser.add_argument("--output", type=Path, default=Path("outputs/probe/probe.json"))
     args = parser.parse_args(argv)
+    encoders = list(dict.fromkeys([*args.encoders, *(["smart-turn-v3"] if args.smart_turn else [])]))
     torch.manual_seed(args.seed)
 
     config = BenchmarkConfig(
         seed=args.seed, tasks=tuple(args.tasks), train_per_task=args.train_per_task, validation_per_task=0,
         test_per_task=args.test_per_task,
-    )
+    )  # fmt: skip
     splits = build_benchmark(args.cache_dir, config, progress=False)
-    extractor = MoWEFeatureExtractor(front_ends=[{"kind": "log_mel", "n_mels": 80}])
     modes = [("dynamic", True)] + ([("padded", False)] if args.padded else [])
+    loaded = {name: load_audio_encoder(resolve_encoder(name)).eval() for name in encoders}
     results: dict[str, dict[str, float]] = {}
     for task in args.tasks:
         labels = TASK_LABELS[task]
-        data = {}
-        for split in ("train", "test"):
-            rows = splits[split].filter(lambda t, task=task: t == task, input_columns="task")
-            data[split] = (clip_features(rows, extractor), [labels.index(a) for a in rows["answer"]])
+        if not labels:
+            raise ValueError(f"Task {task!r} has no class labels to probe (ASR is not a classification task).")
+        data = {s: splits[s].filter(lambda t, task=task: t == task, input_columns="task") for s in ("train", "test")}
+        targets = {s: torch.tensor([labels.index(a) for a in data[s]["answer"]]) for s in data}
         results[task] = {}
-        for name in args.encoders:
-            encoder, family = load_encoder(name)
+        for name, encoder in loaded.items():
             for mode, dynamic in modes:
                 start = time.perf_counter()
-                with torch.no_grad():
-                    x = {s: torch.stack([pooled(encoder, family, f, dynamic) for f in data[s][0]]) for s in data}
-                predicted = logistic_probe(x["train"], torch.tensor(data["train"][1]), x["test"], len(labels))
-                accuracy = float(np.mean(predicted == np.asarray(data["test"][1])))
+                x = {s: encode_split(encoder, data[s], labels, dynamic) for s in data}
+                predicted = logistic_probe(x["train"], targets["train"], x["test"], len(labels))
+                accuracy = float(np.mean(predicted == targets["test"].numpy()))
                 results[task][f"{name} frozen, {mode}"] = accuracy
-                print(f"{task:8s} {name} frozen {mode}: {accuracy:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"{task:8s} {name} frozen {mode}: {accuracy:.3f} ({time.perf_counter() - start:.0f} s)", flush=True
+                )
         if args.finetune_steps:
-            train = list(zip(*data["train"]))
-            test = list(zip(*data["test"]))
             start = time.perf_counter()
-            accuracy = finetune_accuracy("whisper-tiny.en", train, test, labels, args.finetune_steps, args.seed)
-            results[task][f"whisper-tiny.en fine-tuned {args.finetune_steps} steps, dynamic"] = accuracy
-            print(f"{task:8s} whisper-tiny.en fine-tuned: {accuracy:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            source = resolve_encoder(args.finetune_encoder)
+            accuracy = finetune_accuracy(source, data["train"], data["test"], labels, args.finetune_steps, args.seed)
+            results[task][f"{args.finetune_encoder} fine-tuned {args.finetune_steps} steps, dynamic"] = accuracy
+            print(
+                f"{task:8s} {args.finetune_encoder} fine-tuned: {accuracy:.3f} ({time.perf_counter() - start:.0f} s)"
+            )
 
     columns = list(dict.fromkeys(c for r in results.values() for c in r))
     print("\n| task | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for task, row in results.items():
         print(f"| {task} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in columns) + " |")
-    summary = {"settings": vars(args) | {"cache_dir": str(args.cache_dir), "output": str(args.output)},
-               "accuracy": results}
+    settings = vars(args) | {"cache_dir": str(args.cache_dir), "output": str(args.output), "encoders": encoders}
+    summary = {"settings": settings, "accuracy": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=1))
     return summary

@@ -54,10 +54,18 @@ def whisper_frame_spec(max_frames: int = 1500) -> dict:
 
 
 class WhisperEncoderFamily:
-    """Whisper's encoder: log-mel input (n_mels from the config), 50 frames/s, every clip padded to 30 s."""
+    """Whisper's encoder: log-mel input (n_mels from the config), 50 frames/s, every clip padded to 30 s.
+
+    An encoder with a shorter window (`max_source_positions` < 1500, e.g. Smart Turn's 400 = 8 s) hears the first
+    `2 * max_source_positions` mel frames of each window; its frame spec stops there, and the frames after it take its
+    last frame's features when aligned to the base grid (`align_to_frames`).
+    """
 
     model_types = ("whisper",)
     frame_type = "whisper"
+    # A folder whose config names this class holds the encoder alone (`WhisperEncoder.save_pretrained`): loaded with
+    # `encoder_only_class`, not AutoModel (whose WhisperModel would leave the encoder's weights unread).
+    encoder_only_architectures = ("WhisperEncoder",)
 
     @staticmethod
     def num_frames(num_samples: Any, spec: dict) -> Any:
@@ -88,6 +96,10 @@ class WhisperEncoderFamily:
         return DynamicLengthWhisperEncoder(config)
 
     @staticmethod
+    def encoder_only_class() -> type:
+        return DynamicLengthWhisperEncoder
+
+    @staticmethod
     def from_pretrained_model(model: nn.Module) -> nn.Module:
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
         if isinstance(encoder, DynamicLengthWhisperEncoder):
@@ -105,6 +117,7 @@ class WhisperEncoderFamily:
         keeps only the batch's longest clip (T = its frames) and masks every clip's padded frames, so each clip's
         features match the clip encoded alone.
         """
+        features = features[..., : 2 * encoder.config.max_source_positions]  # a shorter window hears its first part
         if not dynamic:
             return encoder(input_features=features, **kwargs)
         mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=features.shape[-1])

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -784,6 +791,23 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         return model.to(llm.dtype)
 
 
+def load_audio_encoder(part: str | Path | PreTrainedModel, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """An audio encoder (Hub id, local folder or loaded model) as its family's encoder module, as MoWE runs it.
+
+    A folder whose config's `architectures` names the family's encoder-only class (`WhisperEncoder`, saved by
+    `WhisperEncoder.save_pretrained`) loads as that class; anything else through AutoModel (`WhisperModel`,
+    `WhisperForConditionalGeneration` folders give their encoder; HuBERT/wav2vec2 folders their base model).
+    """
+    if not isinstance(part, PreTrainedModel):
+        config = AutoConfig.from_pretrained(part)
+        family = encoder_family(config, what=f"The config of {part}")
+        if set(config.architectures or ()) & set(getattr(family, "encoder_only_architectures", ())):
+            part = family.encoder_only_class().from_pretrained(part, config=config, dtype=dtype)
+        else:
+            part = AutoModel.from_pretrained(part, dtype=dtype)
+    return encoder_family(part.config).from_pretrained_model(part)
+
+
 def load_components(
     base_encoder: str | Path | PreTrainedModel,
     weak_encoders: list[str | Path | PreTrainedModel],
@@ -791,16 +815,13 @@ def load_components(
     dtype: torch.dtype | str | None = None,
 ) -> tuple[list[nn.Module], PreTrainedModel]:
     """The parts of `MoWEForConditionalGeneration.from_components` loaded (ids and folders; models are kept as
-    given): the base then the weak encoders as their family's encoder module, and the `AutoModelForCausalLM`."""
-
-    def load(part, auto_class):
-        return part if isinstance(part, PreTrainedModel) else auto_class.from_pretrained(part, dtype=dtype)
-
-    encoders = []
-    for part in [base_encoder, *weak_encoders]:
-        loaded = load(part, AutoModel)
-        encoders.append(encoder_family(loaded.config).from_pretrained_model(loaded))
-    return encoders, load(text_model, AutoModelForCausalLM)
+    given): the base then the weak encoders as their family's encoder module (`load_audio_encoder`), and the
+    `AutoModelForCausalLM`."""
+    encoders = [load_audio_encoder(part, dtype) for part in [base_encoder, *weak_encoders]]
+    llm = text_model
+    if not isinstance(llm, PreTrainedModel):
+        llm = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
+    return encoders, llm
 
 
 def component_sources(
@@ -820,4 +841,4 @@ def component_sources(
     }
 
 
-__all__ = ["MoWEPreTrainedModel", "MoWEModel", "MoWEForConditionalGeneration"]
+__all__ = ["MoWEPreTrainedModel", "MoWEModel", "MoWEForConditionalGeneration", "load_audio_encoder"]

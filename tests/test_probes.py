@@ -1,0 +1,66 @@
+"""The probe benchmarks, run at a tiny size: every benchmark must run, and its figures must have the right form."""
+
+from __future__ import annotations
+
+import json
+
+import probe_frozen_features
+import probe_stages
+import pytest
+from conftest import TINY, tiny_whisper
+from test_specialize import tiny_hubert
+
+
+def test_frozen_feature_probe_runs_on_any_encoder_folder(tmp_path, capsys):
+    tiny_whisper(num_mel_bins=80, d_model=16).save_pretrained(tmp_path / "whisper")
+    tiny_hubert().save_pretrained(tmp_path / "hubert")
+    summary = probe_frozen_features.main([
+        "--encoders", str(tmp_path / "whisper"), str(tmp_path / "hubert"), "--tasks", "gender", "--padded",
+        "--train-per-task", "6", "--test-per-task", "4", "--finetune-steps", "1",
+        "--finetune-encoder", str(tmp_path / "whisper"), "--cache-dir", str(tmp_path / "bench"),
+        "--output", str(tmp_path / "probe.json"),
+    ])  # fmt: skip
+    accuracy = summary["accuracy"]["gender"]
+    expected = {f"{tmp_path / e} frozen, {m}" for e in ("whisper", "hubert") for m in ("dynamic", "padded")}
+    assert expected | {f"{tmp_path / 'whisper'} fine-tuned 1 steps, dynamic"} == set(accuracy)
+    # 4 held-out clips: every accuracy is a multiple of 1/4
+    assert all(0 <= a <= 1 and (4 * a).is_integer() for a in accuracy.values()), accuracy
+    assert json.loads((tmp_path / "probe.json").read_text())["accuracy"] == summary["accuracy"]
+    assert "| gender |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("router_type", ["both", "none"])
+def test_stage_probe_runs_on_a_saved_checkpoint(benchmark_dir, tmp_path, capsys, router_type):
+    """A saved MoWE (4 weak encoders) and a base-only checkpoint: one column per stage, held-out accuracies."""
+    from conftest import build_model
+
+    from modeling_mowe import MoWEConfig, MoWEProcessor
+
+    config = MoWEConfig.from_pretrained(TINY, router_type=router_type, dynamic_audio_length=True)
+    build_model(config).save_pretrained(tmp_path / "model")
+    MoWEProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "model")
+    summary = probe_stages.main([
+        "--model", str(tmp_path / "model"), "--dataset", str(benchmark_dir), "--tasks", "gender", "rate",
+        "--output", str(tmp_path / "stages.md"),
+    ])  # fmt: skip
+    weak = [f"weak {i}" for i in range(4)] if router_type == "both" else []
+    for task in ("gender", "rate"):
+        row = summary["accuracy"][task]
+        assert list(row) == ["base", *weak, "audio tokens", "LLM"]
+        assert all(0 <= a <= 1 and (2 * a).is_integer() for a in row.values()), row  # 2 held-out clips per task
+    table = (tmp_path / "stages.md").read_text()
+    assert "| task | base |" in table and "| rate |" in table and table in capsys.readouterr().out
+    assert json.loads((tmp_path / "stages.json").read_text())["accuracy"] == summary["accuracy"]
+
+
+def test_stage_probe_refuses_tasks_without_classes(benchmark_dir, tmp_path):
+    from conftest import build_model
+
+    from modeling_mowe import MoWEConfig, MoWEProcessor
+
+    config = MoWEConfig.from_pretrained(TINY, router_type="none", dynamic_audio_length=True)
+    model, processor = build_model(config), MoWEProcessor.from_pretrained(TINY)
+    import datasets
+
+    with pytest.raises(ValueError, match="'asr' has no class labels"):
+        probe_stages.probe_stages(model, processor, datasets.load_from_disk(str(benchmark_dir)), ["asr"])
