@@ -153,7 +153,11 @@ def _resolve_paths(dataset, column: str, base: Path, where: str):
         return {column: [None if p is None else str((base / p).resolve()) if isinstance(p, str) else p
                          for p in batch[column]]}
 
-    return dataset.map(resolve, batched=True, **({"desc": f"resolving paths of {where}"} if columns else {}))
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.map(resolve, batched=True, desc=f"resolving paths of {where}")
+    return dataset.map(resolve, batched=True, features=dataset.features)
 
 
 def load_audiofolder(path: Path, split: str, streaming: bool = False):
@@ -229,6 +233,17 @@ def load_synthetic(path: Path, split: str, streaming: bool = False, options: Map
     return dataset.to_iterable_dataset(num_shards=max(1, min(LOCAL_SHARDS, len(dataset)))) if streaming else dataset
 
 
+def undecoded(dataset):
+    """`dataset` with each ``Audio`` column cast to ``Audio(decode=False)``: clips stay ``{"bytes", "path"}`` until the
+    collator decodes them (with soundfile; `datasets` would need torchcodec)."""
+    import datasets
+
+    for name, feature in (dataset.features or {}).items():
+        if isinstance(feature, datasets.Audio) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False))
+    return dataset
+
+
 def load_layout(
     layout: str,
     path: str | os.PathLike,
@@ -259,7 +274,8 @@ def load_layout(
             f"Unknown layout {layout!r}{suggest(str(layout), LAYOUTS)}; the layouts are {', '.join(LAYOUTS)}."
         )
     if layout == "hub":
-        return datasets.load_dataset(str(path), name=config, split=split, streaming=streaming, **dict(options or {}))
+        data = datasets.load_dataset(str(path), name=config, split=split, streaming=streaming, **dict(options or {}))
+        return undecoded(data)
     local = Path(path)
     if layout == "synthetic":
         return load_synthetic(local, split, streaming, options)
@@ -274,9 +290,10 @@ def load_layout(
             data = data[split]
         elif split != "train":
             raise _missing("disk", local, f"it holds one Dataset (split train), not {split!r}.")
+        data = undecoded(data)
         return data.to_iterable_dataset(num_shards=max(1, min(LOCAL_SHARDS, len(data)))) if streaming else data
     if layout in ("parquet", "arrow"):
-        return load_files(layout, local, split, streaming)
+        return undecoded(load_files(layout, local, split, streaming))
     if layout == "audiofolder":
         return load_audiofolder(local, split, streaming)
     if layout == "librispeech":
