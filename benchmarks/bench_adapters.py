@@ -171,15 +171,21 @@ def main(argv: list[str] | None = None) -> dict:
     import datasets
     import torch
 
+    bars, threads = datasets.is_progress_bar_enabled(), torch.get_num_threads()
     datasets.disable_progress_bars()
     torch.set_num_threads(1)  # both runs: one thread, so CPU time is wall time and other jobs do not oversubscribe
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        start = time.perf_counter()
-        mixture = write_corpora(tmp / "data", args.rows)
-        written = time.perf_counter() - start
-        memory = memory_run(mixture, args.rows, args.batch_size, tmp / "out")
-        overhead = overhead_run(mixture, args.batch_size, args.rounds)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            start = time.perf_counter()
+            mixture = write_corpora(tmp / "data", args.rows)
+            written = time.perf_counter() - start
+            memory = memory_run(mixture, args.rows, args.batch_size, tmp / "out")
+            overhead = overhead_run(mixture, args.batch_size, args.rounds)
+    finally:  # run from a test, it leaves the process as it found it
+        torch.set_num_threads(threads)
+        if bars:
+            datasets.enable_progress_bars()
     result = {"rows": args.rows, "batch_size": args.batch_size, "clip_seconds": CLIP_SECONDS,
               "corpus_write_seconds": round(written, 1), **memory, **overhead}
     print(f"memory: {memory['rows_trained']} rows streamed in {memory['steps']} steps ({memory['train_seconds']} s); "
