@@ -104,6 +104,19 @@ def test_a_stream_is_adapted_lazily_as_it_is_read(clips):
     assert len(reads) < 50, "reading one row must not read the corpus"
 
 
+def test_a_stream_without_declared_features_is_checked_on_its_first_row(clips):
+    def rows():
+        for n, clip in enumerate(clips):
+            yield {"audio": clip, "sentence": f"row {n}"}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert stream.column_names is None
+    with pytest.raises(ValueError, match=r"column 'text' \(text_column\) is missing.*\['audio', 'sentence'\]"):
+        adapt_dataset(stream, TaskSpec(kind="transcription"), "stream")
+    adapted = adapt_dataset(stream, TaskSpec(kind="transcription", text_column="sentence"), "stream")
+    assert [r["answer"] for r in adapted] == [f"row {n}" for n in range(len(clips))]
+
+
 def test_adapted_rows_are_what_the_collator_trains_on(clips, processor):
     from modeling_mowe.training import IGNORE_INDEX, MoWEDataCollator
 

@@ -149,3 +149,16 @@ def test_the_synthetic_benchmark_is_one_mixture_among_others(tmp_path, monkeypat
     assert list(rows["task"]) == list(benchmark["task"]) and list(rows["answer"]) == list(benchmark["answer"])
     assert list(rows["prompt"]) == list(benchmark["prompt"])
     assert mixture.metrics() == {}, "tasks from the rows: asr by WER, the rest by accuracy (the default rule)"
+
+
+def test_a_mixture_sets_each_tasks_metric():
+    from modeling_mowe.evaluation import score_predictions
+
+    raw = {"datasets": [entry(), {"name": "clotho", "path": "mteb/Clotho", "kind": "captioning"},
+                        {"name": "aqa", "path": "x/aqa", "kind": "question_answering", "metric": "wer"}]}
+    metrics = parse_mixture(raw).metrics()
+    assert metrics == {"asr": "wer", "clotho": "wer", "aqa": "wer"}
+    scores = score_predictions(["clotho", "aqa"], ["a dog barks", "two"], ["a dog barks loudly", "two"],
+                               metrics=metrics)
+    assert scores["tasks"]["clotho"]["metric"] == "wer" and scores["tasks"]["clotho"]["value"] == pytest.approx(0.25)
+    assert score_predictions(["clotho"], ["a dog"], ["a dog barks"])["tasks"]["clotho"]["metric"] == "accuracy"
