@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import yaml
-from local_corpora import tone, write_label_folders, write_librispeech
+from local_corpora import audio_dataset, tone, write_label_folders, write_librispeech
 
 datasets = pytest.importorskip("datasets")
 
@@ -162,3 +162,30 @@ def test_a_mixture_sets_each_tasks_metric():
                                metrics=metrics)
     assert scores["tasks"]["clotho"]["metric"] == "wer" and scores["tasks"]["clotho"]["value"] == pytest.approx(0.25)
     assert score_predictions(["clotho"], ["a dog"], ["a dog barks"])["tasks"]["clotho"]["metric"] == "accuracy"
+
+
+def test_a_true_stream_holds_rows_out_by_clip_name(tmp_path):
+    audio_dataset([f"row {n}" for n in range(30)]).to_parquet(str(tmp_path / "clips.parquet"))
+    raw = {"datasets": [{"name": "pq", "layout": "parquet", "path": str(tmp_path / "clips.parquet"),
+                         "streaming": True, "kind": "transcription", "held_out": 0.3, "eval_rows": 30}]}
+    mixture = parse_mixture(raw)
+    train = {row["answer"] for row in training_stream(mixture)}
+    test = set(evaluation_dataset(mixture, "test")["answer"])
+    assert train.isdisjoint(test) and train | test == {f"row {n}" for n in range(30)}
+    assert 3 <= len(test) <= 16, "about 30 % of 30 rows"
+
+
+def test_string_labels_are_listed_alike_in_train_and_held_out_prompts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sf.write(tmp_path / "clip.wav", tone(0.2), 16000)
+    # The held-out rows (4, 9 and 11 for this seed and name) hold no "maybe": their prompts list it all the same.
+    labels = ["maybe", "yes", "no", "maybe", "no", "yes", "no", "maybe", "yes", "yes", "no", "no"]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"audio": "clip.wav", "label": label}) + "\n"
+                                              for label in labels))
+    raw = {"datasets": [{"name": "q", "layout": "jsonl", "path": "q.jsonl", "kind": "classification",
+                         "held_out": 0.25, "instructions": ["One of: {labels}."]}]}
+    mixture = parse_mixture(raw)
+    test = evaluation_dataset(mixture, "test")
+    assert set(test["answer"]) == {"no", "yes"}
+    prompts = {row["prompt"] for row in training_stream(mixture)} | set(test["prompt"])
+    assert prompts == {"One of: maybe, no, yes."}

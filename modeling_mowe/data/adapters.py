@@ -125,6 +125,9 @@ def adapted_features():
     )
 
 
+ADAPTED_COLUMNS = ("audio", "messages", "task", "answer", "prompt", "instruction", "source", SOURCE_ROW_COLUMN)
+
+
 def suggest(value: str, choices: Sequence[str]) -> str:
     """`" (did you mean 'x'?)"` for the closest of `choices`, or `""`."""
     close = difflib.get_close_matches(value, list(choices), n=1)
@@ -410,7 +413,7 @@ class TaskAdapter:
     def adapt_batch(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
         """`datasets.map(batched=True, with_indices=True)` form of :meth:`adapt_row`; skipped rows are left out."""
         columns = list(batch)
-        out: dict[str, list] = {name: [] for name in adapted_features()}
+        out: dict[str, list] = {name: [] for name in ADAPTED_COLUMNS}
         for offset, index in enumerate(indices):
             adapted = self.adapt_row({name: batch[name][offset] for name in columns}, index)
             if adapted is not None:

@@ -49,6 +49,7 @@ from .adapters import (
     ROW_INDEX_COLUMN,
     TaskSpec,
     adapt_dataset,
+    label_names_of,
     row_fraction,
     spec_fields,
     suggest,
@@ -151,7 +152,11 @@ class MixtureEntry:
         raw = load_layout(self.layout, self.path, self.source_split(split), streaming=true_stream,
                           config=self.config, audio_column=self.spec.audio_column, options=self.options)
         held_out = self.held_out is not None and split in ("train", "test")
+        spec = self.spec
         if isinstance(raw, datasets.Dataset):
+            if spec.kind == "classification" and spec.labels is None:
+                # The labels of the whole split, so that train and held-out rows list the same ones in their prompts.
+                spec = dataclasses.replace(spec, labels=label_names_of(raw, spec, self.name) or None)
             raw = raw.add_column(ROW_INDEX_COLUMN, list(range(len(raw))))
             if held_out:
                 rows = held_out_rows(len(raw), self.held_out, self.spec.seed, self.name)
@@ -170,7 +175,7 @@ class MixtureEntry:
                 raw = raw.filter(_stream_held_out(self, keep_test=split == "test"))
             if self.eval_rows is not None and split != "train":
                 raw = raw.take(self.eval_rows)
-        return adapt_dataset(raw, self.spec, self.name)
+        return adapt_dataset(raw, spec, self.name)
 
 
 def held_out_rows(n: int, share: float, seed: int, source: str) -> list[int]:
