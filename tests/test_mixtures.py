@@ -52,6 +52,7 @@ def entry(**fields):
         ({"datasets": [entry(weight="heavy")]}, r"dataset 1 \('libri'\): weight must be a number, got 'heavy'"),
         ({"datasets": [entry(held_out=0.1, splits={"test": "test-clean"})]}, r"either held_out or splits"),
         ({"datasets": [entry(held_out=1.5)]}, r"held_out is the share of rows held out, in \(0, 1\)"),
+        ({"datasets": [entry(streaming=True)]}, r"layout 'librispeech' is read from its index"),
         ({"datasets": [entry(), entry()]}, r"dataset names must be unique; repeated: \['libri'\]"),
         ({"datasets": [entry()], "stopping_strategy": "all"}, r"stopping_strategy 'all' is not one of"),
         ({"datasets": [entry()], "sed": 1}, r"unknown key 'sed' \(did you mean 'seed'\?\)"),

@@ -3,17 +3,18 @@
 A :class:`TaskSpec` says what a corpus holds (a task kind and the names of its columns); :func:`adapt_dataset` maps
 every row, lazily for an :class:`~datasets.IterableDataset`, to the rows `MoWEDataCollator` and `evaluate_model` read:
 
-=============  ==================================================================================================
-column         value
-=============  ==================================================================================================
-``audio``      the clip, undecoded (``Audio(decode=False)``: ``{"bytes", "path"}``); the collator decodes it
-``messages``   user: ``[{"type": "audio"}, {"type": "text", "text": <instruction>}]``; assistant: ``<answer>``
-``task``       the task name (scores are reported per task)
-``answer``     the reference answer: transcript, label name, answer or caption
-``prompt``     the instruction the user turn holds
+===============  ================================================================================================
+column           value
+===============  ================================================================================================
+``audio``        the clip, undecoded (``Audio(decode=False)``: ``{"bytes", "path"}``); the collator decodes it
+``messages``     user: ``[{"type": "audio"}, {"type": "text", "text": <prompt>}]``; assistant: the answer
+``task``         the task name (scores are reported per task)
+``answer``       the reference answer: transcript, label name, answer or caption
+``prompt``       the instruction the user turn holds
 ``instruction``  which of the spec's phrasings it is (0-based), drawn per row from the seed (reproducible)
-``source``     the corpus name; ``row``: the row's index in its source split (what error messages cite)
-=============  ==================================================================================================
+``source``       the corpus name
+``row``          the row's index in its source split (what error messages cite)
+===============  ================================================================================================
 
 Task kinds (:data:`TASK_KINDS`) and the columns each reads:
 

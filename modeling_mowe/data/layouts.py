@@ -49,8 +49,8 @@ from .adapters import suggest
 LAYOUTS = ("hub", "disk", "parquet", "arrow", "audiofolder", "librispeech", "label_folders", "jsonl", "synthetic")
 
 STREAMING_LAYOUTS = ("hub", "parquet", "arrow")
-"""Layouts `load_layout(..., streaming=True)` reads as true streams; the others are indexes (paths and texts, or an
-Arrow folder) that it loads and iterates lazily."""
+"""Layouts a mixture reads as true streams (entry ``streaming: true``); it loads the others whole as an index (paths
+and texts, or a memory-mapped Arrow folder) and iterates that lazily, clips unread."""
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 

@@ -116,6 +116,10 @@ class MixtureEntry:
                 raise ValueError(f"{where}: give either held_out or splits: {{test: ...}}, not both.")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise ValueError(f"{where}: eval_rows must be at least 1, got {self.eval_rows}.")
+        if self.streaming and self.layout not in STREAMING_LAYOUTS:
+            raise ValueError(f"{where}: streaming reads {', '.join(STREAMING_LAYOUTS)} as true streams; layout "
+                             f"{self.layout!r} is read from its index (and training streams it anyway): leave "
+                             "`streaming` out.")
         if self.config is not None and self.layout != "hub":
             raise ValueError(f"{where}: `config` names a Hub dataset configuration; layout {self.layout!r} has none.")
 
