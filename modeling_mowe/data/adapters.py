@@ -45,12 +45,15 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import soundfile as sf
 
 from ..feature_extraction_mowe import _check_wav_complete
 from .benchmark import chat_messages, to_wav_bytes
+
+if TYPE_CHECKING:
+    from datasets import Dataset, Features, IterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ ROW_INDEX_COLUMN = "__mowe_row__"
 keep citing the row's index in its source split."""
 
 
-def adapted_features():
+def adapted_features() -> Features:
     """The :class:`datasets.Features` of every adapted corpus (identical, so mixtures interleave and concatenate)."""
     import datasets
 
@@ -423,7 +426,7 @@ class TaskAdapter:
         return out
 
 
-def label_names_of(dataset, spec: TaskSpec, source: str) -> list[str] | None:
+def label_names_of(dataset: Dataset | IterableDataset, spec: TaskSpec, source: str) -> list[str] | None:
     """The label names of `spec.label_column`: its ClassLabel names, else `spec.labels`, else (a map-style
     dataset's string column) its distinct values, sorted; None when unknown (a streamed string column)."""
     import datasets
@@ -456,7 +459,9 @@ def check_columns(present: Sequence[str], spec: TaskSpec, source: str) -> None:
             )
 
 
-def adapt_dataset(dataset, spec: TaskSpec, source: str, batch_size: int = 64):
+def adapt_dataset(
+    dataset: Dataset | IterableDataset, spec: TaskSpec, source: str, batch_size: int = 64
+) -> Dataset | IterableDataset:
     """`dataset` (a `datasets.Dataset` or `IterableDataset`) as adapted rows (:func:`adapted_features`).
 
     A `Dataset` is mapped at once (bad rows raise here); an `IterableDataset` lazily, as it is read (bad rows raise

@@ -42,9 +42,14 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import suggest
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+    Split = Dataset | IterableDataset
 
 LAYOUTS = ("hub", "disk", "parquet", "arrow", "audiofolder", "librispeech", "label_folders", "jsonl", "synthetic")
 
@@ -91,7 +96,7 @@ def _has_transcripts(folder: Path) -> bool:
     return any(folder.glob("*/*/*.trans.txt"))
 
 
-def load_librispeech(path: Path, split: str, streaming: bool = False):
+def load_librispeech(path: Path, split: str, streaming: bool = False) -> Split:
     """A LibriSpeech-style tree (see the module docstring) as rows ``audio`` (absolute path), ``text``,
     ``speaker_id``, ``chapter_id``, ``id``, in sorted order. A transcript line whose clip is missing keeps its
     path; the adapter reports it."""
@@ -124,7 +129,7 @@ def _has_label_folders(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_dir() and _audio_files(p) for p in folder.iterdir())
 
 
-def load_label_folders(path: Path, split: str, streaming: bool = False):
+def load_label_folders(path: Path, split: str, streaming: bool = False) -> Split:
     """A folder-per-label tree as rows ``audio`` (absolute path) and ``label`` (a ``ClassLabel`` of the label folder
     names, the union over every split folder, so each split has the same names)."""
     import datasets
@@ -160,7 +165,7 @@ def _resolve_paths(dataset, column: str, base: Path, where: str):
     return dataset.map(resolve, batched=True, features=dataset.features)
 
 
-def load_audiofolder(path: Path, split: str, streaming: bool = False):
+def load_audiofolder(path: Path, split: str, streaming: bool = False) -> Split:
     """The AudioFolder layout with metadata (see the module docstring): the metadata's columns, with ``file_name``
     renamed ``audio`` and resolved to absolute paths."""
     import datasets
@@ -180,7 +185,7 @@ def load_audiofolder(path: Path, split: str, streaming: bool = False):
     return _resolve_paths(dataset, "audio", root, str(metadata))
 
 
-def load_jsonl(path: Path, split: str, streaming: bool = False, audio_column: str = "audio"):
+def load_jsonl(path: Path, split: str, streaming: bool = False, audio_column: str = "audio") -> Split:
     """JSON lines with a clip path column (`audio_column`, relative to the file): ``path`` is the file (split
     ``train``) or a folder of ``<split>.jsonl``."""
     import datasets
@@ -199,7 +204,7 @@ def load_jsonl(path: Path, split: str, streaming: bool = False, audio_column: st
     return _resolve_paths(dataset, audio_column, file.parent, str(file))
 
 
-def load_files(builder: str, path: Path, split: str, streaming: bool = False):
+def load_files(builder: str, path: Path, split: str, streaming: bool = False) -> Split:
     """Parquet or arrow files with their features (an ``Audio`` column stays one), through `datasets`' builder."""
     import datasets
 
@@ -214,7 +219,7 @@ def load_files(builder: str, path: Path, split: str, streaming: bool = False):
     return data[split]
 
 
-def load_synthetic(path: Path, split: str, streaming: bool = False, options: Mapping[str, Any] | None = None):
+def load_synthetic(path: Path, split: str, streaming: bool = False, options: Mapping[str, Any] | None = None) -> Split:
     """The espeak-ng benchmark, built (once) into the cache folder `path`."""
     from .benchmark import SPLITS, BenchmarkConfig, build_benchmark
 
@@ -233,7 +238,7 @@ def load_synthetic(path: Path, split: str, streaming: bool = False, options: Map
     return dataset.to_iterable_dataset(num_shards=max(1, min(LOCAL_SHARDS, len(dataset)))) if streaming else dataset
 
 
-def undecoded(dataset):
+def undecoded(dataset: Split) -> Split:
     """`dataset` with each ``Audio`` column cast to ``Audio(decode=False)``: clips stay ``{"bytes", "path"}`` until the
     collator decodes them (with soundfile; `datasets` would need torchcodec)."""
     import datasets
@@ -252,7 +257,7 @@ def load_layout(
     config: str | None = None,
     audio_column: str = "audio",
     options: Mapping[str, Any] | None = None,
-):
+) -> Split:
     """One split of a corpus (see the module docstring) as a `datasets.Dataset`, or with `streaming` an
     `IterableDataset` that reads rows (and the collator clips) only as training consumes them.
 

@@ -41,7 +41,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import (
     BAD_AUDIO_POLICIES,
@@ -55,6 +55,9 @@ from .adapters import (
     suggest,
 )
 from .layouts import LAYOUTS, LOCAL_SHARDS, STREAMING_LAYOUTS, load_layout
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ class MixtureEntry:
             split = "train"
         return (self.splits or {}).get(split, split)
 
-    def load(self, split: str, streaming: bool | None = None):
+    def load(self, split: str, streaming: bool | None = None) -> Dataset | IterableDataset:
         """The mixture split `split` of this corpus, adapted (`adapters.adapt_dataset`): a `Dataset`, or an
         `IterableDataset` with `streaming` (default: :attr:`is_streaming`).
 
@@ -369,7 +372,7 @@ def load_mixture(path: str | os.PathLike) -> MixtureConfig:
     return parse_mixture(raw, str(path))
 
 
-def training_stream(config: MixtureConfig, split: str = "train"):
+def training_stream(config: MixtureConfig, split: str = "train") -> IterableDataset:
     """The mixture's `split` as one `datasets.IterableDataset` of adapted rows.
 
     Each entry that serves `split` is read as a stream (a local corpus from its index: clips are read by the
@@ -399,7 +402,7 @@ def training_stream(config: MixtureConfig, split: str = "train"):
     )
 
 
-def materialise(stream):
+def materialise(stream: IterableDataset) -> Dataset:
     """The rows of a (short) adapted stream as a `datasets.Dataset` with the same features.
 
     The audio column is written as a plain ``{"bytes", "path"}`` struct and then cast to ``Audio(decode=False)``:
@@ -412,7 +415,7 @@ def materialise(stream):
     return rows.cast_column("audio", datasets.Audio(decode=False))
 
 
-def evaluation_dataset(config: MixtureConfig, split: str = "test", limit: int | None = None):
+def evaluation_dataset(config: MixtureConfig, split: str = "test", limit: int | None = None) -> Dataset:
     """Every entry's `split` (its held-out rows for ``test`` with ``held_out``), adapted and concatenated into one
     `datasets.Dataset` (in entry order), for `evaluation.evaluate_model(..., metrics=config.metrics())`.
 
