@@ -12,6 +12,10 @@ Two processes (DDP; gloo on CPU, NCCL on GPUs):
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
 On GPUs, through accelerate:
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py --dataset <folder> --output_dir out  # GPU only, not run by the tests
+On your own corpora: a mixture file names them, their layouts, tasks and weights (docs/DATA.md); training streams it,
+so give --max_steps:
+    python examples/train_sft.py --mixture examples/mixtures/local.yaml --output_dir out/mixture \
+        --max_steps 4 --per_device_train_batch_size 4
 Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
     python examples/train_sft.py --base_encoder openai/whisper-large-v3 \
         --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
@@ -42,7 +46,14 @@ from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 
 @dataclass
 class ScriptArguments:
-    dataset: str = field(metadata={"help": "A `datasets` folder (save_to_disk) or a Hub dataset id."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "A `datasets` folder (save_to_disk) or a Hub dataset id (or give --mixture)."}
+    )
+    mixture: str | None = field(
+        default=None,
+        metadata={"help": "A mixture file (YAML/JSON, docs/DATA.md): corpora, layouts, tasks, weights; streamed, so "
+                  "give --max_steps. --train_split / --eval_split name the mixture's splits."},
+    )
     model: str = field(
         default="hub_configs/mowe-tiny-random",
         metadata={"help": "A MoWE folder / Hub id with weights, or a preset folder (config only: random init)."},
@@ -110,16 +121,28 @@ def load_model_and_processor(args: ScriptArguments, quantization: BitsAndBytesCo
     return MoWEForConditionalGeneration.from_pretrained(args.model, **quantized, **overrides), processor
 
 
-def load_splits(args: ScriptArguments):
+def load_splits(args: ScriptArguments, training_args: SFTConfig | None = None):
+    """The train and eval datasets: the `--dataset`'s splits, or the `--mixture`'s (train: one interleaved stream
+    of every corpus; eval: every corpus's held-out rows)."""
     import datasets
 
+    if (args.dataset is None) == (args.mixture is None):
+        raise ValueError("Give one of --dataset (a prepared dataset) and --mixture (a mixture file, docs/DATA.md).")
+    if args.mixture is not None:
+        from modeling_mowe.data import evaluation_dataset, load_mixture, training_stream
+
+        if training_args is not None and training_args.max_steps <= 0:
+            raise ValueError("A --mixture is streamed and has no length: give --max_steps (the number of steps).")
+        mixture = load_mixture(args.mixture)
+        eval_dataset = evaluation_dataset(mixture, args.eval_split) if args.eval_split else None
+        return training_stream(mixture, args.train_split), eval_dataset
     path = Path(args.dataset)
     data = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset)
     return data[args.train_split], (data[args.eval_split] if args.eval_split else None)
 
 
 def build_trainer(args: ScriptArguments, training_args: SFTConfig):
-    train_dataset, eval_dataset = load_splits(args)
+    train_dataset, eval_dataset = load_splits(args, training_args)
     model, processor = load_model_and_processor(args, quantization_config(args, training_args))
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,

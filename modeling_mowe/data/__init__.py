@@ -1,8 +1,20 @@
-"""Training and evaluation data: the synthetic multi-task speech benchmark (`benchmark`).
+"""Training and evaluation data: the synthetic multi-task speech benchmark (`benchmark`); task adapters that turn any
+`datasets` corpus into training rows (`adapters`); the local layouts and Hub datasets they read (`layouts`); weighted,
+streamed mixtures with held-out splits, from a YAML/JSON file (`mixtures`; format: docs/DATA.md).
 
 Tooling wing: imports the model code, never the other way round.
 """
 
+from .adapters import (
+    DEFAULT_METRICS,
+    INSTRUCTIONS,
+    TASK_KINDS,
+    BadRowError,
+    TaskAdapter,
+    TaskSpec,
+    adapt_dataset,
+    adapted_features,
+)
 from .benchmark import (
     ASR_WORDS,
     BEEP_BANDS,
@@ -35,36 +47,61 @@ from .benchmark import (
     synthesize,
     to_wav_bytes,
 )
+from .layouts import LAYOUTS, load_layout
+from .mixtures import (
+    MixtureConfig,
+    MixtureEntry,
+    evaluation_dataset,
+    load_mixture,
+    parse_mixture,
+    training_stream,
+)
 
 __all__ = [
     "ASR_WORDS",
     "BEEP_BANDS",
+    "BadRowError",
     "BenchmarkConfig",
     "COUNT_WORDS",
+    "DEFAULT_METRICS",
     "DEFAULT_TASKS",
     "EMOTION_JITTER",
     "EMOTION_PROSODY",
     "ESPEAK_LANGUAGE",
     "GENERATOR_VERSION",
+    "INSTRUCTIONS",
     "LANGUAGE_PHRASES",
+    "LAYOUTS",
+    "MixtureConfig",
+    "MixtureEntry",
     "NEUTRAL_RATE_RANGE",
     "RATE_RANGES",
     "SPLITS",
     "TASKS",
+    "TASK_KINDS",
     "TASK_LABELS",
     "TASK_PROMPTS",
+    "TaskAdapter",
+    "TaskSpec",
     "VOICE_VARIANTS",
+    "adapt_dataset",
+    "adapted_features",
     "benchmark_features",
     "build_benchmark",
     "chat_messages",
     "espeak_version",
+    "evaluation_dataset",
     "generate_rows",
     "load_audio",
+    "load_layout",
+    "load_mixture",
     "make_beeps",
     "make_speech",
+    "parse_mixture",
     "prosody_markup",
     "sentence_pool",
     "split_overlap",
     "synthesize",
     "to_wav_bytes",
+    "training_stream",
 ]

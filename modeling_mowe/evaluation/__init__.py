@@ -66,8 +66,11 @@ def load_metric(name: str):
     return evaluate.load(str(Path(__file__).resolve().parent / METRIC_FILES[name]))
 
 
-def metric_for_task(task: str) -> str:
-    """``"wer"`` for tasks in :data:`WER_TASKS`, ``"accuracy"`` otherwise."""
+def metric_for_task(task: str, metrics: Mapping[str, str] | None = None) -> str:
+    """`metrics[task]` where given (a mixture's `MixtureConfig.metrics()`), else ``"wer"`` for tasks in
+    :data:`WER_TASKS` and ``"accuracy"`` otherwise."""
+    if metrics and task in metrics:
+        return metrics[task]
     return "wer" if task in WER_TASKS else "accuracy"
 
 
@@ -82,6 +85,7 @@ def score_predictions(
     predictions: Sequence[str],
     references: Sequence[str],
     normalize: bool = True,
+    metrics: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score one system's predictions, per task and overall.
 
@@ -89,6 +93,8 @@ def score_predictions(
         tasks, predictions, references: parallel lists, one entry per example (the ``task`` and ``answer`` columns
             of the benchmark and the generated text).
         normalize: apply :func:`normalize_answer` to predictions and references first.
+        metrics: task -> ``"wer"`` or ``"accuracy"`` for tasks not scored by the default rule
+            (:func:`metric_for_task`).
 
     Returns:
         ``{"tasks": {task: {...}}, "summary": {...}}`` (tasks in order of first appearance). Each task entry has
@@ -121,7 +127,7 @@ def score_predictions(
 
     per_task = {}
     for task, (preds, refs) in grouped.items():
-        metric = metric_for_task(task)
+        metric = metric_for_task(task, metrics)
         out = load_metric(metric).compute(predictions=preds, references=refs)
         per_task[task] = {
             "metric": metric, "value": float(out[metric]), "n": len(refs), **out,
@@ -374,10 +380,12 @@ def generate_answers(
     return answers
 
 
-def evaluate_model(model, processor, dataset, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
-    """Generate answers for `dataset` and score them per task (see `score_predictions`); the result also holds the
-    predictions under ``"predictions"``."""
+def evaluate_model(
+    model, processor, dataset, batch_size: int = 16, progress: bool = True, metrics: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Generate answers for `dataset` and score them per task (see `score_predictions`, which takes `metrics`); the
+    result also holds the predictions under ``"predictions"``."""
     predictions = generate_answers(model, processor, dataset, batch_size=batch_size, progress=progress)
-    results = score_predictions(dataset["task"], predictions, dataset["answer"])
+    results = score_predictions(dataset["task"], predictions, dataset["answer"], metrics=metrics)
     results["predictions"] = predictions
     return results
