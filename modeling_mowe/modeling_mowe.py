@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPast,
@@ -39,6 +41,8 @@ try:
     from torch.distributed.fsdp import FSDPModule
 except ImportError:  # a torch build without distributed support, or one older than FSDP2's public API
     FSDPModule = None
+
+_GENERATION_INPUTS_SIGNATURE = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
 # What the idle call of a weak encoder that no window picked runs on: 0.5 s (25 frames at 50 frames/s), short but
 # long enough for SpecAugment's time masks of waveform encoders in training (10 frames by default).
@@ -624,14 +628,31 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     def get_audio_features(self, *args, **kwargs) -> tuple | MoWEAudioFeaturesOutput:
         return self.model.get_audio_features(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
-        # Audio is encoded in the prefill only: transformers before 5.20 drops `input_features` after it, but not
-        # `input_values`.
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """GenerationMixin's inputs, without the audio where the cache already holds it.
+
+        The audio is encoded once, in the first forward that sees its `<|audio|>` tokens: after the prefill (before
+        5.20 transformers dropped `input_features` then, but not `input_values`), and when `generate` continues from a
+        returned cache whose tokens already cover the audio (transformers passes the audio on to that first forward,
+        whose new tokens then hold no placeholder).
+        """
+        arguments = _GENERATION_INPUTS_SIGNATURE.bind(self, *args, **kwargs).arguments
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        extra = arguments.get("kwargs", {})
+        caches = [arguments.get(name, extra.get(name)) for name in ("cache", "past_key_values")]
+        cached = any(isinstance(cache, Cache) and cache.get_seq_length() > 0 for cache in caches)
+        input_ids = model_inputs.get("input_ids")
+        after_prefill = not arguments.get("is_first_iteration") and extra.get("use_cache", True)
+        audio_cached = cached and input_ids is not None and not (input_ids == self.config.audio_token_id).any()
+        if after_prefill or audio_cached:
             for key in ("input_features", "input_values", "audio_lengths"):
                 model_inputs.pop(key, None)
         return model_inputs
+
+    # `generate` accepts a model kwarg only if this method (or `forward`) names it, so the override declares what
+    # transformers' own method declares. That differs between versions (the cache is `past_key_values` in 5.15,
+    # `cache` in 5.25), hence copied rather than written out.
+    prepare_inputs_for_generation.__signature__ = _GENERATION_INPUTS_SIGNATURE
 
     @can_return_tuple
     def forward(

@@ -245,6 +245,40 @@ def test_generate_with_cache_gives_the_same_tokens_as_without(fast_config, proce
     assert torch.equal(cached, uncached)
 
 
+def test_generate_continues_from_a_returned_cache_with_the_tokens_of_a_fresh_generate(fast_config, processor):
+    # A conversation goes on: the first answer's cache is passed back with the whole conversation so far (audio
+    # included, as the processor gives it) plus a follow-up question; the audio is not encoded again.
+    model = build_model(fast_config, seed=17)
+    inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
+    gen = {"do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **gen)
+    follow_up = torch.tensor([[7, 8, 9]] * 2)
+    continued = dict(inputs)
+    continued["input_ids"] = torch.cat([first.sequences, follow_up], dim=1)
+    new_tokens = continued["input_ids"].shape[1] - inputs["input_ids"].shape[1]
+    continued["attention_mask"] = nn.functional.pad(inputs["attention_mask"], (0, new_tokens), value=1)
+    fresh = model.generate(**continued, max_new_tokens=4, **gen)
+    calls = []
+    model.model.audio_tower.register_forward_hook(lambda *_: calls.append(1))
+    from_cache = model.generate(**continued, past_key_values=first.past_key_values, max_new_tokens=4, **gen)
+    assert torch.equal(from_cache, fresh)
+    assert calls == []
+
+
+@pytest.mark.parametrize("assistant", ["itself", "another_mowe"])
+def test_assisted_decoding_with_a_mowe_assistant_gives_the_greedy_tokens(fast_config, processor, assistant):
+    # The same model as assistant accepts every candidate, a differently initialised one rejects most of them.
+    model = build_model(fast_config, seed=17)
+    helper = model if assistant == "itself" else build_model(fast_config, seed=3)
+    helper.generation_config.num_assistant_tokens = 2
+    helper.generation_config.num_assistant_tokens_schedule = "constant"
+    inputs = make_inputs(processor, TEXTS[1:], two_clips()[1:])
+    gen = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    greedy = model.generate(**inputs, **gen)
+    assisted = model.generate(**inputs, assistant_model=helper, **gen)
+    assert torch.equal(assisted, greedy)
+
+
 def test_generate_encodes_audio_once_with_cache(fast_config, processor):
     model = build_model(fast_config)
     calls = []
