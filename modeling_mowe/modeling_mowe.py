@@ -691,8 +691,18 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            loss_kwargs = dict(kwargs)
+            # A batch without a trainable token (every label -100) would have a mean loss of 0/0 = NaN, and one NaN
+            # step corrupts every trained weight: the token-mean is taken as sum / max(count, 1), so such a batch
+            # gives loss 0 and zero gradients. `num_items_in_batch` (from the Trainer) is bounded below the same way.
+            count = loss_kwargs.get("num_items_in_batch")
+            if count is None:
+                shifted = loss_kwargs.get("shift_labels")
+                shifted = labels[..., 1:] if shifted is None else shifted
+                count = (shifted != loss_kwargs.get("ignore_index", -100)).sum()
+            loss_kwargs["num_items_in_batch"] = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
             )
             if outputs.router_aux_loss is not None:
                 # Part of the loss's graph, so whatever scales the loss (gradient accumulation's 1/n, GradScaler's S)

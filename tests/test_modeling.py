@@ -86,6 +86,36 @@ def test_forward_gives_logits_router_outputs_and_finite_loss(tiny_config, proces
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 0], ids=["mean", "trainer_count_of_zero"])
+def test_a_batch_without_answer_tokens_gives_a_finite_loss_and_no_lm_gradient(
+    fast_config, processor, num_items_in_batch
+):
+    # Every label -100 (no answer, or one cut away): the token-mean is 0/0, which must not become a NaN that one
+    # optimizer step would spread into every weight. The balancing loss still counts.
+    model = build_model(fast_config)
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = torch.full_like(inputs["input_ids"], -100)
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    out = model(**inputs, labels=labels, **extra)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, fast_config.router_aux_loss_coef * out.router_aux_loss)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(grad).all() for grad in grads.values())
+    assert not model.lm_head.weight.grad.any()
+
+
+def test_the_loss_is_the_mean_over_answer_tokens(fast_config, processor):
+    model = build_model(fast_config)
+    model.config.router_aux_loss_coef = 0.0
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = lm_labels(inputs, fast_config.audio_token_id)
+    labels[0, :-2] = -100  # row 0 keeps one answer token, row 1 all of its text
+    out = model(**inputs, labels=labels)
+    expected = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_backward_reaches_routers_projector_and_only_selected_weak_encoders(fast_config, processor):
     model = build_model(fast_config).train()
     force_routing(model, independent=2, dependent=1)  # a HuBERT and a Whisper weak encoder
