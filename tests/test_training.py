@@ -223,6 +223,63 @@ def test_lora_model_saves_loads_and_merges_with_same_generation(splits, processo
     assert torch.equal(merged.generate(**prompt, **gen), before)
 
 
+# Run first in a child process: bitsandbytes' `has_avx512bf16()` answers True, as on a CPU with AVX512-BF16, the CPUs
+# where bitsandbytes looks for the `kernels` package on import and warns when it is absent.
+AS_ON_AN_AVX512_BF16_CPU = """
+import importlib.abc, importlib.machinery, sys
+
+class AnswerAvx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+        def exec_module(module):
+            load(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AnswerAvx512Bf16())
+"""
+KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward"
+
+
+def run_as_on_an_avx512_bf16_cpu(code: str) -> str:
+    """stdout + stderr of `code` run on the simulated CPU; it ends by saying whether bitsandbytes was imported."""
+    code += "\nimport sys\nprint('bitsandbytes imported:', 'bitsandbytes' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", AS_ON_AN_AVX512_BF16_CPU + code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def bitsandbytes_warns_on_the_simulated_cpu():
+    pytest.importorskip("bitsandbytes")
+    # Imported on its own there, bitsandbytes does warn (`kernels` absent, or unable to fetch its kernel offline).
+    assert KERNELS_WARNING in run_as_on_an_avx512_bf16_cpu("import bitsandbytes")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "import modeling_mowe.training",
+        "import runpy, sys; sys.argv = ['train_sft.py', '--help']\n"
+        "try:\n    runpy.run_path('examples/train_sft.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    ],
+    ids=["import_training", "train_sft_help"],
+)
+def test_training_commands_print_no_bitsandbytes_kernels_warning(bitsandbytes_warns_on_the_simulated_cpu, command):
+    output = run_as_on_an_avx512_bf16_cpu(command)
+    assert "bitsandbytes imported: True" in output  # through transformers' Trainer and PEFT
+    assert KERNELS_WARNING not in output
+    if "--help" in command:
+        assert "--load_in_4bit" in output
+
+
 def test_lora_targets_only_the_language_model():
     config = lora_config(tiny_model(), r=4)
     from peft import get_peft_model
