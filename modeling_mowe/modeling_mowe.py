@@ -636,18 +636,24 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         returned cache whose tokens already cover the audio (transformers passes the audio on to that first forward,
         whose new tokens then hold no placeholder).
         """
-        arguments = _GENERATION_INPUTS_SIGNATURE.bind(self, *args, **kwargs).arguments
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        audio_keys = [key for key in ("input_features", "input_values", "audio_lengths") if key in model_inputs]
+        if not audio_keys:
+            return model_inputs
+        arguments = _GENERATION_INPUTS_SIGNATURE.bind(self, *args, **kwargs).arguments
         extra = arguments.get("kwargs", {})
-        caches = [arguments.get(name, extra.get(name)) for name in ("cache", "past_key_values")]
-        cached = any(isinstance(cache, Cache) and cache.get_seq_length() > 0 for cache in caches)
-        input_ids = model_inputs.get("input_ids")
         after_prefill = not arguments.get("is_first_iteration") and extra.get("use_cache", True)
-        audio_cached = cached and input_ids is not None and not (input_ids == self.config.audio_token_id).any()
-        if after_prefill or audio_cached:
-            for key in ("input_features", "input_values", "audio_lengths"):
-                model_inputs.pop(key, None)
+        if after_prefill or self._cache_holds_the_audio(model_inputs.get("input_ids"), arguments, extra):
+            for key in audio_keys:
+                del model_inputs[key]
         return model_inputs
+
+    def _cache_holds_the_audio(self, input_ids: torch.Tensor | None, arguments: dict, extra: dict) -> bool:
+        """Whether generation continues from a non-empty cache and the tokens still to run hold no `<|audio|>`."""
+        caches = [arguments.get(name, extra.get(name)) for name in ("cache", "past_key_values")]
+        if not any(isinstance(cache, Cache) and cache.get_seq_length() > 0 for cache in caches) or input_ids is None:
+            return False
+        return not bool((input_ids == self.config.audio_token_id).any())
 
     # `generate` accepts a model kwarg only if this method (or `forward`) names it, so the override declares what
     # transformers' own method declares. That differs between versions (the cache is `past_key_values` in 5.15,
