@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, TrainerCallback
+import transformers
+from transformers import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -54,7 +55,9 @@ def processor_for(config: MoWEConfig) -> MoWEProcessor:
     return processor
 
 
-class EpochClock(TrainerCallback):
+# transformers.TrainerCallback is reached after modeling_mowe is imported: the Trainer imports bitsandbytes (through
+# PEFT), whose CPU-kernel warning modeling_mowe keeps off the console.
+class EpochClock(transformers.TrainerCallback):
     """CPU seconds of this process per epoch (one torch thread, no loader workers: on a shared machine CPU time
     moves far less with other jobs' load than wall time)."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from bench_model import make_inputs, whisper_config
 from timing import interleaved_seconds, median_seconds, print_ratio_table
-from transformers import LlamaConfig, Trainer, TrainingArguments
+from transformers import LlamaConfig
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
 
@@ -74,6 +74,10 @@ def train_step(model, inputs: dict, labels: torch.Tensor):
     clipped to `max_grad_norm`, then its default optimizer (`optim="adamw_torch_fused"` with torch >= 2.8: one
     fused AdamW kernel over all parameter tensors, where a for-loop AdamW pays per tensor, and MoWE trains 229
     tensors to base-only's 130)."""
+    # Imported here, after modeling_mowe: the Trainer imports bitsandbytes (through PEFT), whose CPU-kernel warning
+    # modeling_mowe keeps off the console.
+    from transformers import Trainer, TrainingArguments
+
     args = TrainingArguments(learning_rate=1e-4, report_to="none")
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     params = [p for p in model.parameters() if p.requires_grad]

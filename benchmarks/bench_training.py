@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, resource, sys, time, torch
-from trl import SFTConfig
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from trl import SFTConfig
 from modeling_mowe.data import BenchmarkConfig, build_benchmark
 from modeling_mowe.training import make_sft_trainer
 

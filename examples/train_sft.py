@@ -34,14 +34,19 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import BitsAndBytesConfig, HfArgumentParser, set_seed
+from transformers import BitsAndBytesConfig, HfArgumentParser
 from transformers.utils import is_torch_bf16_gpu_available
-from trl import SFTConfig
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.training import exit_distributed_process, make_sft_trainer
+
+# TRL and `set_seed` are imported in main(), after modeling_mowe: they import transformers' Trainer, hence PEFT and
+# bitsandbytes, whose CPU-kernel warning modeling_mowe keeps off the console once it is loaded (modeling_mowe/__init__).
+if TYPE_CHECKING:
+    from trl import SFTConfig
 
 
 @dataclass
@@ -162,6 +167,9 @@ def with_default_precision(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None):
+    from transformers import set_seed
+    from trl import SFTConfig
+
     parser = HfArgumentParser((ScriptArguments, SFTConfig))
     argv = with_default_precision(sys.argv[1:] if argv is None else list(argv))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPast,
@@ -46,6 +48,8 @@ try:
     from torch.distributed.fsdp import FSDPModule
 except ImportError:  # a torch build without distributed support, or one older than FSDP2's public API
     FSDPModule = None
+
+_GENERATION_INPUTS_SIGNATURE = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
 # What the idle call of a weak encoder that no window picked runs on: 0.5 s (25 frames at 50 frames/s), short but
 # long enough for SpecAugment's time masks of waveform encoders in training (10 frames by default).
@@ -631,14 +635,37 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     def get_audio_features(self, *args, **kwargs) -> tuple | MoWEAudioFeaturesOutput:
         return self.model.get_audio_features(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
-        # Audio is encoded in the prefill only: transformers before 5.20 drops `input_features` after it, but not
-        # `input_values`.
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("input_features", "input_values", "audio_lengths"):
-                model_inputs.pop(key, None)
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """GenerationMixin's inputs, without the audio where the cache already holds it.
+
+        The audio is encoded once, in the first forward that sees its `<|audio|>` tokens: after the prefill (before
+        5.20 transformers dropped `input_features` then, but not `input_values`), and when `generate` continues from a
+        returned cache whose tokens already cover the audio (transformers passes the audio on to that first forward,
+        whose new tokens then hold no placeholder).
+        """
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        audio_keys = [key for key in ("input_features", "input_values", "audio_lengths") if key in model_inputs]
+        if not audio_keys:
+            return model_inputs
+        arguments = _GENERATION_INPUTS_SIGNATURE.bind(self, *args, **kwargs).arguments
+        extra = arguments.get("kwargs", {})
+        after_prefill = not arguments.get("is_first_iteration") and extra.get("use_cache", True)
+        if after_prefill or self._cache_holds_the_audio(model_inputs.get("input_ids"), arguments, extra):
+            for key in audio_keys:
+                del model_inputs[key]
         return model_inputs
+
+    def _cache_holds_the_audio(self, input_ids: torch.Tensor | None, arguments: dict, extra: dict) -> bool:
+        """Whether generation continues from a non-empty cache and the tokens still to run hold no `<|audio|>`."""
+        caches = [arguments.get(name, extra.get(name)) for name in ("cache", "past_key_values")]
+        if not any(isinstance(cache, Cache) and cache.get_seq_length() > 0 for cache in caches) or input_ids is None:
+            return False
+        return not bool((input_ids == self.config.audio_token_id).any())
+
+    # `generate` accepts a model kwarg only if this method (or `forward`) names it, so the override declares what
+    # transformers' own method declares. That differs between versions (the cache is `past_key_values` in 5.15,
+    # `cache` in 5.25), hence copied rather than written out.
+    prepare_inputs_for_generation.__signature__ = _GENERATION_INPUTS_SIGNATURE
 
     @can_return_tuple
     def forward(
@@ -677,8 +704,18 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            loss_kwargs = dict(kwargs)
+            # A batch without a trainable token (every label -100) would have a mean loss of 0/0 = NaN, and one NaN
+            # step corrupts every trained weight: the token-mean is taken as sum / max(count, 1), so such a batch
+            # gives loss 0 and zero gradients. `num_items_in_batch` (from the Trainer) is bounded below the same way.
+            count = loss_kwargs.get("num_items_in_batch")
+            if count is None:
+                shifted = loss_kwargs.get("shift_labels")
+                shifted = labels[..., 1:] if shifted is None else shifted
+                count = (shifted != loss_kwargs.get("ignore_index", -100)).sum()
+            loss_kwargs["num_items_in_batch"] = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
             )
             if outputs.router_aux_loss is not None:
                 # Part of the loss's graph, so whatever scales the loss (gradient accumulation's 1/n, GradScaler's S)

@@ -77,17 +77,36 @@ def _is_batch_of_chats(conversation: Any) -> bool:
     )
 
 
+def _objects_as_dicts(value: Any) -> Any:
+    """`value` with every dataclass or pydantic model in it (messages, content parts, tool calls) turned into a
+    dict, as transformers does before rendering; media (arrays, tensors) are kept as they are, not copied."""
+    if isinstance(value, dict):
+        return {key: _objects_as_dicts(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_objects_as_dicts(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _objects_as_dicts(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _objects_as_dicts(value.model_dump())
+    return value
+
+
 def _chat_as_dicts(conversation: Any) -> list[dict]:
-    """A chat's messages as dicts (from dicts, dataclasses or pydantic models), keys whose value is None dropped."""
+    """A chat's messages as dicts (from dicts, dataclasses or pydantic models, their content parts too), keys whose
+    value is None dropped; every message must have a role."""
     messages = []
-    for message in getattr(conversation, "messages", conversation):
-        if dataclasses.is_dataclass(message) and not isinstance(message, type):
-            message = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
-        elif callable(getattr(message, "model_dump", None)):
-            message = message.model_dump()
+    for index, message in enumerate(_objects_as_dicts(list(getattr(conversation, "messages", conversation)))):
         if not isinstance(message, dict):
             raise TypeError(f"Chat messages must be dicts, dataclasses or pydantic models, got {message!r}.")
-        messages.append({key: value for key, value in message.items() if value is not None})
+        message = {key: value for key, value in message.items() if value is not None}
+        if "role" not in message:
+            shown = repr(message)
+            shown = shown if len(shown) <= 100 else shown[:97] + "..."
+            raise ValueError(
+                f"Chat message {index} has no 'role': {shown}. Give every message a role ('system', 'user' or "
+                "'assistant'), e.g. {'role': 'user', 'content': ...}."
+            )
+        messages.append(message)
     return messages
 
 
@@ -186,8 +205,8 @@ class MoWEProcessor(ProcessorMixin):
                 multi-channel, averaged), file paths, `datasets` Audio cells (see [`to_mono_waveform`]).
             sampling_rate (`int`, *optional*): rate of raw arrays (required for them); all audio is resampled to
                 `self.sampling_rate`. May also come as `audio_kwargs={"sampling_rate": ...}`.
-            **kwargs: tokenizer options (`padding`, defaults to `True`; `truncation`, `max_length`, ...) and
-                `return_tensors`.
+            **kwargs: tokenizer options (`padding`: a batch of texts is padded to its longest unless the call or the
+                tokenizer's saved defaults say otherwise; `truncation`, `max_length`, ...) and `return_tensors`.
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` `(batch_size, sequence_length)` (if `text`) and the
@@ -195,7 +214,7 @@ class MoWEProcessor(ProcessorMixin):
             see [`MoWEFeatureExtractor`]), ready for `model(**inputs)` and `model.generate(**inputs)`.
         """
         sampling_rate = self._pop_sampling_rate(sampling_rate, kwargs)
-        if "padding" not in kwargs and "padding" not in (kwargs.get("text_kwargs") or {}):
+        if self._pads_by_default(text, kwargs):
             kwargs["padding"] = True  # set here: where processors declare defaults changed within transformers 5
         for modality in ("images", "videos"):
             if kwargs.pop(modality, None) is not None:
@@ -217,6 +236,15 @@ class MoWEProcessor(ProcessorMixin):
         if texts is None:
             return self.feature_extractor(clips, sampling_rate=self.sampling_rate, **kwargs)
         return super().__call__(text=list(texts), audio=clips or None, sampling_rate=self.sampling_rate, **kwargs)
+
+    def _pads_by_default(self, text: Any, kwargs: dict) -> bool:
+        """Whether a call pads because nothing else decides: a batch of texts, with `padding` set neither by the call
+        (flat, `text_kwargs` or `common_kwargs`) nor by the tokenizer's saved defaults (a tokenizer saved with
+        `padding="max_length", max_length=...` keeps padding to that length)."""
+        if not isinstance(text, (list, tuple)) or len(text) < 2 or "padding" in kwargs:
+            return False
+        given = (kwargs.get(key) or {} for key in ("text_kwargs", "common_kwargs"))
+        return not any("padding" in options for options in given) and "padding" not in self.tokenizer.init_kwargs
 
     @staticmethod
     def _pop_sampling_rate(sampling_rate: int | None, kwargs: dict) -> int | None:

@@ -82,6 +82,37 @@ def test_message_objects_render_like_dicts(processor):
     assert a["input_ids"] == b["input_ids"]
 
 
+def test_content_parts_given_as_objects_render_and_tokenize_like_dicts(processor):
+    @dataclasses.dataclass
+    class TextPart:
+        type: str
+        text: str
+
+    @dataclasses.dataclass
+    class AudioPart:
+        type: str
+        audio: np.ndarray
+        sampling_rate: int
+
+    clip = sine(0.4, 300)
+    as_dicts = chat({"type": "audio", "audio": clip, "sampling_rate": SR}, {"type": "text", "text": "Transcribe."})
+    as_objects = chat(AudioPart("audio", clip, SR), TextPart("text", "Transcribe."))
+    for template in (None, PARTS_TEMPLATE):
+        assert processor.apply_chat_template(as_objects, chat_template=template) == processor.apply_chat_template(
+            as_dicts, chat_template=template
+        )
+    a, b = (processor.apply_chat_template(c, tokenize=True, return_dict=True) for c in (as_dicts, as_objects))
+    assert a["input_ids"] == b["input_ids"] and a["input_ids"][0].count(processor.audio_token_id) > 0
+    np.testing.assert_array_equal(a["input_features"], b["input_features"])
+
+
+@pytest.mark.parametrize("tokenize", [False, True])
+def test_a_message_without_a_role_is_refused_and_named(processor, tokenize):
+    conversation = [{"role": "user", "content": "Hi"}, {"content": "Hello there"}]
+    with pytest.raises(ValueError, match=r"Chat message 1 has no 'role': \{'content': 'Hello there'\}\. Give every"):
+        processor.apply_chat_template(conversation, tokenize=tokenize)
+
+
 def test_default_template_is_the_one_jinja_file_and_is_saved_and_reloaded(processor, tmp_path):
     template = (ROOT / "modeling_mowe" / "chat_template.jinja").read_text()
     assert default_chat_template() == template == (TINY / "chat_template.jinja").read_text()

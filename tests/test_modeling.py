@@ -86,6 +86,36 @@ def test_forward_gives_logits_router_outputs_and_finite_loss(tiny_config, proces
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 0], ids=["mean", "trainer_count_of_zero"])
+def test_a_batch_without_answer_tokens_gives_a_finite_loss_and_no_lm_gradient(
+    fast_config, processor, num_items_in_batch
+):
+    # Every label -100 (no answer, or one cut away): the token-mean is 0/0, which must not become a NaN that one
+    # optimizer step would spread into every weight. The balancing loss still counts.
+    model = build_model(fast_config)
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = torch.full_like(inputs["input_ids"], -100)
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    out = model(**inputs, labels=labels, **extra)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, fast_config.router_aux_loss_coef * out.router_aux_loss)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(grad).all() for grad in grads.values())
+    assert not model.lm_head.weight.grad.any()
+
+
+def test_the_loss_is_the_mean_over_answer_tokens(fast_config, processor):
+    model = build_model(fast_config)
+    model.config.router_aux_loss_coef = 0.0
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    labels = lm_labels(inputs, fast_config.audio_token_id)
+    labels[0, :-2] = -100  # row 0 keeps one answer token, row 1 all of its text
+    out = model(**inputs, labels=labels)
+    expected = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_backward_reaches_routers_projector_and_only_selected_weak_encoders(fast_config, processor):
     model = build_model(fast_config).train()
     force_routing(model, independent=2, dependent=1)  # a HuBERT and a Whisper weak encoder
@@ -243,6 +273,40 @@ def test_generate_with_cache_gives_the_same_tokens_as_without(fast_config, proce
     uncached = model.generate(**inputs, use_cache=False, **gen)
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 5
     assert torch.equal(cached, uncached)
+
+
+def test_generate_continues_from_a_returned_cache_with_the_tokens_of_a_fresh_generate(fast_config, processor):
+    # A conversation goes on: the first answer's cache is passed back with the whole conversation so far (audio
+    # included, as the processor gives it) plus a follow-up question; the audio is not encoded again.
+    model = build_model(fast_config, seed=17)
+    inputs = make_inputs(processor, TEXTS, two_clips(), padding_side="left")
+    gen = {"do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    first = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **gen)
+    follow_up = torch.tensor([[7, 8, 9]] * 2)
+    continued = dict(inputs)
+    continued["input_ids"] = torch.cat([first.sequences, follow_up], dim=1)
+    new_tokens = continued["input_ids"].shape[1] - inputs["input_ids"].shape[1]
+    continued["attention_mask"] = nn.functional.pad(inputs["attention_mask"], (0, new_tokens), value=1)
+    fresh = model.generate(**continued, max_new_tokens=4, **gen)
+    calls = []
+    model.model.audio_tower.register_forward_hook(lambda *_: calls.append(1))
+    from_cache = model.generate(**continued, past_key_values=first.past_key_values, max_new_tokens=4, **gen)
+    assert torch.equal(from_cache, fresh)
+    assert calls == []
+
+
+@pytest.mark.parametrize("assistant", ["itself", "another_mowe"])
+def test_assisted_decoding_with_a_mowe_assistant_gives_the_greedy_tokens(fast_config, processor, assistant):
+    # The same model as assistant accepts every candidate, a differently initialised one rejects most of them.
+    model = build_model(fast_config, seed=17)
+    helper = model if assistant == "itself" else build_model(fast_config, seed=3)
+    helper.generation_config.num_assistant_tokens = 2
+    helper.generation_config.num_assistant_tokens_schedule = "constant"
+    inputs = make_inputs(processor, TEXTS[1:], two_clips()[1:])
+    gen = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "pad_token_id": 1}
+    greedy = model.generate(**inputs, **gen)
+    assisted = model.generate(**inputs, assistant_model=helper, **gen)
+    assert torch.equal(assisted, greedy)
 
 
 def test_generate_encodes_audio_once_with_cache(fast_config, processor):

@@ -13,6 +13,7 @@ import torch
 from conftest import run_without_package, tiny_whisper
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     HubertConfig,
     HubertModel,
     LlamaConfig,
@@ -142,6 +143,18 @@ def test_batched_text_is_padded_left_without_asking(processor):
     assert (inputs["input_ids"][0][inputs["attention_mask"][0] == 0] == processor.tokenizer.pad_token_id).all()
     unpadded = processor(text=["a", "a b c"], padding=False)
     assert len(unpadded["input_ids"][0]) < len(unpadded["input_ids"][1])
+
+
+def test_a_tokenizers_saved_padding_defaults_stand_unless_the_call_overrides_them(processor, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(TINY, padding="max_length", max_length=300)
+    MoWEProcessor(processor.feature_extractor, tokenizer, chat_template=processor.chat_template).save_pretrained(tmp_path)
+    saved = MoWEProcessor.from_pretrained(tmp_path)
+    one = saved(text="<|audio|> hi", audio=noise(0.5), sampling_rate=SR, return_tensors="pt")
+    two = saved(text=["<|audio|> hi", "hello"], audio=[noise(0.5)], sampling_rate=SR, return_tensors="pt")
+    assert one["input_ids"].shape == (1, 300) and two["input_ids"].shape == (2, 300)
+    assert one["attention_mask"].sum() == (one["input_ids"] != tokenizer.pad_token_id).sum() < 300
+    overridden = saved(text=["<|audio|> hi", "hello"], audio=[noise(0.5)], sampling_rate=SR, padding="longest")
+    assert max(len(ids) for ids in overridden["input_ids"]) < 300
 
 
 def test_batch_gives_each_row_what_it_gives_alone(processor):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_clip
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.training import IGNORE_INDEX, MoWEDataCollator, lora_config, make_sft_trainer
@@ -88,6 +89,30 @@ def test_collator_rejects_clip_part_mismatch(splits, processor):
     row["audio"] = [row["audio"], row["audio"]]
     with pytest.raises(ValueError, match="audio clip"):
         MoWEDataCollator(processor)([row])
+
+
+def chat_row(answer: str | None) -> dict:
+    """A one-clip chat row; `answer=None` leaves out the assistant turn."""
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return {"audio": {"array": make_clip(0.5), "sampling_rate": 16_000}, "messages": messages}
+
+
+def test_collator_refuses_a_row_without_an_answer_and_names_it(processor):
+    # Such a row trains nothing; a batch of them would have no trainable token at all.
+    with pytest.raises(ValueError, match=r"Row 1 of the batch \('user: <audio> What is it\?'\) has no answer token "
+                                         r"to train on .*no assistant turn.* Give the row an assistant answer, or drop"):
+        MoWEDataCollator(processor)([chat_row("a dog"), chat_row(None)])
+
+
+def test_collator_refuses_a_row_whose_answer_max_length_cuts_away(processor):
+    row = chat_row("a dog barking twice")
+    labels = MoWEDataCollator(processor)([row])["labels"][0]
+    answer_start = int((labels != IGNORE_INDEX).nonzero()[0])
+    assert MoWEDataCollator(processor, max_length=answer_start + 1)([row])["labels"].ne(IGNORE_INDEX).sum() == 1
+    with pytest.raises(ValueError, match=rf"Row 0 .*max_length={answer_start} cut its answer away\. Raise max_length"):
+        MoWEDataCollator(processor, max_length=answer_start)([row])
 
 
 def test_rows_whose_audio_column_was_removed_are_told_to_keep_it(splits, processor, tmp_path):
@@ -184,8 +209,10 @@ def test_lora_model_saves_loads_and_merges_with_same_generation(splits, processo
 
     loaded = PeftModel.from_pretrained(MoWEForConditionalGeneration.from_pretrained(base_dir), adapter_dir).eval()
     row = splits["test"][0]
-    inputs = MoWEDataCollator(processor)([{"audio": row["audio"], "messages": row["messages"][:1]}])
-    prompt = {k: v for k, v in inputs.items() if k != "labels"}
+    prompt = processor.apply_chat_template(
+        row["messages"][:1], audio=[row["audio"]], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )
     gen = dict(max_new_tokens=6, do_sample=False)
     before = loaded.generate(**prompt, **gen)
     trained_state = {k: v.clone() for k, v in trainer.model.state_dict().items() if "router_dependent" in k}
@@ -194,6 +221,63 @@ def test_lora_model_saves_loads_and_merges_with_same_generation(splits, processo
     assert all(torch.equal(trained_state[k], loaded_state[k]) for k in trained_state)
     merged = loaded.merge_and_unload()
     assert torch.equal(merged.generate(**prompt, **gen), before)
+
+
+# Run first in a child process: bitsandbytes' `has_avx512bf16()` answers True, as on a CPU with AVX512-BF16, the CPUs
+# where bitsandbytes looks for the `kernels` package on import and warns when it is absent.
+AS_ON_AN_AVX512_BF16_CPU = """
+import importlib.abc, importlib.machinery, sys
+
+class AnswerAvx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+        def exec_module(module):
+            load(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AnswerAvx512Bf16())
+"""
+KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward"
+
+
+def run_as_on_an_avx512_bf16_cpu(code: str) -> str:
+    """stdout + stderr of `code` run on the simulated CPU; it ends by saying whether bitsandbytes was imported."""
+    code += "\nimport sys\nprint('bitsandbytes imported:', 'bitsandbytes' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", AS_ON_AN_AVX512_BF16_CPU + code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def bitsandbytes_warns_on_the_simulated_cpu():
+    pytest.importorskip("bitsandbytes")
+    # Imported on its own there, bitsandbytes does warn (`kernels` absent, or unable to fetch its kernel offline).
+    assert KERNELS_WARNING in run_as_on_an_avx512_bf16_cpu("import bitsandbytes")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "import modeling_mowe.training",
+        "import runpy, sys; sys.argv = ['train_sft.py', '--help']\n"
+        "try:\n    runpy.run_path('examples/train_sft.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    ],
+    ids=["import_training", "train_sft_help"],
+)
+def test_training_commands_print_no_bitsandbytes_kernels_warning(bitsandbytes_warns_on_the_simulated_cpu, command):
+    output = run_as_on_an_avx512_bf16_cpu(command)
+    assert "bitsandbytes imported: True" in output  # through transformers' Trainer and PEFT
+    assert KERNELS_WARNING not in output
+    if "--help" in command:
+        assert "--load_in_4bit" in output
 
 
 def test_lora_targets_only_the_language_model():

@@ -1,4 +1,5 @@
-"""Serving with vLLM: a MoWE folder served by `vllm.LLM` and by vLLM's OpenAI server answers as `generate()` does.
+"""Serving with vLLM: a MoWE folder served by `vllm.LLM` and by vLLM's OpenAI server answers as `generate()` does,
+and the server answers a client's audio mistakes with 400, not 500.
 
 vLLM runs in its own environment (`.venv-vllm`, made by `bash scripts/setup.sh serve`), in a subprocess started once
 per test session for the offline engine and once for the server. The folder is a tiny random MoWE (4 weak encoders,
@@ -10,6 +11,7 @@ compared too.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -221,6 +223,68 @@ def test_openai_server_answers_audio_question_as_generate(openai_server, serving
             model=str(serving_folder), messages=messages, temperature=0, max_tokens=MAX_TOKENS
         )
         assert response.choices[0].message.content == reference["text"]
+
+
+def post_chat(base_url: str, model: str, content: list[dict]) -> tuple[int, dict]:
+    """POST one user turn to the server's chat completions; the HTTP status and the JSON body, error or not."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("mistake", ["base64_that_is_not_audio", "local_file_the_server_may_not_read"])
+def test_openai_server_answers_bad_audio_with_400_saying_what_is_wrong(
+    openai_server, serving_folder, tmp_path, mistake
+):
+    import base64
+
+    import soundfile
+
+    if mistake == "base64_that_is_not_audio":
+        data = base64.b64encode(b"plain text, not a sound file " * 64).decode()
+        part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+        expected = r"^The audio could not be decoded .*Send a WAV"
+    else:  # the server was started without --allowed-local-media-path
+        path = tmp_path / "clip.wav"
+        soundfile.write(path, clip(1.0, 2), SAMPLING_RATE)
+        part = {"type": "audio_url", "audio_url": {"url": path.as_uri()}}
+        expected = r"does not read local files.*--allowed-local-media-path"
+    status, body = post_chat(openai_server, str(serving_folder), [part, {"type": "text", "text": "What is it?"}])
+    assert status == 400, body
+    assert re.search(expected, body["error"]["message"]), body
+
+
+def test_serving_docs_give_each_presets_longest_clip():
+    """docs/SERVING.md's table: each preset's LLM context, and a clip length whose prompt (with 20 text tokens and 64
+    new ones) fits in it while one 5 s longer does not, counted with the processor's own token arithmetic."""
+    from modeling_mowe import MoWEConfig, MoWEProcessor
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "SERVING.md").read_text()
+    tokens = MoWEProcessor.from_pretrained(root / "hub_configs" / "mowe-tiny-random").num_audio_tokens
+    rows = re.findall(r"^\| (`mowe-[^|]+) \| ([\d,]+) \| (\d+) min(?: (\d+) s)?", text, re.M)
+    presets = {name for row in rows for name in re.findall(r"`(mowe-[\w.-]+)`", row[0])}
+    assert presets == {path.name for path in (root / "hub_configs").iterdir()}
+    for names, context, minutes, seconds in rows:
+        length = 60 * int(minutes) + int(seconds or 0)
+        for name in re.findall(r"`(mowe-[\w.-]+)`", names):
+            config = MoWEConfig.from_pretrained(root / "hub_configs" / name)
+            assert config.text_config.max_position_embeddings == int(context.replace(",", "")), name
+            assert config.stack_factor == 4 and config.audio_frame_spec["samples_per_frame"] == 320, name
+            assert tokens(length * SAMPLING_RATE) + 84 <= int(context.replace(",", "")), name
+            assert tokens((length + 5) * SAMPLING_RATE) + 84 > int(context.replace(",", "")), name
 
 
 def run(tokens: list[int], top: list[dict[int, float]]) -> dict:

@@ -67,6 +67,11 @@ class MoWEDataCollator:
 
     Returns `input_ids`, `attention_mask`, `labels` [batch, seq] (right-padded) and the audio inputs of every clip
     in row order (`input_features`, `input_values`, `audio_lengths`).
+
+    A row without a trainable token (no assistant turn, or an answer that `max_length` cuts away) is refused with a
+    `ValueError` that names it, rather than skipped: skipping would hide a data error (and change the batch size
+    under the Trainer), while the fix (filter the dataset, raise `max_length`) is the user's to choose. Such a row
+    trains nothing, and a batch of only such rows has a mean loss of 0/0 (the model returns 0 for it, not NaN).
     """
 
     def __init__(self, processor, max_length: int | None = None):
@@ -126,7 +131,45 @@ class MoWEDataCollator:
                 )
             for key in ("input_ids", "attention_mask", "labels"):
                 batch[key] = batch[key][:, : self.max_length]
+        self._check_every_row_trains(rows, masks, batch["labels"])
         return dict(batch)
+
+    def _check_every_row_trains(self, rows, masks, labels) -> None:
+        """Refuse a row whose labels are all -100 (see the class docstring)."""
+        for index, row_labels in enumerate(labels):
+            if (row_labels != IGNORE_INDEX).any():
+                continue
+            if masks[index].any():
+                reason = f"max_length={self.max_length} cut its answer away"
+                fix = "Raise max_length or shorten the prompt"
+            else:
+                reason = "it has no assistant turn with text (the chat template marks no answer token)"
+                fix = "Give the row an assistant answer"
+            raise ValueError(
+                f"Row {index} of the batch ({_row_summary(rows[index])}) has no answer token to train on (every "
+                f"label is -100): {reason}. {fix}, or drop such rows from the dataset before training (e.g. with "
+                "`dataset.filter`)."
+            )
+
+
+def _row_summary(row: dict, width: int = 80) -> str:
+    """The start of a row's conversation as `role: text` turns, to name the row in an error."""
+    try:
+        messages = _row_messages(row)
+    except ValueError:
+        return repr(row)[:width]
+    turns = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else message
+        if isinstance(content, (list, tuple)):
+            content = " ".join(
+                part.get("text", "") if part.get("type") == "text" else f"<{part.get('type')}>"
+                for part in content if isinstance(part, dict)
+            )
+        role = message.get("role", "?") if isinstance(message, dict) else "?"
+        turns.append(f"{role}: {content}")
+    summary = " | ".join(turns)
+    return repr(summary if len(summary) <= width else summary[: width - 3] + "...")
 
 
 def _has_audio_data(part: dict) -> bool:

@@ -1,7 +1,7 @@
-"""transformers' own common tests (ModelTesterMixin, ProcessorTesterMixin) run against the tiny MoWE preset.
+"""transformers' own common tests (ModelTesterMixin, GenerationTesterMixin, ProcessorTesterMixin) on the tiny preset.
 
 Not part of the default suite: `bash scripts/transformers_common_tests.sh` copies this file into the tests/ folder of
-the installed transformers version's sdist (as tests/models/mowe/test_modeling_mowe.py) and runs it there. Results
+the installed transformers version's sources (as tests/models/mowe/test_modeling_mowe.py) and runs it there. Results
 and the failures kept on purpose: docs/CONFORMANCE.md.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEModel, MoWEProcessor
 
+from ...generation.test_utils import GenerationTesterMixin
 from ...test_modeling_common import ModelTesterMixin
 from ...test_processing_common import ProcessorTesterMixin
 
@@ -52,7 +53,7 @@ class MoWEModelTester:
         return self.get_config(), dict(inputs)
 
 
-class MoWEModelTest(ModelTesterMixin, unittest.TestCase):
+class MoWEModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
     all_model_classes = (MoWEModel, MoWEForConditionalGeneration)
     pipeline_model_mapping = {}
     _is_composite = True
