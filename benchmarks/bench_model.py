@@ -222,8 +222,8 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
 
 def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     """Train step (base frozen, SGD) with every clip routed to weak encoder 0 by both routers: the other three run
-    only their idle call. Same model, idle calls on (`calls_every_weak_encoder` patched to True, as under a process
-    group) vs off (one process's default)."""
+    only their idle call. Same model, idle calls on (`idle_calls` set to "always", as under a process group) vs off
+    (one process's default)."""
     config = make_config("both")
     model = build(config).train()
     model.model.audio_tower.base_encoder.requires_grad_(False)
@@ -236,13 +236,13 @@ def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     inputs, labels = make_inputs(config, seconds)
 
     def step(idle_calls: bool):
-        tower.calls_every_weak_encoder = lambda: idle_calls
+        tower.idle_calls = "always" if idle_calls else "never"
         optimizer.zero_grad(set_to_none=True)
         model(**inputs, labels=labels).loss.backward()
         optimizer.step()
 
     times = median_seconds({"idle": lambda: step(True), "sparse": lambda: step(False)}, repeats, clock=CLOCK)
-    tower.__dict__.pop("calls_every_weak_encoder", None)
+    tower.train()  # decides `idle_calls` again
     note = f"with {times['idle'] * 1e3:.0f} ms, without {times['sparse'] * 1e3:.0f} ms; 3 of 4 weak encoders idle"
     return times["idle"] / times["sparse"], note
 

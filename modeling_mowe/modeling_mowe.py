@@ -118,22 +118,27 @@ def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) ->
         weak_config._attn_implementation_internal = config._attn_implementation
 
 
+def idle_call_policy(weak_encoders: nn.Module) -> str:
+    """When the tower calls the weak encoders that no window picked: `"always"` when FSDP2 shards inside the pool
+    (each unit's all-gather is a collective that every rank issues, in eval too); `"in_training"` (train mode with
+    gradients) under a `torch.distributed` process group, so that every rank calls the same modules and DDP gets a
+    gradient for every parameter; else `"never"`: one process has no other rank waiting, and trains truly sparse."""
+    if FSDPModule is not None and any(isinstance(module, FSDPModule) for module in weak_encoders.modules()):
+        return "always"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "in_training"
+    return "never"
+
+
 class MoWEAudioTower(nn.Module):
     """The strong base encoder plus the routed pool of weak encoders.
 
     Sparse dispatch: each weak encoder runs once per forward, on the windows routed to it (by either router). The
     gates g_i (router probabilities) multiply the selected encoders' features, which is how the routers get gradients
-    from the LM loss; the balancing loss reaches the data-dependent router through
-    the loss it joins.
-
-    A weak encoder that no window picked is skipped, except in training under a process group (train mode with
-    gradients enabled, `torch.distributed` initialized) and when the pool is sharded per layer by FSDP2: then it runs
-    on a short piece of the first window and its output joins the features through an empty `index_add` (exactly zero,
-    never NaN). So every data-parallel rank calls every weak encoder, in the same order, in every step whatever its
-    clips picked: FSDP2 units inside the pool all-gather on every rank together, and DDP with
-    `find_unused_parameters=False` gets a (zero) gradient for every parameter the encoder used. One process trains
-    truly sparse, as it evaluates: an unpicked encoder does not run and its parameters get no gradient (`None`), so the
-    optimizer leaves them alone that step.
+    from the LM loss; the balancing loss reaches the data-dependent router through the loss it joins. A weak encoder
+    that no window picked is skipped, unless `idle_calls` (decided by `train()` / `eval()`, see `idle_call_policy`)
+    says that other ranks need the call: then it runs on 0.5 s of audio at weight zero (docs/ARCHITECTURE.md,
+    "Dispatch and parallelism").
     """
 
     def __init__(self, config: MoWEConfig):
@@ -169,6 +174,7 @@ class MoWEAudioTower(nn.Module):
         self._no_split_modules = sorted(
             {name for encoder in encoders for name in encoder._no_split_modules or () if name in present}
         )
+        self.idle_calls = idle_call_policy(self.weak_encoders)
 
     @property
     def output_size(self) -> int:
@@ -203,16 +209,12 @@ class MoWEAudioTower(nn.Module):
         dynamic = self.config.dynamic_audio_length if dynamic is None else dynamic
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=dynamic, **kwargs)
 
-    def calls_every_weak_encoder(self) -> bool:
-        """Whether this forward must call every weak encoder, picked or not: in training under a process group (so
-        every rank calls the same modules and every parameter gets a gradient to all-reduce) and when FSDP2 shards
-        inside the pool (each unit's all-gather is a collective that every rank must issue, in eval too). Not in one
-        process without a process group: no other rank waits for the call, and skipping it saves a whole encoder's
-        forward and backward per unpicked encoder."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.training and torch.is_grad_enabled() and distributed:
-            return True
-        return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in self.weak_encoders.modules())
+    def train(self, mode: bool = True) -> MoWEAudioTower:
+        """Set the mode, and decide `idle_calls` for the forwards that follow (`idle_call_policy`): every launcher
+        calls `train()` / `eval()` after it set up the process group and wrapped the model."""
+        super().train(mode)
+        self.idle_calls = idle_call_policy(self.weak_encoders)
+        return self
 
     def forward(
         self,
@@ -249,7 +251,9 @@ class MoWEAudioTower(nn.Module):
         picked = torch.zeros_like(gates, dtype=torch.bool).scatter(-1, router_indices, True).any(1).T.cpu()
         # One block per router: (routers, windows, frames, weak_hidden_size), joined to the base features below.
         blocks = base_hidden.new_zeros(len(self.routers), num_windows, num_base_frames, config.weak_hidden_size)
-        call_every_encoder = self.calls_every_weak_encoder()
+        call_every_encoder = self.idle_calls == "always" or (
+            self.idle_calls == "in_training" and self.training and torch.is_grad_enabled()
+        )
         for weak_index, windows in enumerate(picked):
             rows = windows.nonzero(as_tuple=True)[0].to(base_hidden.device)
             if rows.numel() == 0:
