@@ -165,20 +165,21 @@ class MoWEAudioTower(nn.Module):
         self.router_dependent = (
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
-        # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
-        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do), and
-        # FSDP's class-based wrapping shards each such layer. Only classes the encoders contain: an encoder-only
-        # Whisper declares its decoder layer too, and accelerate refuses to wrap a class it cannot find.
-        encoders = (self.base_encoder, *self.weak_encoders)
-        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
-        self._no_split_modules = sorted(
-            {name for encoder in encoders for name in encoder._no_split_modules or () if name in present}
-        )
         self.idle_calls = idle_call_policy(self.weak_encoders)
 
     @property
     def output_size(self) -> int:
         return self.base_hidden_size + len(self.routers) * self.config.weak_hidden_size
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The encoders' own `_no_split_modules` (their layer classes), which the parent's `post_init` collects:
+        `device_map="auto"` splits the tower between encoder layers, and FSDP's class-based wrapping shards each.
+        Read from the modules, not declared: which classes exist depends on the families the config picks, and
+        accelerate refuses to wrap an absent class (an encoder-only Whisper declares its decoder layer too)."""
+        encoders = (self.base_encoder, *self.weak_encoders)
+        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
+        return sorted({name for encoder in encoders for name in encoder._no_split_modules or () if name in present})
 
     def encoder_inputs(
         self, config, input_features: torch.Tensor | None, input_values: torch.Tensor | None
@@ -421,26 +422,34 @@ def check_audio_inputs(
     )
 
 
-def full_precision_modules(model: MoWEModel, config: MoWEConfig) -> list[str]:
-    """Patterns of the modules a quantized load (`from_pretrained(..., quantization_config=...)`) leaves unconverted.
+def _under_any_prefix(name: str) -> str:
+    """A module-name pattern matching `name` in `MoWEModel` and under any prefix (`model.` in the LM-head model)."""
+    return rf"(?:.+\.)?{re.escape(name)}"
 
-    transformers' quantizers skip `_keep_in_fp32_modules` on top of their own skips (the LM head): here the small,
-    freshly trained parts (weak encoders, weak projections, routers, projector), which QLoRA trains in full. The
-    frozen base encoder stays unconverted too unless the quantization config lists the modules to skip itself
-    (`BitsAndBytesConfig(llm_int8_skip_modules=[...])`, `modules_to_not_convert=[...]`), which, as for any model,
-    replaces the default skips. Each pattern matches the module in `MoWEModel` and under any prefix
-    (`model.` in `MoWEForConditionalGeneration`). With `dtype=torch.float16`, transformers also loads these modules
-    in fp32 (what `_keep_in_fp32_modules` means without quantization).
-    """
-    tower = model.audio_tower
-    names = [f"audio_tower.{name}" for name, child in tower.named_children() if child is not tower.base_encoder]
-    names.append("multi_modal_projector")
+
+# The small, freshly trained parts, which QLoRA trains in full: transformers' quantizers skip `_keep_in_fp32_modules`
+# on top of their own skips (the LM head), and a `dtype=torch.float16` load keeps them in fp32.
+FULL_PRECISION_MODULES = [
+    _under_any_prefix(name)
+    for name in (
+        "audio_tower.weak_encoders",
+        "audio_tower.weak_projections",
+        "audio_tower.router_independent",
+        "audio_tower.router_dependent",
+        "multi_modal_projector",
+    )
+]
+
+
+def keeps_base_encoder_unquantized(config: MoWEConfig) -> bool:
+    """Whether a quantized load also leaves the frozen base encoder unconverted: yes, unless the quantization config
+    lists the modules to skip itself (`BitsAndBytesConfig(llm_int8_skip_modules=[...])`, `modules_to_not_convert`),
+    which, as for any model, replaces the default skips."""
     quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        settings = quantization if isinstance(quantization, dict) else vars(quantization)
-        if settings.get("llm_int8_skip_modules") is None and settings.get("modules_to_not_convert") is None:
-            names.append("audio_tower.base_encoder")
-    return [rf"(?:.+\.)?{re.escape(name)}" for name in names]
+    if quantization is None:
+        return False
+    settings = quantization if isinstance(quantization, dict) else vars(quantization)
+    return settings.get("llm_int8_skip_modules") is None and settings.get("modules_to_not_convert") is None
 
 
 class MoWEPreTrainedModel(PreTrainedModel):
@@ -454,6 +463,7 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # Plus the encoders' and the LLM's layer classes, gathered from the sub-models by `post_init`.
     _no_split_modules = ["MoWEProjector"]
+    _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _skip_keys_device_placement = ["past_key_values"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -489,7 +499,8 @@ class MoWEModel(MoWEPreTrainedModel):
         self.audio_tower = MoWEAudioTower(config)
         self.multi_modal_projector = MoWEProjector(config, self.audio_tower.output_size)
         self.language_model = AutoModel.from_config(config.text_config)
-        self._keep_in_fp32_modules = full_precision_modules(self, config)
+        if keeps_base_encoder_unquantized(config):  # depends on the quantization config the model is loaded with
+            self._keep_in_fp32_modules = [*FULL_PRECISION_MODULES, _under_any_prefix("audio_tower.base_encoder")]
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -602,6 +613,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     # The LLM's own plan (collected from it by `post_init`) shards its embeddings; the head is sharded with them, as
     # `LlamaForCausalLM` and `LlavaForConditionalGeneration` declare it (tied or not).
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: MoWEConfig):
         super().__init__(config)
@@ -610,7 +622,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         embeddings = self.model.get_input_embeddings()
         embedding_name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
-        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}.weight"}
+        if embedding_name != "embed_tokens":  # the LLM is any AutoModel: GPT-2 names its embedding `wte`
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -709,7 +722,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         `quantization_config` (e.g. `BitsAndBytesConfig(load_in_4bit=True)`) quantizes the composed model exactly as
         `from_pretrained(..., quantization_config=...)` quantizes a saved one: the LLM's linear layers, not its head,
         not the new parts nor the weak pool, and the base encoder only if the config lists the modules to skip
-        itself (see `full_precision_modules`). The parts are composed in `dtype` in CPU memory first.
+        itself (see `keeps_base_encoder_unquantized`). The parts are composed in `dtype` in CPU memory first.
 
         Example:
             model = MoWEForConditionalGeneration.from_components(
