@@ -24,7 +24,7 @@ from timing import median_seconds, print_ratio_table
 from transformers import LlamaConfig, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor, MoWEForConditionalGeneration
-from modeling_mowe.encoders import align_to_frames, encoder_family, n_audio_tokens, num_frames
+from modeling_mowe.encoders import align_to_frames, encoder_family, num_audio_tokens
 
 SR = 16_000
 PROMPT_TOKENS = 24
@@ -79,7 +79,7 @@ def make_inputs(config: MoWEConfig, seconds: list[float], seed: int = 0) -> tupl
     features = MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR, return_tensors="pt")
     rows = []
     for length in features["audio_lengths"].tolist():
-        n = int(n_audio_tokens(length, config.audio_frame_spec, config.stack_factor))
+        n = int(num_audio_tokens(length, config.audio_frame_spec, config.stack_factor))
         text = rng.integers(5, 600, PROMPT_TOKENS).tolist()
         rows.append(text[:8] + [config.audio_token_id] * n + text[8:])
     width = max(len(r) for r in rows)
@@ -129,7 +129,7 @@ def run_components(model: MoWEForConditionalGeneration, inputs: dict, choice: to
     lengths = inputs["audio_lengths"]
     family = encoder_family(config.base_encoder_config)
     base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True).last_hidden_state
-    frames = num_frames(lengths, tower.base_spec)
+    frames = tower.base_spec.num_frames(lengths)
     blocks = base.new_zeros(choice.shape[1], *base.shape[:2], config.weak_hidden_size)
     for weak_index in choice.unique().tolist():
         rows = (choice == weak_index).any(-1).any(-1).nonzero(as_tuple=True)[0]

@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
 from .configuration_mowe import MoWEConfig
-from .encoders import ENCODER_FAMILIES, n_audio_tokens
+from .encoders import ENCODER_FAMILIES, num_audio_tokens
 from .feature_extraction_mowe import MoWEFeatureExtractor
 from .modeling_mowe import MoWEForConditionalGeneration, MoWEModel, MoWEPreTrainedModel
 from .processing_mowe import MoWEProcessor
@@ -23,7 +23,7 @@ __all__ = [
     "MoWEConfig",
     "MoWEFeatureExtractor",
     "MoWEProcessor",
-    "n_audio_tokens",
+    "num_audio_tokens",
     "MoWEForConditionalGeneration",
     "MoWEModel",
     "MoWEPreTrainedModel",

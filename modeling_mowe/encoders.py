@@ -7,12 +7,14 @@ do not depend on what else is in the batch. Everything else (the tower, the proc
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Data2VecAudioModel, HubertModel, PretrainedConfig, Wav2Vec2Model, WavLMModel
+from transformers import Data2VecAudioModel, HubertModel, PreTrainedConfig, Wav2Vec2Model, WavLMModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -23,68 +25,129 @@ WHISPER_HOP_LENGTH = 160  # samples per log-mel frame at 16 kHz
 WHISPER_CHUNK_SECONDS = 30
 
 
-def num_frames(num_samples: Any, spec: dict) -> Any:
-    """Valid encoder frames for clips of `num_samples` samples under frame `spec`; works on ints and integer tensors."""
-    return _frame_family(spec).num_frames(num_samples, spec)
+@dataclass(frozen=True)
+class WhisperFrameSpec:
+    """Whisper's frame grid: a log-mel frame every `hop_length` samples, halved by conv2 (stride 2), so 50 frames/s
+    at 16 kHz, and at most `max_frames` (30 s) per window."""
+
+    max_frames: int = 1500
+    hop_length: int = WHISPER_HOP_LENGTH
+    type: ClassVar[str] = "whisper"
+
+    @property
+    def samples_per_frame(self) -> int:
+        return 2 * self.hop_length
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip (in samples) that gives a frame: one hop."""
+        return self.hop_length
+
+    def num_frames(self, num_samples: Any) -> Any:
+        """Valid frames of clips of `num_samples` samples (an int or an integer tensor)."""
+        return self.output_frames(num_samples // self.hop_length)
+
+    def output_frames(self, mel_frames: Any) -> Any:
+        """Frames the encoder emits for `mel_frames` log-mel frames (an int or an integer tensor): conv2 (kernel 3,
+        stride 2, padding 1) halves them, rounding up; at most `max_frames`."""
+        frames = (mel_frames + 1) // 2
+        if isinstance(frames, torch.Tensor):
+            return frames.clamp(max=self.max_frames)
+        return min(frames, self.max_frames)
+
+    def mel_frames_read(self, num_samples: int) -> int:
+        """Log-mel frames a `dynamic_audio_length` encoder reads for windows of at most `num_samples` samples: their
+        mel frames rounded up to an even count (conv2's stride), at most `2 * max_frames`."""
+        return 2 * self.output_frames(num_samples // self.hop_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
 
 
-def min_samples(spec: dict) -> int:
-    """The shortest clip (in samples) that gives at least one frame under frame `spec`."""
-    return _frame_family(spec).min_samples(spec)
+@dataclass(frozen=True)
+class ConvFrameSpec:
+    """The frame grid of a conv feature encoder (HuBERT, wav2vec2, ...): one frame per position of its stack of
+    `kernels` and `strides` (no padding) over the 16 kHz samples."""
+
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
+    type: ClassVar[str] = "conv"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernels", tuple(self.kernels))
+        object.__setattr__(self, "strides", tuple(self.strides))
+
+    @property
+    def samples_per_frame(self) -> int:
+        return math.prod(self.strides)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip (in samples) that gives a frame: the stack's receptive field."""
+        receptive_field = 1
+        for kernel, stride in zip(reversed(self.kernels), reversed(self.strides)):
+            receptive_field = (receptive_field - 1) * stride + kernel
+        return receptive_field
+
+    def num_frames(self, num_samples: Any) -> Any:
+        """Valid frames of clips of `num_samples` samples (an int or an integer tensor)."""
+        length = num_samples
+        for kernel, stride in zip(self.kernels, self.strides):
+            length = (length - kernel) // stride + 1
+        if isinstance(length, torch.Tensor):
+            return length.clamp(min=0)
+        return max(length, 0)
+
+    def output_frames(self, num_samples: Any) -> Any:
+        """Frames the encoder emits for inputs `num_samples` long: its input is the waveform itself."""
+        return self.num_frames(num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "kernels": list(self.kernels), "strides": list(self.strides)}
 
 
-def n_audio_tokens(num_samples: Any, spec: dict, stack_factor: int) -> Any:
+FrameSpec = WhisperFrameSpec | ConvFrameSpec
+FRAME_SPECS: dict[str, type] = {spec.type: spec for spec in (WhisperFrameSpec, ConvFrameSpec)}
+
+
+def frame_spec_from_dict(values: dict[str, Any]) -> FrameSpec:
+    """A frame spec from its `to_dict()` (as a processor config saves it); keys the spec does not have are ignored."""
+    kind = values.get("type")
+    if kind not in FRAME_SPECS:
+        raise ValueError(f"Unknown frame spec type {kind!r}; known: {sorted(FRAME_SPECS)}.")
+    spec = FRAME_SPECS[kind]
+    return spec(**{field.name: values[field.name] for field in dataclasses.fields(spec) if field.name in values})
+
+
+def num_audio_tokens(num_samples: Any, spec: FrameSpec, stack_factor: int) -> Any:
     """Audio tokens one clip (or window) of `num_samples` becomes: its valid base frames, `stack_factor` per token.
 
     The processor expands each `<|audio|>` placeholder with this and the model keeps this many tokens per window,
     so the two can never disagree.
     """
-    frames = num_frames(num_samples, spec)
+    frames = spec.num_frames(num_samples)
     return -(-frames // stack_factor)
-
-
-def whisper_frame_spec(max_frames: int = 1500) -> dict:
-    """Whisper's frame spec: 160-sample mel hop, conv stride 2 (50 frames/s), `max_frames` per 30 s window."""
-    return {
-        "type": WhisperEncoderFamily.frame_type,
-        "hop_length": WHISPER_HOP_LENGTH,
-        "max_frames": max_frames,
-        "samples_per_frame": 2 * WHISPER_HOP_LENGTH,
-    }
 
 
 class WhisperEncoderFamily:
     """Whisper's encoder: log-mel input (n_mels from the config), 50 frames/s, every clip padded to 30 s."""
 
     model_types = ("whisper",)
-    frame_type = "whisper"
 
     @staticmethod
-    def num_frames(num_samples: Any, spec: dict) -> Any:
-        mel_frames = num_samples // spec["hop_length"]
-        frames = (mel_frames + 1) // 2  # conv2 has stride 2, padding 1, kernel 3
-        if isinstance(frames, torch.Tensor):
-            return frames.clamp(max=spec["max_frames"])
-        return min(frames, spec["max_frames"])
-
-    @staticmethod
-    def min_samples(spec: dict) -> int:
-        return spec["hop_length"]
-
-    @staticmethod
-    def front_end(config: PretrainedConfig) -> dict:
+    def front_end(config: PreTrainedConfig) -> dict:
         return {"kind": "log_mel", "n_mels": config.num_mel_bins}
 
     @staticmethod
-    def frame_spec(config: PretrainedConfig) -> dict:
-        return whisper_frame_spec(config.max_source_positions)
+    def frame_spec(config: PreTrainedConfig) -> WhisperFrameSpec:
+        return WhisperFrameSpec(max_frames=config.max_source_positions)
 
     @staticmethod
-    def hidden_size(config: PretrainedConfig) -> int:
+    def hidden_size(config: PreTrainedConfig) -> int:
         return config.d_model
 
     @staticmethod
-    def build(config: PretrainedConfig) -> nn.Module:
+    def build(config: PreTrainedConfig) -> nn.Module:
         return DynamicLengthWhisperEncoder(config)
 
     @staticmethod
@@ -168,45 +231,21 @@ class WaveformEncoderFamily:
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")  # the keys of LENGTH_AWARE_WAVEFORM_MODELS
-    frame_type = "conv"
 
     @staticmethod
-    def front_end(config: PretrainedConfig) -> dict:
+    def front_end(config: PreTrainedConfig) -> dict:
         return {"kind": "waveform"}
 
     @staticmethod
-    def frame_spec(config: PretrainedConfig) -> dict:
-        kernels, strides = list(config.conv_kernel), list(config.conv_stride)
-        receptive_field = 1
-        for kernel, stride in zip(reversed(kernels), reversed(strides)):
-            receptive_field = (receptive_field - 1) * stride + kernel
-        return {
-            "type": WaveformEncoderFamily.frame_type,
-            "kernels": kernels,
-            "strides": strides,
-            "samples_per_frame": math.prod(strides),
-            "receptive_field": receptive_field,
-        }
+    def frame_spec(config: PreTrainedConfig) -> ConvFrameSpec:
+        return ConvFrameSpec(kernels=tuple(config.conv_kernel), strides=tuple(config.conv_stride))
 
     @staticmethod
-    def num_frames(num_samples: Any, spec: dict) -> Any:
-        length = num_samples
-        for kernel, stride in zip(spec["kernels"], spec["strides"]):
-            length = (length - kernel) // stride + 1
-        if isinstance(length, torch.Tensor):
-            return length.clamp(min=0)
-        return max(length, 0)
-
-    @staticmethod
-    def min_samples(spec: dict) -> int:
-        return spec["receptive_field"]
-
-    @staticmethod
-    def hidden_size(config: PretrainedConfig) -> int:
+    def hidden_size(config: PreTrainedConfig) -> int:
         return config.hidden_size
 
     @staticmethod
-    def build(config: PretrainedConfig) -> nn.Module:
+    def build(config: PreTrainedConfig) -> nn.Module:
         return LENGTH_AWARE_WAVEFORM_MODELS[config.model_type](config)
 
     @staticmethod
@@ -233,7 +272,7 @@ class LengthAwareWaveformModel:
     weights and keys, SpecAugment in training, hooks and `output_hidden_states` as usual.
     """
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PreTrainedConfig):
         super().__init__(config)
         for layer in self.feature_extractor.conv_layers:
             if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
@@ -255,7 +294,7 @@ class LengthAwareWaveformModel:
         else:
             lengths = attention_mask.sum(-1)
         features = conv_features(self.feature_extractor, input_values, lengths).transpose(1, 2)
-        valid_frames = WaveformEncoderFamily.num_frames(lengths, WaveformEncoderFamily.frame_spec(self.config))
+        valid_frames = WaveformEncoderFamily.frame_spec(self.config).num_frames(lengths)
         frame_mask = torch.arange(features.shape[1], device=features.device)[None, :] < valid_frames[:, None]
         hidden = self.feature_projection(features)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # all but HuBERT also return the normed features
@@ -363,16 +402,7 @@ ENCODER_FAMILIES: dict[str, type] = {
 }
 
 
-FRAME_TYPES: dict[str, type] = {family.frame_type: family for family in set(ENCODER_FAMILIES.values())}
-
-
-def _frame_family(spec: dict):
-    if spec.get("type") not in FRAME_TYPES:
-        raise ValueError(f"Unknown frame spec type {spec.get('type')!r}; known: {sorted(FRAME_TYPES)}.")
-    return FRAME_TYPES[spec["type"]]
-
-
-def encoder_family(config: PretrainedConfig, what: str = "encoder config"):
+def encoder_family(config: PreTrainedConfig, what: str = "encoder config"):
     """The registry entry for `config`, or a `ValueError` listing the supported families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ENCODER_FAMILIES:
@@ -383,11 +413,12 @@ def encoder_family(config: PretrainedConfig, what: str = "encoder config"):
     return ENCODER_FAMILIES[model_type]
 
 
-def frame_spec(config: PretrainedConfig) -> dict:
+def frame_spec(config: PreTrainedConfig) -> FrameSpec:
+    """How the frame count of the encoder of `config` follows the clip length."""
     return encoder_family(config).frame_spec(config)
 
 
-def audio_front_ends(configs: list[PretrainedConfig]) -> list[dict]:
+def audio_front_ends(configs: list[PreTrainedConfig]) -> list[dict]:
     """Distinct front-ends of `configs`, each once, in order of first use: log-mels first, then the waveform.
 
     The log-mels of all distinct sizes are stacked along the channel axis of `input_features` in this order.
@@ -411,14 +442,18 @@ def mel_channel_offsets(front_ends: list[dict]) -> dict[int, int]:
 
 
 def align_to_frames(
-    hidden: torch.Tensor, weak_spec: dict, base_spec: dict, valid_frames: torch.Tensor, num_base_frames: int
+    hidden: torch.Tensor,
+    weak_spec: FrameSpec,
+    base_spec: FrameSpec,
+    valid_frames: torch.Tensor,
+    num_base_frames: int,
 ) -> torch.Tensor:
     """Resample weak features [b, T_w, d] onto the base encoder's frame grid -> [b, T_b, d].
 
     Base frame t covers the same time as weak frame floor(t * base_stride / weak_stride) (nearest earlier frame),
     clamped to the clip's last valid weak frame, so padding never leaks into a clip's features.
     """
-    ratio = base_spec["samples_per_frame"] / weak_spec["samples_per_frame"]
+    ratio = base_spec.samples_per_frame / weak_spec.samples_per_frame
     index = (torch.arange(num_base_frames, device=hidden.device) * ratio).floor().long()
     index = torch.minimum(index[None, :], (valid_frames - 1).clamp(min=0)[:, None])
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -21,12 +21,7 @@ from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
-from .encoders import (
-    align_to_frames,
-    encoder_family,
-    mel_channel_offsets,
-    num_frames,
-)
+from .encoders import align_to_frames, encoder_family, mel_channel_offsets
 from .routing import (
     DataDependentRouter,
     DataIndependentRouter,
@@ -238,7 +233,7 @@ class MoWEAudioTower(nn.Module):
         base_hidden = base.last_hidden_state
         base_outputs = {"hidden_states": base.hidden_states, "attentions": base.attentions}
         num_windows, num_base_frames = base_hidden.shape[:2]
-        valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
+        valid_frames = self.base_spec.num_frames(audio_lengths).clamp(max=num_base_frames)
         if not self.routers:
             return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
@@ -322,7 +317,7 @@ class MoWEAudioTower(nn.Module):
             inputs = inputs[:, : int(lengths.max())]
         hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths).last_hidden_state
         hidden = hidden.to(rows.device)
-        weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
+        weak_valid = spec.num_frames(lengths).clamp(max=hidden.shape[1])
         hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
         projection = self.weak_projections[weak_index]
         return projection(hidden.to(projection.weight.dtype))

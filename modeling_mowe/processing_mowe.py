@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedToke
 from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessorMixin, TextKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .encoders import n_audio_tokens, whisper_frame_spec
+from .encoders import FrameSpec, WhisperFrameSpec, frame_spec_from_dict, num_audio_tokens
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
 
 AUDIO_TOKEN = "<|audio|>"
@@ -122,7 +122,7 @@ class MoWEProcessor(ProcessorMixin):
     Constructs a MoWE processor from a [`MoWEFeatureExtractor`] and the LLM's tokenizer.
 
     Each `<|audio|>` placeholder in the text is expanded to as many audio tokens as its clip gives
-    (`encoders.n_audio_tokens` summed over the clip's windows: the function the model uses too, so the two never
+    (`encoders.num_audio_tokens` summed over the clip's windows: the function the model uses too, so the two never
     disagree). Batched text is padded by default, on the tokenizer's padding side (left for generation).
 
     Args:
@@ -131,8 +131,8 @@ class MoWEProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): Jinja template; defaults to `chat_template.jinja` (ChatML, audio parts
             as `<|audio|>`, assistant turns in `{% generation %}`).
         audio_token (`str`, defaults to `"<|audio|>"`): the placeholder, one per clip.
-        frame_spec (`dict`, *optional*): the base encoder's frame spec (`MoWEConfig.audio_frame_spec`); defaults to
-            Whisper's (50 frames/s, 1500 per window).
+        frame_spec (`WhisperFrameSpec`, `ConvFrameSpec` or its `to_dict()`, *optional*): the base encoder's frame
+            spec (`MoWEConfig.audio_frame_spec`); defaults to Whisper's (50 frames/s, 1500 per window).
         stack_factor (`int`, defaults to 4): encoder frames per audio token (`MoWEConfig.stack_factor`).
     """
 
@@ -142,7 +142,7 @@ class MoWEProcessor(ProcessorMixin):
         tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         audio_token: str = AUDIO_TOKEN,
-        frame_spec: dict | None = None,
+        frame_spec: FrameSpec | dict | None = None,
         stack_factor: int = 4,
     ):
         if tokenizer is not None and audio_token not in tokenizer.get_vocab():
@@ -152,7 +152,8 @@ class MoWEProcessor(ProcessorMixin):
                 "model's embeddings), or build the processor with MoWEProcessor.from_components."
             )
         self.audio_token = audio_token
-        self.frame_spec = dict(frame_spec or whisper_frame_spec())
+        self.frame_spec = frame_spec_from_dict(frame_spec) if isinstance(frame_spec, dict) else frame_spec
+        self.frame_spec = self.frame_spec or WhisperFrameSpec()
         self.stack_factor = stack_factor
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or default_chat_template())
 
@@ -167,7 +168,7 @@ class MoWEProcessor(ProcessorMixin):
     def num_audio_tokens(self, num_samples: int) -> int:
         """Audio tokens a mono clip of `num_samples` samples at `sampling_rate` becomes (summed over its windows)."""
         return sum(
-            int(n_audio_tokens(length, self.frame_spec, self.stack_factor))
+            int(num_audio_tokens(length, self.frame_spec, self.stack_factor))
             for length in self.feature_extractor.window_lengths(num_samples)
         )
 
@@ -252,6 +253,11 @@ class MoWEProcessor(ProcessorMixin):
         features["num_audio_tokens"] = [self.num_audio_tokens(len(clip)) for clip in audio]
         replacements = [self.replace_audio_token(features, audio_idx=i) for i in range(len(audio))]
         return features, replacements
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["frame_spec"] = self.frame_spec.to_dict()
+        return output
 
     def replace_audio_token(self, audio_inputs: dict, audio_idx: int, **kwargs) -> str:
         return self.audio_token * audio_inputs["num_audio_tokens"][audio_idx]

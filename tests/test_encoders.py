@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import build_model, make_clip, make_inputs
@@ -11,12 +13,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from modeling_mowe import MoWEForConditionalGeneration
 from modeling_mowe.encoders import (
     ENCODER_FAMILIES,
+    ConvFrameSpec,
     DynamicLengthWhisperEncoder,
     WaveformEncoderFamily,
     WhisperEncoderFamily,
-    min_samples,
-    num_frames,
-    whisper_frame_spec,
+    WhisperFrameSpec,
+    frame_spec_from_dict,
 )
 
 LENGTHS = torch.tensor([16_000, 6_100, 11_040])  # samples: 1 s, and two shorter clips padded in the batch
@@ -56,11 +58,11 @@ def test_dynamic_length_batch_equals_each_clip_alone(implementation):
     features = log_mels(LENGTHS)
     with torch.no_grad():
         batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
-        assert batched.shape[1] == int(num_frames(int(LENGTHS.max()), whisper_frame_spec()))
+        assert batched.shape[1] == int(WhisperFrameSpec().num_frames(int(LENGTHS.max())))
         for row, length in enumerate(LENGTHS.tolist()):
             alone = WhisperEncoderFamily.encode(encoder, features[row : row + 1], LENGTHS[row : row + 1], dynamic=True)
             alone = alone.last_hidden_state
-            valid = int(num_frames(length, whisper_frame_spec()))
+            valid = int(WhisperFrameSpec().num_frames(length))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
 
@@ -73,7 +75,7 @@ def test_dynamic_length_eager_and_sdpa_agree_on_a_padded_batch():
             name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True).last_hidden_state
             for name, enc in encoders.items()
         }
-    valid = torch.arange(out["eager"].shape[1])[None, :] < num_frames(LENGTHS, whisper_frame_spec())[:, None]
+    valid = torch.arange(out["eager"].shape[1])[None, :] < WhisperFrameSpec().num_frames(LENGTHS)[:, None]
     torch.testing.assert_close(out["eager"][valid], out["sdpa"][valid], atol=1e-5, rtol=1e-4)
 
 
@@ -145,24 +147,30 @@ def test_more_than_30s_of_log_mels_is_a_clear_error():
 # ---------------------------------------------------------------- frame arithmetic: one entry per family
 
 
-def test_frame_arithmetic_is_the_family_s_own():
+def test_frame_arithmetic_is_the_family_s_own_frozen_spec():
     hubert = HubertConfig()
     conv_spec = WaveformEncoderFamily.frame_spec(hubert)
-    for spec, family in ((whisper_frame_spec(), WhisperEncoderFamily), (conv_spec, WaveformEncoderFamily)):
+    whisper_spec = WhisperEncoderFamily.frame_spec(WhisperConfig())
+    assert whisper_spec == WhisperFrameSpec() and conv_spec == ConvFrameSpec(hubert.conv_kernel, hubert.conv_stride)
+    for spec, family in ((whisper_spec, WhisperEncoderFamily), (conv_spec, WaveformEncoderFamily)):
         assert ENCODER_FAMILIES[family.model_types[0]] is family
-        for samples in (0, 399, 400, 16_000, 480_000, 600_000):
-            assert num_frames(samples, spec) == family.num_frames(samples, spec)
-        lengths = torch.tensor([0, 399, 400, 16_000])
-        assert num_frames(lengths, spec).tolist() == [family.num_frames(n, spec) for n in lengths.tolist()]
-        assert min_samples(spec) == family.min_samples(spec)
-        assert num_frames(min_samples(spec), spec) == 1 and num_frames(min_samples(spec) - 1, spec) == 0
-    assert num_frames(16_000, whisper_frame_spec()) == 50 and num_frames(16_000, conv_spec) == 49
-    assert num_frames(600_000, whisper_frame_spec()) == 1500  # one 30 s window at most
+        lengths = torch.tensor([0, 399, 400, 16_000, 480_000, 600_000])
+        assert spec.num_frames(lengths).tolist() == [spec.num_frames(n) for n in lengths.tolist()]
+        assert spec.num_frames(spec.min_samples) == 1 and spec.num_frames(spec.min_samples - 1) == 0
+        assert frame_spec_from_dict(spec.to_dict()) == spec
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            spec.type = "other"
+    assert whisper_spec.num_frames(16_000) == 50 and conv_spec.num_frames(16_000) == 49
+    assert whisper_spec.num_frames(600_000) == 1500  # one 30 s window at most
+    assert conv_spec.min_samples == 400 and whisper_spec.min_samples == 160
+    # A dynamic-length Whisper reads an even number of mel frames: conv2's stride
+    assert [whisper_spec.mel_frames_read(n) for n in (160, 320, 480, 600_000)] == [2, 2, 4, 3000]
+    assert whisper_spec.output_frames(3000) == 1500 and conv_spec.output_frames(16_000) == 49
 
 
 def test_unknown_frame_spec_type_is_a_clear_error():
     with pytest.raises(ValueError, match="frame spec type 'mystery'"):
-        num_frames(16_000, {"type": "mystery"})
+        frame_spec_from_dict({"type": "mystery"})
 
 
 # ---------------------------------------------------------------- waveform encoders (HuBERT, wav2vec2, ...)
@@ -276,6 +284,6 @@ def test_waveform_family_batch_equals_each_clip_alone(model_type, norm):
         for row, length in enumerate(lengths.tolist()):
             alone = WaveformEncoderFamily.encode(encoder, waveform[row : row + 1, :length], lengths[row : row + 1])
             alone = alone.last_hidden_state
-            valid = int(num_frames(length, spec))
+            valid = int(spec.num_frames(length))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
