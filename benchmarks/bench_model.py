@@ -24,9 +24,9 @@ from timing import median_seconds, print_ratio_table
 from transformers import LlamaConfig, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor, MoWEForConditionalGeneration
-from modeling_mowe.encoders import align_to_frames, encoder_family, num_audio_tokens
+from modeling_mowe.encoders import SAMPLING_RATE, align_to_frames, encoder_family, num_audio_tokens
 
-SR = 16_000
+SR = SAMPLING_RATE
 PROMPT_TOKENS = 24
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-SAMPLING_RATE = 16_000
+from modeling_mowe.encoders import SAMPLING_RATE
+
 # The engine settings the tests use: fp32 like `from_pretrained`, no torch.compile (minutes on CPU), and a CPU
 # memory share that leaves room for other processes (on CPU, vLLM reserves this fraction of RAM for its KV cache).
 # The context length is the LLM's own (`max_position_embeddings`: 1024 for the demo's LLM).

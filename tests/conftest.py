@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_mowe.encoders import SAMPLING_RATE
+
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
+SR = SAMPLING_RATE
 # Proof helpers that tests share with the benchmarks (speech_checks, vllm_compare) live in benchmarks/.
 sys.path.insert(0, str(TINY.parents[1] / "benchmarks"))
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile
 import soxr
 import torch
-from conftest import run_without_package, tiny_whisper
+from conftest import SR, run_without_package, tiny_whisper
 from transformers import (
     AutoProcessor,
     HubertConfig,
@@ -27,7 +27,6 @@ from modeling_mowe.encoders import num_audio_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
 PROMPT = "Transcribe the audio."
 
 

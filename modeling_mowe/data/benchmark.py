@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from ..encoders import SAMPLING_RATE
 from ..feature_extraction_mowe import downmix, read_audio, resample
 
 GENERATOR_VERSION = "1"
@@ -207,7 +208,7 @@ class BenchmarkConfig:
     validation_per_task: int = 40
     test_per_task: int = 40
     scale: float = 1.0
-    sampling_rate: int = 16000
+    sampling_rate: int = SAMPLING_RATE
     tasks: tuple[str, ...] = DEFAULT_TASKS
     languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
 
@@ -552,7 +553,7 @@ def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, Any]
     return messages
 
 
-def benchmark_features(sampling_rate: int = 16000):
+def benchmark_features(sampling_rate: int = SAMPLING_RATE):
     """The :class:`datasets.Features` of every split (the audio column is not decoded; see :func:`load_audio`)."""
     import datasets
 

@@ -21,11 +21,11 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..encoders import SAMPLING_RATE
 from ..evaluation import results_table_markdown
 from ..feature_extraction_mowe import read_audio
 
 EXAMPLE_AUDIO = "example.wav"
-SAMPLING_RATE = 16_000
 DEFAULT_REPO_ID = "your-username/{name}"
 DEFAULT_QUESTION = "Transcribe the audio."
 BEEPS_QUESTION = "How many beeps do you hear?"
