@@ -50,8 +50,12 @@ def clip_features(split, extractor: MoWEFeatureExtractor) -> list[dict]:
 
 def pooled(encoder, family, features: dict, dynamic: bool) -> torch.Tensor:
     """Mean and std over the clip's valid frames of the encoder's last hidden state -> [2 * d]."""
-    hidden = family.encode(encoder, features["input_features"], features["audio_lengths"], dynamic=dynamic)[0]
-    valid = int(family.frame_spec(encoder.config).num_frames(features["audio_lengths"])[0])
+    spec, lengths = family.frame_spec(encoder.config), features["audio_lengths"]
+    mels = features["input_features"]
+    if dynamic:  # the mel frames a dynamic-length encoder reads for this clip
+        mels = mels[..., : spec.mel_frames_read(int(lengths[0]))]
+    hidden = family.encode(encoder, mels, lengths, dynamic=dynamic)[0]
+    valid = int(spec.num_frames(lengths)[0])
     hidden = hidden[: max(1, min(valid, hidden.shape[0]))]
     return torch.cat([hidden.mean(0), hidden.std(0, unbiased=False)])
 

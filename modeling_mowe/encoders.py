@@ -165,15 +165,17 @@ class WhisperEncoderFamily:
         [b, T, d_model] (and `hidden_states`/`attentions` when `kwargs` ask for them).
 
         `dynamic=False` runs the stock encoder on the full 30 s (T = 1500), as Whisper was trained. `dynamic=True`
-        keeps only the batch's longest clip (T = its frames) and masks every clip's padded frames, so each clip's
-        features match the clip encoded alone.
+        runs on the mel frames given (T = half of them; a dynamic-length model's processor gives as many as the
+        batch's longest window needs, `WhisperFrameSpec.mel_frames_read`) and masks every clip's padded frames, so
+        each clip's features match the clip encoded alone. The width comes from `features.shape`, not from the
+        lengths: no host sync.
         """
         if not dynamic:
             return encoder(input_features=features, **kwargs)
-        mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=features.shape[-1])
-        mel_frames = 2 * int((mel_lengths.max() + 1) // 2)  # conv2's stride: an even number of mel frames
+        mel_frames = features.shape[-1]
+        mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=mel_frames)
         mel_mask = torch.arange(mel_frames, device=features.device)[None, :] < mel_lengths[:, None]
-        return encoder(input_features=features[..., :mel_frames], attention_mask=mel_mask.long(), **kwargs)
+        return encoder(input_features=features, attention_mask=mel_mask.long(), **kwargs)
 
 
 class DynamicLengthWhisperEncoder(WhisperEncoder):

@@ -308,13 +308,12 @@ class MoWEAudioTower(nn.Module):
     ) -> torch.Tensor:
         """Weak encoder `weak_index` run on the windows `rows` only -> `(len(rows), num_base_frames,
         weak_hidden_size)`: its features moved onto the base frame grid (on the device of `rows`) and projected, not
-        yet gated."""
+        yet gated. The routed windows keep the batch's width (padding masked): slicing them to their own longest
+        would read the lengths on the host."""
         weak_config, spec = self.config.weak_encoder_configs[weak_index], self.weak_specs[weak_index]
         lengths = audio_lengths.to(rows.device)[rows]
         inputs = self.encoder_inputs(weak_config, input_features, input_values)
         inputs = inputs[rows.to(inputs.device)]
-        if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
-            inputs = inputs[:, : int(lengths.max())]
         hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths).last_hidden_state
         hidden = hidden.to(rows.device)
         weak_valid = spec.num_frames(lengths).clamp(max=hidden.shape[1])
@@ -330,9 +329,12 @@ class MoWEAudioTower(nn.Module):
         weak_hidden_size)`: the call a training step makes for an encoder that no window picked."""
         weak_config = self.config.weak_encoder_configs[weak_index]
         inputs = self.encoder_inputs(weak_config, input_features, input_values)[:1]
-        samples = min(IDLE_CALL_SAMPLES, inputs.shape[-1]) if inputs.ndim == 2 else IDLE_CALL_SAMPLES
-        if inputs.ndim == 2:
+        if inputs.ndim == 2:  # a waveform
+            samples = min(IDLE_CALL_SAMPLES, inputs.shape[-1])
             inputs = inputs[:, :samples]
+        else:  # log-mels: the frames a dynamic-length Whisper reads for that many samples
+            samples = IDLE_CALL_SAMPLES
+            inputs = inputs[..., : self.weak_specs[weak_index].mel_frames_read(samples)]
         lengths = torch.full((1,), samples, device=inputs.device)
         hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths, dynamic=True)
         hidden = hidden.last_hidden_state

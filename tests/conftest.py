@@ -38,11 +38,20 @@ def tiny_config():
     return MoWEConfig.from_pretrained(TINY)
 
 
-@pytest.fixture(scope="session")
-def processor():
+def tiny_processor(dynamic_audio_length: bool = False):
+    """The tiny preset's processor; for a `dynamic_audio_length` model, log-mels only as long as each batch's longest
+    window, as `MoWEFeatureExtractor.from_mowe_config` sets it up (such a model reads the width it is given)."""
     from modeling_mowe import MoWEProcessor
 
-    return MoWEProcessor.from_pretrained(TINY)
+    processor = MoWEProcessor.from_pretrained(TINY)
+    if dynamic_audio_length:
+        processor.feature_extractor.log_mel_length = "longest"
+    return processor
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny_processor()
 
 
 def make_clip(seconds: float, seed: int = 0, kind: str = "noise") -> np.ndarray:
@@ -98,10 +107,14 @@ def greedy_answer(model, processor, audio, question: str, sampling_rate: int | N
 
 
 @pytest.fixture
-def fast_config(tiny_config):
-    """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding)."""
+def fast_config(tiny_config, processor):
+    """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding); while it is
+    in use, the `processor` gives log-mels only as long as the batch's longest window, as `from_mowe_config` sets up
+    the processor of such a model (the model reads the width it is given)."""
     tiny_config.dynamic_audio_length = True
-    return tiny_config
+    processor.feature_extractor.log_mel_length = "longest"
+    yield tiny_config
+    processor.feature_extractor.log_mel_length = "chunk"
 
 
 # Prepended to scripts run by `run_without_package`: `modeling_mowe` (editable install included) cannot be imported,

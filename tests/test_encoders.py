@@ -52,24 +52,35 @@ def log_mels(lengths: torch.Tensor, n_mels: int = 16, seed: int = 1) -> torch.Te
     return torch.where(valid[:, None, :], features, torch.full_like(features, -0.8))
 
 
+def read_by_dynamic_model(features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The log-mels a dynamic-length model's processor gives: as many frames as the longest clip needs."""
+    return features[..., : WhisperFrameSpec().mel_frames_read(int(lengths.max()))]
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_dynamic_length_batch_equals_each_clip_alone(implementation):
     encoder = whisper_encoders([implementation])[implementation]
     features = log_mels(LENGTHS)
+    encode = WhisperEncoderFamily.encode
     with torch.no_grad():
-        batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
+        batched = encode(encoder, read_by_dynamic_model(features, LENGTHS), LENGTHS, dynamic=True).last_hidden_state
         assert batched.shape[1] == int(WhisperFrameSpec().num_frames(int(LENGTHS.max())))
+        # All 3000 mel frames: the same features, padding masked (the width comes from the features' shape)
+        full = encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
+        assert full.shape[1] == 1500
         for row, length in enumerate(LENGTHS.tolist()):
-            alone = WhisperEncoderFamily.encode(encoder, features[row : row + 1], LENGTHS[row : row + 1], dynamic=True)
+            lengths = LENGTHS[row : row + 1]
+            alone = encode(encoder, read_by_dynamic_model(features[row : row + 1], lengths), lengths, dynamic=True)
             alone = alone.last_hidden_state
             valid = int(WhisperFrameSpec().num_frames(length))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(full[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
 
 
 def test_dynamic_length_eager_and_sdpa_agree_on_a_padded_batch():
     encoders = whisper_encoders(["eager", "sdpa"])
-    features = log_mels(LENGTHS)
+    features = read_by_dynamic_model(log_mels(LENGTHS), LENGTHS)
     with torch.no_grad():
         out = {
             name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True).last_hidden_state
@@ -120,7 +131,7 @@ def test_dynamic_length_keeps_layerdrop_in_training_only():
     calls = []
     for layer in encoder.layers:
         layer.register_forward_hook(lambda *args: calls.append(1))
-    features = log_mels(LENGTHS)
+    features = read_by_dynamic_model(log_mels(LENGTHS), LENGTHS)
     WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True)
     assert len(calls) == len(encoder.layers)  # eval: every layer runs
     calls.clear()
