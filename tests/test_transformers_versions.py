@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, build_model, run_without_package, tiny_processor
+from conftest import SR, TINY, build_model, run_without_package, tiny_processor
 
 from modeling_mowe import MoWEConfig
 
@@ -30,7 +30,6 @@ NETWORK_ERRORS = (
     "No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable",
     "Temporary failure in name resolution", "ConnectionError",
 )
-SR = 16_000
 
 CHECK = """
 import numpy as np, sys, torch, transformers
