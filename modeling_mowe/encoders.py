@@ -14,10 +14,19 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Data2VecAudioModel, HubertModel, PreTrainedConfig, Wav2Vec2Model, WavLMModel
+from transformers import (
+    Data2VecAudioModel,
+    GradientCheckpointingLayer,
+    HubertModel,
+    PreTrainedConfig,
+    Wav2Vec2Model,
+    WavLMModel,
+)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+# The decorator transformers' own encoders use to record `hidden_states` / `attentions`; it has no public alias.
 from transformers.utils.output_capturing import capture_outputs
 
 SAMPLING_RATE = 16_000
@@ -276,9 +285,10 @@ class LengthAwareWaveformModel:
 
     def __init__(self, config: PreTrainedConfig):
         super().__init__(config)
-        for layer in self.feature_extractor.conv_layers:
+        layers = self.feature_extractor.conv_layers
+        for index, layer in enumerate(layers):
             if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
-                layer.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
+                layers[index] = MaskedGroupNormConvLayer(layer)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -300,6 +310,8 @@ class LengthAwareWaveformModel:
         frame_mask = torch.arange(features.shape[1], device=features.device)[None, :] < valid_frames[:, None]
         hidden = self.feature_projection(features)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # all but HuBERT also return the normed features
+        # The stock forward's SpecAugment step (training only), a method of the class this forward extends: no
+        # public function applies it.
         hidden = self._mask_hidden_states(hidden, attention_mask=frame_mask)
         hidden = self.encoder(hidden, attention_mask=frame_mask, **kwargs).last_hidden_state
         adapter = getattr(self, "adapter", None)
@@ -344,9 +356,10 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
     """Run a HuBERT/wav2vec2-style conv feature encoder on `waveform` [b, S] of clips of `lengths` samples [b]
     -> [b, C, T].
 
-    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNorm`, the first layer of a
+    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNormConvLayer`, the first layer of a
     `feat_extract_norm="group"` stack) gets its frame lengths. Gradient checkpointing applies to every layer, as in
-    the stock encoder; the lengths are arguments of the checkpointed call, so a recomputation sees its own batch's.
+    the stock encoder (each is a `GradientCheckpointingLayer`); the lengths are arguments of the checkpointed call,
+    so a recomputation sees its own batch's.
     """
     hidden = waveform[:, None]
     trainable = any(p.requires_grad for p in feature_encoder.parameters())
@@ -356,18 +369,23 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
         hidden = hidden.detach().requires_grad_()
     for layer in feature_encoder.conv_layers:
         lengths = (lengths - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
-        if not isinstance(getattr(layer, "layer_norm", None), MaskedGroupNorm):
-            hidden = layer(hidden)
-        elif layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            hidden = layer._gradient_checkpointing_func(_group_norm_conv_layer, layer, hidden, lengths)
-        else:
-            hidden = _group_norm_conv_layer(layer, hidden, lengths)
+        hidden = layer(hidden, lengths) if isinstance(layer, MaskedGroupNormConvLayer) else layer(hidden)
     return hidden
 
 
-def _group_norm_conv_layer(layer: nn.Module, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
-    """A `*GroupNormConvLayer`'s forward (conv -> group norm -> activation), the norm over `frame_lengths`."""
-    return layer.activation(layer.layer_norm(layer.conv(hidden), frame_lengths))
+class MaskedGroupNormConvLayer(GradientCheckpointingLayer):
+    """A `*GroupNormConvLayer` (conv -> group norm -> activation) whose norm takes its statistics over each row's
+    valid frames (`MaskedGroupNorm`). Made from the stock layer: the same submodules and keys, parameters shared."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.conv = layer.conv
+        self.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
+        self.activation = layer.activation
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [b, C_in, S] -> [b, C_out, T]; `frame_lengths` [b]: valid output frames per row (None: all)."""
+        return self.activation(self.layer_norm(self.conv(hidden), frame_lengths))
 
 
 class MaskedGroupNorm(nn.GroupNorm):

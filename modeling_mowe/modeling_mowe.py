@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -101,18 +101,6 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     router_indices: torch.LongTensor | None = None
 
 
-def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) -> None:
-    """Give a weak encoder's config the MoWE config's dtype and (unless it has its own) attention implementation.
-
-    transformers passes these to the sub-configs a config declares by attribute; the weak pool is a list, so they
-    are passed on here, before the weak encoders are built. At run time `set_attn_implementation` gives the weak
-    encoders the top-level implementation (transformers' rule for sub-models whose config is not declared).
-    """
-    weak_config.dtype = config.dtype
-    if weak_config._attn_implementation is None:
-        weak_config._attn_implementation_internal = config._attn_implementation
-
-
 def idle_call_policy(weak_encoders: nn.Module) -> str:
     """When the tower calls the weak encoders that no window picked: `"always"` when FSDP2 shards inside the pool
     (each unit's all-gather is a collective that every rank issues, in eval too); `"in_training"` (train mode with
@@ -148,10 +136,17 @@ class MoWEAudioTower(nn.Module):
 
         self.routers = config.active_routers
         weak_configs = config.weak_encoder_configs if self.routers else []
+        # transformers passes the dtype and attention implementation to the sub-configs a config declares by
+        # attribute; the weak pool is a list, so each weak encoder takes them here (the implementation unless its
+        # config has its own; at run time `set_attn_implementation` gives them the top-level one).
+        inherits_attention = [c._attn_implementation is None for c in weak_configs]
         for weak_config in weak_configs:
-            inherit_model_settings(weak_config, config)
+            weak_config.dtype = config.dtype
         self.weak_specs = [encoder_family(c).frame_spec(c) for c in weak_configs]
         self.weak_encoders = nn.ModuleList(encoder_family(c).build(c) for c in weak_configs)
+        for encoder, inherits in zip(self.weak_encoders, inherits_attention):
+            if inherits and config._attn_implementation is not None:
+                encoder.set_attn_implementation(config._attn_implementation)
         self.weak_projections = nn.ModuleList(
             nn.Linear(encoder_family(c).hidden_size(c), config.weak_hidden_size) for c in weak_configs
         )

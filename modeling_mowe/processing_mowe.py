@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessorMixin, TextKwargs
+
+# What `ProcessorMixin.apply_chat_template` renders with; the only accessor of the `{% generation %}` spans.
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .encoders import FrameSpec, WhisperFrameSpec, frame_spec_from_dict, num_audio_tokens

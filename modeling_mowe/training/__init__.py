@@ -284,7 +284,7 @@ def exit_distributed_process(exit_code: int = 0) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.destroy_process_group()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # CPython's own: no public way runs the handlers without the interpreter's teardown
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
