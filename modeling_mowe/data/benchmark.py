@@ -365,10 +365,11 @@ def make_beeps(
     return np.clip(wave, -1.0, 1.0).astype(np.float32), spans
 
 
-def to_wav_bytes(wave: np.ndarray, sampling_rate: int) -> bytes:
-    """16-bit PCM wav file bytes of a mono float waveform."""
+def to_wav_bytes(wave: np.ndarray, sampling_rate: int, subtype: str = "PCM_16") -> bytes:
+    """The bytes of a wav file of a mono float waveform: 16-bit PCM, or `subtype="FLOAT"` (32-bit float, lossless).
+    The tooling's one wav writer (datasets, published examples, serving requests)."""
     buffer = io.BytesIO()
-    sf.write(buffer, wave, sampling_rate, format="WAV", subtype="PCM_16")
+    sf.write(buffer, np.asarray(wave, dtype=np.float32), sampling_rate, format="WAV", subtype=subtype)
     return buffer.getvalue()
 
 
