@@ -93,17 +93,11 @@ def benchmark_dir(tmp_path_factory):
 
 
 def greedy_answer(model, processor, audio, question: str, sampling_rate: int | None = None, max_new_tokens: int = 64):
-    """What the card, handler, scripts and Space should print: the decoded greedy continuation of a one-clip chat."""
-    part = {"type": "audio", "path": audio} if isinstance(audio, (str, Path)) else {"type": "audio", "audio": audio}
-    if sampling_rate is not None:
-        part["sampling_rate"] = sampling_rate
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    """What the card, handler, scripts and Space should print: the decoded greedy continuation of a one-clip chat
+    (`handler.answer`, the package's own copy)."""
+    from modeling_mowe.handler import answer
+
+    return answer(model, processor, audio, question, sampling_rate, max_new_tokens=max_new_tokens)
 
 
 @pytest.fixture
