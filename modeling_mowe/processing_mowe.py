@@ -73,6 +73,32 @@ def _check_parts(content: Any) -> None:
             )
 
 
+def audio_part_data(part: Any) -> Any:
+    """The data of a `{"type": "audio"}` content part (its `"audio"`, `"path"` or `"url"`), or `None`: a part without
+    data, which takes the next clip given separately."""
+    return next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
+
+
+def fill_audio_parts(messages: list[dict], clips: list) -> list[dict]:
+    """Copies of `messages` whose audio parts without data hold the next of `clips`, in order, each taken from the
+    front of the list (so the caller sees the clips left over). Once the list is empty a part stays without data;
+    parts with data and other parts stay as given. The one place a chat's audio parts take their clips: the
+    processor's `audio=`, the training collator's and the evaluation's audio column."""
+    filled = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            content = [
+                {**part, "audio": clips.pop(0)}
+                if clips and isinstance(part, dict) and part.get("type") == "audio" and audio_part_data(part) is None
+                else part
+                for part in content
+            ]
+            message = {**message, "content": content}
+        filled.append(message)
+    return filled
+
+
 def _is_batch_of_chats(conversation: Any) -> bool:
     return isinstance(conversation, (list, tuple)) and bool(conversation) and (
         isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
@@ -377,10 +403,10 @@ class MoWEProcessor(ProcessorMixin):
         loaded = []
         for conversation in conversations:
             loaded.append([])
-            for message in conversation:
+            for message in fill_audio_parts(conversation, extra):
                 content = message.get("content")
                 if isinstance(content, (list, tuple)):
-                    message = {**message, "content": [self._load_part(p, extra, sampling_rate) for p in content]}
+                    message = {**message, "content": [self._load_part(p, sampling_rate) for p in content]}
                 loaded[-1].append(message)
         if extra:
             verb = "has" if len(extra) == 1 else "have"
@@ -391,17 +417,15 @@ class MoWEProcessor(ProcessorMixin):
         processor_kwargs["sampling_rate"] = self.sampling_rate
         return loaded
 
-    def _load_part(self, part: dict, extra: list, sampling_rate: int | None) -> dict:
+    def _load_part(self, part: dict, sampling_rate: int | None) -> dict:
         if part.get("type") != "audio":
             return part
-        source = next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
+        source = audio_part_data(part)
         if source is None:
-            if not extra:
-                raise ValueError(
-                    "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
-                    "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
-                )
-            source = extra.pop(0)
+            raise ValueError(
+                "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
+                "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
+            )
         wave = to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate)
         return {"type": "audio", "audio": wave}
 
@@ -513,4 +537,4 @@ class MoWEProcessor(ProcessorMixin):
         return cls.from_mowe_config(config, tokenizer, chat_template=chat_template)
 
 
-__all__ = ["MoWEProcessor", "AUDIO_TOKEN", "default_chat_template"]
+__all__ = ["MoWEProcessor", "AUDIO_TOKEN", "default_chat_template", "fill_audio_parts"]

@@ -328,21 +328,15 @@ def write_results(
 
 
 def prompt_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The row's conversation up to its last assistant turn, with the row's audio clips placed in its audio parts."""
+    """The row's conversation up to its last assistant turn, with the row's audio clips placed in its audio parts
+    (`processing_mowe.fill_audio_parts`)."""
+    from ..processing_mowe import fill_audio_parts
+
     messages = list(row["messages"])
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
     clips = row.get("audio")
-    clips = list(clips) if isinstance(clips, (list, tuple)) else [clips]
-    filled = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "audio", "audio": clips.pop(0)} if part["type"] == "audio" else part for part in content
-            ]
-        filled.append({**message, "content": content})
-    return filled
+    return fill_audio_parts(messages, list(clips) if isinstance(clips, (list, tuple)) else [clips])
 
 
 def generate_answers(
