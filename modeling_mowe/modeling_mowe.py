@@ -35,6 +35,13 @@ try:
 except ImportError:  # a torch build without distributed support, or one older than FSDP2's public API
     FSDPModule = None
 
+# Every Auto class a user may load a saved folder with, so that `trust_remote_code` finds the code for each.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mowe.MoWEConfig",
+    "AutoModel": "modeling_mowe.MoWEForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_mowe.MoWEForConditionalGeneration",
+}
+
 # What the idle call of a weak encoder that no window picked runs on: 0.5 s (25 frames at 50 frames/s), short but
 # long enough for SpecAugment's time masks of waveform encoders in training (10 frames by default).
 IDLE_CALL_SAMPLES = 8_000
@@ -459,12 +466,9 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # Every Auto class a user may load this folder with, so `trust_remote_code` finds the code for each.
-        self.config.auto_map = {
-            "AutoConfig": "configuration_mowe.MoWEConfig",
-            "AutoModel": "modeling_mowe.MoWEForConditionalGeneration",
-            "AutoModelForMultimodalLM": "modeling_mowe.MoWEForConditionalGeneration",
-        }
+        # The code files are copied for a class registered for an Auto class (the package or a remote-code load does
+        # not always register it); `AUTO_MAP` then names every Auto class.
+        self.config.auto_map = dict(AUTO_MAP)
         if self._auto_class is None:
             self.register_for_auto_class("AutoModel")
         return super().save_pretrained(save_directory, *args, **kwargs)
