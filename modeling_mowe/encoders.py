@@ -52,9 +52,13 @@ class WhisperFrameSpec:
         """The shortest clip (in samples) that gives a frame: one hop."""
         return self.hop_length
 
+    def mel_frames(self, num_samples: Any) -> Any:
+        """Log-mel frames that hold real audio in clips of `num_samples` samples (an int or an integer tensor)."""
+        return num_samples // self.hop_length
+
     def num_frames(self, num_samples: Any) -> Any:
         """Valid frames of clips of `num_samples` samples (an int or an integer tensor)."""
-        return self.output_frames(num_samples // self.hop_length)
+        return self.output_frames(self.mel_frames(num_samples))
 
     def output_frames(self, mel_frames: Any) -> Any:
         """Frames the encoder emits for `mel_frames` log-mel frames (an int or an integer tensor): conv2 (kernel 3,
@@ -67,7 +71,7 @@ class WhisperFrameSpec:
     def mel_frames_read(self, num_samples: int) -> int:
         """Log-mel frames a `dynamic_audio_length` encoder reads for windows of at most `num_samples` samples: their
         mel frames rounded up to an even count (conv2's stride), at most `2 * max_frames`."""
-        return 2 * self.output_frames(num_samples // self.hop_length)
+        return 2 * self.output_frames(self.mel_frames(num_samples))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
@@ -182,7 +186,7 @@ class WhisperEncoderFamily:
         if not dynamic:
             return encoder(input_features=features, **kwargs)
         mel_frames = features.shape[-1]
-        mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=mel_frames)
+        mel_lengths = WhisperFrameSpec().mel_frames(lengths).clamp(max=mel_frames)
         mel_mask = torch.arange(mel_frames, device=features.device)[None, :] < mel_lengths[:, None]
         return encoder(input_features=features, attention_mask=mel_mask.long(), **kwargs)
 
