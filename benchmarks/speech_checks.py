@@ -46,7 +46,8 @@ def whisper_transcribe(model, processor, clips: Sequence[np.ndarray], encoder_ou
     `encoder_outputs` (a `BaseModelOutput` with `last_hidden_state` `[batch, frames, d_model]`) replaces the
     model's own encoder run, e.g. to decode features computed another way.
     """
-    features = processor.feature_extractor(list(clips), sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+    features = processor.feature_extractor(list(clips), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    features = features.input_features
     kwargs = {"language": "en", "task": "transcribe"} if model.generation_config.is_multilingual else {}
     if encoder_outputs is not None:
         kwargs["encoder_outputs"] = encoder_outputs
