@@ -24,9 +24,9 @@ from timing import median_seconds, print_ratio_table
 from transformers import LlamaConfig, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor, MoWEForConditionalGeneration
-from modeling_mowe.encoders import align_to_frames, encoder_family, n_audio_tokens, num_frames
+from modeling_mowe.encoders import SAMPLING_RATE, align_to_frames, encoder_family, num_audio_tokens
 
-SR = 16_000
+SR = SAMPLING_RATE
 PROMPT_TOKENS = 24
 
 
@@ -79,7 +79,7 @@ def make_inputs(config: MoWEConfig, seconds: list[float], seed: int = 0) -> tupl
     features = MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR, return_tensors="pt")
     rows = []
     for length in features["audio_lengths"].tolist():
-        n = int(n_audio_tokens(length, config.audio_frame_spec, config.stack_factor))
+        n = int(num_audio_tokens(length, config.audio_frame_spec, config.stack_factor))
         text = rng.integers(5, 600, PROMPT_TOKENS).tolist()
         rows.append(text[:8] + [config.audio_token_id] * n + text[8:])
     width = max(len(r) for r in rows)
@@ -129,7 +129,7 @@ def run_components(model: MoWEForConditionalGeneration, inputs: dict, choice: to
     lengths = inputs["audio_lengths"]
     family = encoder_family(config.base_encoder_config)
     base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True).last_hidden_state
-    frames = num_frames(lengths, tower.base_spec)
+    frames = tower.base_spec.num_frames(lengths)
     blocks = base.new_zeros(choice.shape[1], *base.shape[:2], config.weak_hidden_size)
     for weak_index in choice.unique().tolist():
         rows = (choice == weak_index).any(-1).any(-1).nonzero(as_tuple=True)[0]
@@ -210,10 +210,13 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
     encoder = build(config).eval().model.audio_tower.base_encoder
     inputs, _ = make_inputs(config, [3.0])
     family = encoder_family(config.base_encoder_config)
+    # The log-mels each mode reads: 30 s, or the frames of the clip (what a dynamic-length model's processor gives).
+    read = {False: 3000, True: family.frame_spec(config.base_encoder_config).mel_frames_read(int(3.0 * SR))}
 
     def encode(dynamic):
         with torch.no_grad():
-            family.encode(encoder, inputs["input_features"][:, :128], inputs["audio_lengths"], dynamic=dynamic)
+            features = inputs["input_features"][:, :128, : read[dynamic]]
+            family.encode(encoder, features, inputs["audio_lengths"], dynamic=dynamic)
 
     times = median_seconds({False: lambda: encode(False), True: lambda: encode(True)}, repeats, clock=CLOCK)
     note = f"30 s {times[False] * 1e3:.0f} ms, dynamic {times[True] * 1e3:.0f} ms"
@@ -222,8 +225,8 @@ def bench_dynamic_length(repeats: int) -> tuple[float, str]:
 
 def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     """Train step (base frozen, SGD) with every clip routed to weak encoder 0 by both routers: the other three run
-    only their idle call. Same model, idle calls on (`calls_every_weak_encoder` patched to True, as under a process
-    group) vs off (one process's default)."""
+    only their idle call. Same model, idle calls on (`idle_calls` set to "always", as under a process group) vs off
+    (one process's default)."""
     config = make_config("both")
     model = build(config).train()
     model.model.audio_tower.base_encoder.requires_grad_(False)
@@ -236,13 +239,13 @@ def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
     inputs, labels = make_inputs(config, seconds)
 
     def step(idle_calls: bool):
-        tower.calls_every_weak_encoder = lambda: idle_calls
+        tower.idle_calls = "always" if idle_calls else "never"
         optimizer.zero_grad(set_to_none=True)
         model(**inputs, labels=labels).loss.backward()
         optimizer.step()
 
     times = median_seconds({"idle": lambda: step(True), "sparse": lambda: step(False)}, repeats, clock=CLOCK)
-    tower.__dict__.pop("calls_every_weak_encoder", None)
+    tower.train()  # decides `idle_calls` again
     note = f"with {times['idle'] * 1e3:.0f} ms, without {times['sparse'] * 1e3:.0f} ms; 3 of 4 weak encoders idle"
     return times["idle"] / times["sparse"], note
 

@@ -22,10 +22,10 @@ from timing import median_seconds, print_ratio_table
 from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
 from modeling_mowe import MoWEConfig, MoWEProcessor
-from modeling_mowe.encoders import encoder_family
+from modeling_mowe.encoders import SAMPLING_RATE, encoder_family
 
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
+SR = SAMPLING_RATE
 CLOCK = time.process_time
 
 

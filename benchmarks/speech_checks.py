@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from modeling_mowe.encoders import SAMPLING_RATE
+
 ENGLISH_SENTENCES = (
     "The weather is nice today.",
     "Please open the window in the kitchen.",
@@ -34,7 +36,7 @@ def english_speech(
     from modeling_mowe.data import make_speech
 
     rng = np.random.default_rng(seed)
-    return [make_speech(text, voice, rate, 16_000, rng) for text in sentences]
+    return [make_speech(text, voice, rate, SAMPLING_RATE, rng) for text in sentences]
 
 
 @torch.no_grad()
@@ -44,7 +46,8 @@ def whisper_transcribe(model, processor, clips: Sequence[np.ndarray], encoder_ou
     `encoder_outputs` (a `BaseModelOutput` with `last_hidden_state` `[batch, frames, d_model]`) replaces the
     model's own encoder run, e.g. to decode features computed another way.
     """
-    features = processor.feature_extractor(list(clips), sampling_rate=16_000, return_tensors="pt").input_features
+    features = processor.feature_extractor(list(clips), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    features = features.input_features
     kwargs = {"language": "en", "task": "transcribe"} if model.generation_config.is_multilingual else {}
     if encoder_outputs is not None:
         kwargs["encoder_outputs"] = encoder_outputs

@@ -16,7 +16,6 @@ A proof helper: only tests and benchmarks import it.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import subprocess
@@ -27,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-SAMPLING_RATE = 16_000
+from modeling_mowe.encoders import SAMPLING_RATE
+
 # The engine settings the tests use: fp32 like `from_pretrained`, no torch.compile (minutes on CPU), and a CPU
 # memory share that leaves room for other processes (on CPU, vLLM reserves this fraction of RAM for its KV cache).
 # The context length is the LLM's own (`max_position_embeddings`: 1024 for the demo's LLM).
@@ -62,11 +62,9 @@ def build_serving_test_folder(path: str | os.PathLike, seed: int = 0, text_overr
 
 def wav_base64(clip: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> str:
     """A float clip as a base64 float32 WAV file: what an OpenAI `input_audio` part carries, losslessly."""
-    import soundfile
+    from modeling_mowe.data import to_wav_bytes
 
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.asarray(clip, dtype=np.float32), sampling_rate, format="WAV", subtype="FLOAT")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(to_wav_bytes(clip, sampling_rate, subtype="FLOAT")).decode()
 
 
 def openai_messages(question: str, clips: list[np.ndarray], sampling_rate: int = SAMPLING_RATE) -> list[dict]:

@@ -5,7 +5,7 @@ import logging
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
 from .configuration_mowe import MoWEConfig
-from .encoders import ENCODER_FAMILIES, n_audio_tokens
+from .encoders import ENCODER_FAMILIES, num_audio_tokens
 from .feature_extraction_mowe import MoWEFeatureExtractor
 from .modeling_mowe import MoWEForConditionalGeneration, MoWEModel, MoWEPreTrainedModel
 from .processing_mowe import MoWEProcessor
@@ -32,8 +32,7 @@ AutoModel.register(MoWEConfig, MoWEForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(MoWEConfig, MoWEForConditionalGeneration, exist_ok=True)
 AutoFeatureExtractor.register(MoWEConfig, MoWEFeatureExtractor, exist_ok=True)
 AutoProcessor.register(MoWEConfig, MoWEProcessor, exist_ok=True)
-MoWEConfig.register_for_auto_class()
-MoWEForConditionalGeneration.register_for_auto_class("AutoModel")
+MoWEConfig.register_for_auto_class()  # the model's auto_map: MoWEPreTrainedModel.save_pretrained (AUTO_MAP)
 MoWEFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 MoWEProcessor.register_for_auto_class("AutoProcessor")
 
@@ -42,7 +41,7 @@ __all__ = [
     "MoWEConfig",
     "MoWEFeatureExtractor",
     "MoWEProcessor",
-    "n_audio_tokens",
+    "num_audio_tokens",
     "MoWEForConditionalGeneration",
     "MoWEModel",
     "MoWEPreTrainedModel",

@@ -170,8 +170,9 @@ class MoWEConfig(PreTrainedConfig):
         return audio_front_ends(self.active_encoder_configs)
 
     @property
-    def audio_frame_spec(self) -> dict:
-        """How the base encoder's frame count follows the clip length (shared with the processor)."""
+    def audio_frame_spec(self):
+        """How the base encoder's frame count follows the clip length (shared with the processor): a frozen
+        `encoders.WhisperFrameSpec` or `encoders.ConvFrameSpec`."""
         from .encoders import frame_spec
 
         return frame_spec(self.base_encoder_config)

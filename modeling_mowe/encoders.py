@@ -7,15 +7,26 @@ do not depend on what else is in the batch. Everything else (the tower, the proc
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Data2VecAudioModel, HubertModel, PretrainedConfig, Wav2Vec2Model, WavLMModel
+from transformers import (
+    Data2VecAudioModel,
+    GradientCheckpointingLayer,
+    HubertModel,
+    PreTrainedConfig,
+    Wav2Vec2Model,
+    WavLMModel,
+)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+# The decorator transformers' own encoders use to record `hidden_states` / `attentions`; it has no public alias.
 from transformers.utils.output_capturing import capture_outputs
 
 SAMPLING_RATE = 16_000
@@ -23,34 +34,112 @@ WHISPER_HOP_LENGTH = 160  # samples per log-mel frame at 16 kHz
 WHISPER_CHUNK_SECONDS = 30
 
 
-def num_frames(num_samples: Any, spec: dict) -> Any:
-    """Valid encoder frames for clips of `num_samples` samples under frame `spec`; works on ints and integer tensors."""
-    return _frame_family(spec).num_frames(num_samples, spec)
+@dataclass(frozen=True)
+class WhisperFrameSpec:
+    """Whisper's frame grid: a log-mel frame every `hop_length` samples, halved by conv2 (stride 2), so 50 frames/s
+    at 16 kHz, and at most `max_frames` (30 s) per window."""
+
+    max_frames: int = 1500
+    hop_length: int = WHISPER_HOP_LENGTH
+    type: ClassVar[str] = "whisper"
+
+    @property
+    def samples_per_frame(self) -> int:
+        return 2 * self.hop_length
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip (in samples) that gives a frame: one hop."""
+        return self.hop_length
+
+    def mel_frames(self, num_samples: Any) -> Any:
+        """Log-mel frames that hold real audio in clips of `num_samples` samples (an int or an integer tensor)."""
+        return num_samples // self.hop_length
+
+    def num_frames(self, num_samples: Any) -> Any:
+        """Valid frames of clips of `num_samples` samples (an int or an integer tensor)."""
+        return self.output_frames(self.mel_frames(num_samples))
+
+    def output_frames(self, mel_frames: Any) -> Any:
+        """Frames the encoder emits for `mel_frames` log-mel frames (an int or an integer tensor): conv2 (kernel 3,
+        stride 2, padding 1) halves them, rounding up; at most `max_frames`."""
+        frames = (mel_frames + 1) // 2
+        if isinstance(frames, torch.Tensor):
+            return frames.clamp(max=self.max_frames)
+        return min(frames, self.max_frames)
+
+    def mel_frames_read(self, num_samples: int) -> int:
+        """Log-mel frames a `dynamic_audio_length` encoder reads for windows of at most `num_samples` samples: their
+        mel frames rounded up to an even count (conv2's stride), at most `2 * max_frames`."""
+        return 2 * self.output_frames(self.mel_frames(num_samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
 
 
-def min_samples(spec: dict) -> int:
-    """The shortest clip (in samples) that gives at least one frame under frame `spec`."""
-    return _frame_family(spec).min_samples(spec)
+@dataclass(frozen=True)
+class ConvFrameSpec:
+    """The frame grid of a conv feature encoder (HuBERT, wav2vec2, ...): one frame per position of its stack of
+    `kernels` and `strides` (no padding) over the 16 kHz samples."""
+
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
+    type: ClassVar[str] = "conv"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernels", tuple(self.kernels))
+        object.__setattr__(self, "strides", tuple(self.strides))
+
+    @property
+    def samples_per_frame(self) -> int:
+        return math.prod(self.strides)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip (in samples) that gives a frame: the stack's receptive field."""
+        receptive_field = 1
+        for kernel, stride in zip(reversed(self.kernels), reversed(self.strides)):
+            receptive_field = (receptive_field - 1) * stride + kernel
+        return receptive_field
+
+    def num_frames(self, num_samples: Any) -> Any:
+        """Valid frames of clips of `num_samples` samples (an int or an integer tensor)."""
+        length = num_samples
+        for kernel, stride in zip(self.kernels, self.strides):
+            length = (length - kernel) // stride + 1
+        if isinstance(length, torch.Tensor):
+            return length.clamp(min=0)
+        return max(length, 0)
+
+    def output_frames(self, num_samples: Any) -> Any:
+        """Frames the encoder emits for inputs `num_samples` long: its input is the waveform itself."""
+        return self.num_frames(num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "kernels": list(self.kernels), "strides": list(self.strides)}
 
 
-def n_audio_tokens(num_samples: Any, spec: dict, stack_factor: int) -> Any:
+FrameSpec = WhisperFrameSpec | ConvFrameSpec
+FRAME_SPECS: dict[str, type] = {spec.type: spec for spec in (WhisperFrameSpec, ConvFrameSpec)}
+
+
+def frame_spec_from_dict(values: dict[str, Any]) -> FrameSpec:
+    """A frame spec from its `to_dict()` (as a processor config saves it); keys the spec does not have are ignored."""
+    kind = values.get("type")
+    if kind not in FRAME_SPECS:
+        raise ValueError(f"Unknown frame spec type {kind!r}; known: {sorted(FRAME_SPECS)}.")
+    spec = FRAME_SPECS[kind]
+    return spec(**{field.name: values[field.name] for field in dataclasses.fields(spec) if field.name in values})
+
+
+def num_audio_tokens(num_samples: Any, spec: FrameSpec, stack_factor: int) -> Any:
     """Audio tokens one clip (or window) of `num_samples` becomes: its valid base frames, `stack_factor` per token.
 
     The processor expands each `<|audio|>` placeholder with this and the model keeps this many tokens per window,
     so the two can never disagree.
     """
-    frames = num_frames(num_samples, spec)
+    frames = spec.num_frames(num_samples)
     return -(-frames // stack_factor)
-
-
-def whisper_frame_spec(max_frames: int = 1500) -> dict:
-    """Whisper's frame spec: 160-sample mel hop, conv stride 2 (50 frames/s), `max_frames` per 30 s window."""
-    return {
-        "type": WhisperEncoderFamily.frame_type,
-        "hop_length": WHISPER_HOP_LENGTH,
-        "max_frames": max_frames,
-        "samples_per_frame": 2 * WHISPER_HOP_LENGTH,
-    }
 
 
 class WhisperEncoderFamily:
@@ -62,37 +151,24 @@ class WhisperEncoderFamily:
     """
 
     model_types = ("whisper",)
-    frame_type = "whisper"
     # A folder whose config names this class holds the encoder alone (`WhisperEncoder.save_pretrained`): loaded with
     # `encoder_only_class`, not AutoModel (whose WhisperModel would leave the encoder's weights unread).
     encoder_only_architectures = ("WhisperEncoder",)
 
     @staticmethod
-    def num_frames(num_samples: Any, spec: dict) -> Any:
-        mel_frames = num_samples // spec["hop_length"]
-        frames = (mel_frames + 1) // 2  # conv2 has stride 2, padding 1, kernel 3
-        if isinstance(frames, torch.Tensor):
-            return frames.clamp(max=spec["max_frames"])
-        return min(frames, spec["max_frames"])
-
-    @staticmethod
-    def min_samples(spec: dict) -> int:
-        return spec["hop_length"]
-
-    @staticmethod
-    def front_end(config: PretrainedConfig) -> dict:
+    def front_end(config: PreTrainedConfig) -> dict:
         return {"kind": "log_mel", "n_mels": config.num_mel_bins}
 
     @staticmethod
-    def frame_spec(config: PretrainedConfig) -> dict:
-        return whisper_frame_spec(config.max_source_positions)
+    def frame_spec(config: PreTrainedConfig) -> WhisperFrameSpec:
+        return WhisperFrameSpec(max_frames=config.max_source_positions)
 
     @staticmethod
-    def hidden_size(config: PretrainedConfig) -> int:
+    def hidden_size(config: PreTrainedConfig) -> int:
         return config.d_model
 
     @staticmethod
-    def build(config: PretrainedConfig) -> nn.Module:
+    def build(config: PreTrainedConfig) -> nn.Module:
         return DynamicLengthWhisperEncoder(config)
 
     @staticmethod
@@ -114,16 +190,18 @@ class WhisperEncoderFamily:
         [b, T, d_model] (and `hidden_states`/`attentions` when `kwargs` ask for them).
 
         `dynamic=False` runs the stock encoder on the full 30 s (T = 1500), as Whisper was trained. `dynamic=True`
-        keeps only the batch's longest clip (T = its frames) and masks every clip's padded frames, so each clip's
-        features match the clip encoded alone.
+        runs on the mel frames given (T = half of them; a dynamic-length model's processor gives as many as the
+        batch's longest window needs, `WhisperFrameSpec.mel_frames_read`) and masks every clip's padded frames, so
+        each clip's features match the clip encoded alone. The width comes from `features.shape`, not from the
+        lengths: no host sync.
         """
         features = features[..., : 2 * encoder.config.max_source_positions]  # a shorter window hears its first part
         if not dynamic:
             return encoder(input_features=features, **kwargs)
-        mel_lengths = (lengths // WHISPER_HOP_LENGTH).clamp(max=features.shape[-1])
-        mel_frames = 2 * int((mel_lengths.max() + 1) // 2)  # conv2's stride: an even number of mel frames
+        mel_frames = features.shape[-1]
+        mel_lengths = WhisperFrameSpec().mel_frames(lengths).clamp(max=mel_frames)
         mel_mask = torch.arange(mel_frames, device=features.device)[None, :] < mel_lengths[:, None]
-        return encoder(input_features=features[..., :mel_frames], attention_mask=mel_mask.long(), **kwargs)
+        return encoder(input_features=features, attention_mask=mel_mask.long(), **kwargs)
 
 
 class DynamicLengthWhisperEncoder(WhisperEncoder):
@@ -181,45 +259,21 @@ class WaveformEncoderFamily:
     """
 
     model_types = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")  # the keys of LENGTH_AWARE_WAVEFORM_MODELS
-    frame_type = "conv"
 
     @staticmethod
-    def front_end(config: PretrainedConfig) -> dict:
+    def front_end(config: PreTrainedConfig) -> dict:
         return {"kind": "waveform"}
 
     @staticmethod
-    def frame_spec(config: PretrainedConfig) -> dict:
-        kernels, strides = list(config.conv_kernel), list(config.conv_stride)
-        receptive_field = 1
-        for kernel, stride in zip(reversed(kernels), reversed(strides)):
-            receptive_field = (receptive_field - 1) * stride + kernel
-        return {
-            "type": WaveformEncoderFamily.frame_type,
-            "kernels": kernels,
-            "strides": strides,
-            "samples_per_frame": math.prod(strides),
-            "receptive_field": receptive_field,
-        }
+    def frame_spec(config: PreTrainedConfig) -> ConvFrameSpec:
+        return ConvFrameSpec(kernels=tuple(config.conv_kernel), strides=tuple(config.conv_stride))
 
     @staticmethod
-    def num_frames(num_samples: Any, spec: dict) -> Any:
-        length = num_samples
-        for kernel, stride in zip(spec["kernels"], spec["strides"]):
-            length = (length - kernel) // stride + 1
-        if isinstance(length, torch.Tensor):
-            return length.clamp(min=0)
-        return max(length, 0)
-
-    @staticmethod
-    def min_samples(spec: dict) -> int:
-        return spec["receptive_field"]
-
-    @staticmethod
-    def hidden_size(config: PretrainedConfig) -> int:
+    def hidden_size(config: PreTrainedConfig) -> int:
         return config.hidden_size
 
     @staticmethod
-    def build(config: PretrainedConfig) -> nn.Module:
+    def build(config: PreTrainedConfig) -> nn.Module:
         return LENGTH_AWARE_WAVEFORM_MODELS[config.model_type](config)
 
     @staticmethod
@@ -246,11 +300,12 @@ class LengthAwareWaveformModel:
     weights and keys, SpecAugment in training, hooks and `output_hidden_states` as usual.
     """
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PreTrainedConfig):
         super().__init__(config)
-        for layer in self.feature_extractor.conv_layers:
+        layers = self.feature_extractor.conv_layers
+        for index, layer in enumerate(layers):
             if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
-                layer.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
+                layers[index] = MaskedGroupNormConvLayer(layer)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -268,10 +323,12 @@ class LengthAwareWaveformModel:
         else:
             lengths = attention_mask.sum(-1)
         features = conv_features(self.feature_extractor, input_values, lengths).transpose(1, 2)
-        valid_frames = WaveformEncoderFamily.num_frames(lengths, WaveformEncoderFamily.frame_spec(self.config))
+        valid_frames = WaveformEncoderFamily.frame_spec(self.config).num_frames(lengths)
         frame_mask = torch.arange(features.shape[1], device=features.device)[None, :] < valid_frames[:, None]
         hidden = self.feature_projection(features)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # all but HuBERT also return the normed features
+        # The stock forward's SpecAugment step (training only), a method of the class this forward extends: no
+        # public function applies it.
         hidden = self._mask_hidden_states(hidden, attention_mask=frame_mask)
         hidden = self.encoder(hidden, attention_mask=frame_mask, **kwargs).last_hidden_state
         adapter = getattr(self, "adapter", None)
@@ -316,9 +373,10 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
     """Run a HuBERT/wav2vec2-style conv feature encoder on `waveform` [b, S] of clips of `lengths` samples [b]
     -> [b, C, T].
 
-    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNorm`, the first layer of a
+    As `feature_encoder.forward`, but a group-normed conv layer (`MaskedGroupNormConvLayer`, the first layer of a
     `feat_extract_norm="group"` stack) gets its frame lengths. Gradient checkpointing applies to every layer, as in
-    the stock encoder; the lengths are arguments of the checkpointed call, so a recomputation sees its own batch's.
+    the stock encoder (each is a `GradientCheckpointingLayer`); the lengths are arguments of the checkpointed call,
+    so a recomputation sees its own batch's.
     """
     hidden = waveform[:, None]
     trainable = any(p.requires_grad for p in feature_encoder.parameters())
@@ -328,18 +386,23 @@ def conv_features(feature_encoder: nn.Module, waveform: torch.Tensor, lengths: t
         hidden = hidden.detach().requires_grad_()
     for layer in feature_encoder.conv_layers:
         lengths = (lengths - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
-        if not isinstance(getattr(layer, "layer_norm", None), MaskedGroupNorm):
-            hidden = layer(hidden)
-        elif layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            hidden = layer._gradient_checkpointing_func(_group_norm_conv_layer, layer, hidden, lengths)
-        else:
-            hidden = _group_norm_conv_layer(layer, hidden, lengths)
+        hidden = layer(hidden, lengths) if isinstance(layer, MaskedGroupNormConvLayer) else layer(hidden)
     return hidden
 
 
-def _group_norm_conv_layer(layer: nn.Module, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
-    """A `*GroupNormConvLayer`'s forward (conv -> group norm -> activation), the norm over `frame_lengths`."""
-    return layer.activation(layer.layer_norm(layer.conv(hidden), frame_lengths))
+class MaskedGroupNormConvLayer(GradientCheckpointingLayer):
+    """A `*GroupNormConvLayer` (conv -> group norm -> activation) whose norm takes its statistics over each row's
+    valid frames (`MaskedGroupNorm`). Made from the stock layer: the same submodules and keys, parameters shared."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.conv = layer.conv
+        self.layer_norm = MaskedGroupNorm.sharing_parameters_of(layer.layer_norm)
+        self.activation = layer.activation
+
+    def forward(self, hidden: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [b, C_in, S] -> [b, C_out, T]; `frame_lengths` [b]: valid output frames per row (None: all)."""
+        return self.activation(self.layer_norm(self.conv(hidden), frame_lengths))
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -376,16 +439,7 @@ ENCODER_FAMILIES: dict[str, type] = {
 }
 
 
-FRAME_TYPES: dict[str, type] = {family.frame_type: family for family in set(ENCODER_FAMILIES.values())}
-
-
-def _frame_family(spec: dict):
-    if spec.get("type") not in FRAME_TYPES:
-        raise ValueError(f"Unknown frame spec type {spec.get('type')!r}; known: {sorted(FRAME_TYPES)}.")
-    return FRAME_TYPES[spec["type"]]
-
-
-def encoder_family(config: PretrainedConfig, what: str = "encoder config"):
+def encoder_family(config: PreTrainedConfig, what: str = "encoder config"):
     """The registry entry for `config`, or a `ValueError` listing the supported families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ENCODER_FAMILIES:
@@ -396,11 +450,12 @@ def encoder_family(config: PretrainedConfig, what: str = "encoder config"):
     return ENCODER_FAMILIES[model_type]
 
 
-def frame_spec(config: PretrainedConfig) -> dict:
+def frame_spec(config: PreTrainedConfig) -> FrameSpec:
+    """How the frame count of the encoder of `config` follows the clip length."""
     return encoder_family(config).frame_spec(config)
 
 
-def audio_front_ends(configs: list[PretrainedConfig]) -> list[dict]:
+def audio_front_ends(configs: list[PreTrainedConfig]) -> list[dict]:
     """Distinct front-ends of `configs`, each once, in order of first use: log-mels first, then the waveform.
 
     The log-mels of all distinct sizes are stacked along the channel axis of `input_features` in this order.
@@ -424,14 +479,18 @@ def mel_channel_offsets(front_ends: list[dict]) -> dict[int, int]:
 
 
 def align_to_frames(
-    hidden: torch.Tensor, weak_spec: dict, base_spec: dict, valid_frames: torch.Tensor, num_base_frames: int
+    hidden: torch.Tensor,
+    weak_spec: FrameSpec,
+    base_spec: FrameSpec,
+    valid_frames: torch.Tensor,
+    num_base_frames: int,
 ) -> torch.Tensor:
     """Resample weak features [b, T_w, d] onto the base encoder's frame grid -> [b, T_b, d].
 
     Base frame t covers the same time as weak frame floor(t * base_stride / weak_stride) (nearest earlier frame),
     clamped to the clip's last valid weak frame, so padding never leaks into a clip's features.
     """
-    ratio = base_spec["samples_per_frame"] / weak_spec["samples_per_frame"]
+    ratio = base_spec.samples_per_frame / weak_spec.samples_per_frame
     index = (torch.arange(num_base_frames, device=hidden.device) * ratio).floor().long()
     index = torch.minimum(index[None, :], (valid_frames - 1).clamp(min=0)[:, None])
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))

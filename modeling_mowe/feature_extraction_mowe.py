@@ -11,7 +11,7 @@ import torch
 from transformers import BatchFeature, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 
-from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, frame_spec, min_samples
+from .encoders import SAMPLING_RATE, WHISPER_CHUNK_SECONDS, WhisperFrameSpec, frame_spec
 
 PCM_SCALES = {np.dtype("int8"): 2**7, np.dtype("int16"): 2**15, np.dtype("int32"): 2**31}
 MAX_CHANNELS = 8
@@ -287,7 +287,7 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
         kwargs.setdefault("log_mel_length", "longest" if getattr(config, "dynamic_audio_length", False) else "chunk")
         return cls(
             front_ends=config.audio_front_ends,
-            min_samples=max(min_samples(frame_spec(c)) for c in config.active_encoder_configs),
+            min_samples=max(frame_spec(c).min_samples for c in config.active_encoder_configs),
             **kwargs,
         )
 
@@ -343,9 +343,10 @@ class MoWEFeatureExtractor(SequenceFeatureExtractor):
 
     def mel_frames_read(self, longest_window: int) -> int:
         """Log-mel frames a `dynamic_audio_length` Whisper reads for a batch whose longest window has `longest_window`
-        samples: its mel frames rounded up to an even count (conv2's stride), at most `chunk_length` s of them."""
+        samples (`WhisperFrameSpec.mel_frames_read`, over `chunk_length` s windows)."""
         hop = next(iter(self._mel_extractors.values())).hop_length
-        return min(self.chunk_length * self.sampling_rate // hop, 2 * ((longest_window // hop + 1) // 2))
+        window_frames = self.chunk_length * self.sampling_rate // hop // 2
+        return WhisperFrameSpec(max_frames=window_frames, hop_length=hop).mel_frames_read(longest_window)
 
     def log_mel(self, power: torch.Tensor, num_frames: int, n_mels: int, out: np.ndarray | None = None) -> np.ndarray:
         """Whisper's log-mel `(num_windows, n_mels, num_frames)` from `power_spectrogram`'s output (into `out`, which

@@ -1,16 +1,17 @@
-"""Answering questions about audio with a saved MoWE model: the one answering function, and the Inference Endpoints
-handler built on it.
+"""Answering questions about audio with a saved MoWE model: generate-and-decode (`generate_replies`), the one-clip
+answer built on it, and the Inference Endpoints handler.
 
 `publishing.build_hub_folder` copies this file into every published folder as `handler.py`, where the mowe-audio
 package is not installed: it therefore imports only numpy, torch and transformers (the model's own code comes from
 its folder through `trust_remote_code=True`), and nothing from its sibling files. `examples/inference.py` imports
-`load` and `answer` from here; the Gradio Space (`examples/space/app.py`) loads them from the model repository's
-`handler.py`.
+`load` and `answer` from here, `evaluation.generate_answers` uses `generate_replies`; the Gradio Space
+(`examples/space/app.py`) loads them from the model repository's `handler.py`.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ def load(model_id: str, device: str | None = None) -> tuple[torch.nn.Module, Any
 def answer(
     model: torch.nn.Module,
     processor: Any,
-    audio: str | bytes | np.ndarray | list[float],
+    audio: str | os.PathLike | bytes | np.ndarray | list[float],
     question: str,
     sampling_rate: int | None = None,
     **generate_kwargs: Any,
@@ -46,20 +47,28 @@ def answer(
             processor, which raises `ValueError` for audio it cannot use (empty, NaN, no sampling rate, ...).
         question: the text that follows the clip in the user's turn.
     """
-    if isinstance(audio, str):
-        part = {"type": "audio", "path": audio}
+    if isinstance(audio, (str, os.PathLike)):
+        part = {"type": "audio", "path": os.fspath(audio)}
     else:
         part = {"type": "audio", "audio": audio if isinstance(audio, bytes) else np.asarray(audio)}
     if sampling_rate is not None:
         part["sampling_rate"] = int(sampling_rate)
     messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
+    return generate_replies(model, processor, [messages], **generate_kwargs)[0]
+
+
+def generate_replies(model: torch.nn.Module, processor: Any, conversations: list, **generate_kwargs: Any) -> list[str]:
+    """The model's next assistant turn in each chat of `conversations` (greedy, 64 new tokens at most, unless
+    `generate_kwargs` say otherwise): rendered with the generation prompt and processed with their audio by
+    `processor.apply_chat_template`, generated in one batch (padded on the tokenizer's side: left, for replies equal
+    to each chat's alone), the new tokens decoded without special tokens and stripped of surrounding whitespace."""
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     ).to(model.device, dtype=model.dtype)
     with torch.no_grad():
         generated = model.generate(**inputs, **{**DEFAULT_GENERATION, **generate_kwargs})
     new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    return [reply.strip() for reply in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 class EndpointHandler:

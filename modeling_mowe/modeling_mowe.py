@@ -10,14 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -30,12 +23,7 @@ from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mowe import MoWEConfig
-from .encoders import (
-    align_to_frames,
-    encoder_family,
-    mel_channel_offsets,
-    num_frames,
-)
+from .encoders import align_to_frames, encoder_family, mel_channel_offsets
 from .routing import (
     DataDependentRouter,
     DataIndependentRouter,
@@ -50,6 +38,13 @@ except ImportError:  # a torch build without distributed support, or one older t
     FSDPModule = None
 
 _GENERATION_INPUTS_SIGNATURE = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
+
+# Every Auto class a user may load a saved folder with, so that `trust_remote_code` finds the code for each.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mowe.MoWEConfig",
+    "AutoModel": "modeling_mowe.MoWEForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_mowe.MoWEForConditionalGeneration",
+}
 
 # What the idle call of a weak encoder that no window picked runs on: 0.5 s (25 frames at 50 frames/s), short but
 # long enough for SpecAugment's time masks of waveform encoders in training (10 frames by default).
@@ -117,16 +112,16 @@ class MoWECausalLMOutputWithPast(CausalLMOutputWithPast):
     router_indices: torch.LongTensor | None = None
 
 
-def inherit_model_settings(weak_config: PreTrainedConfig, config: MoWEConfig) -> None:
-    """Give a weak encoder's config the MoWE config's dtype and (unless it has its own) attention implementation.
-
-    transformers passes these to the sub-configs a config declares by attribute; the weak pool is a list, so they
-    are passed on here, before the weak encoders are built. At run time `set_attn_implementation` gives the weak
-    encoders the top-level implementation (transformers' rule for sub-models whose config is not declared).
-    """
-    weak_config.dtype = config.dtype
-    if weak_config._attn_implementation is None:
-        weak_config._attn_implementation_internal = config._attn_implementation
+def idle_call_policy(weak_encoders: nn.Module) -> str:
+    """When the tower calls the weak encoders that no window picked: `"always"` when FSDP2 shards inside the pool
+    (each unit's all-gather is a collective that every rank issues, in eval too); `"in_training"` (train mode with
+    gradients) under a `torch.distributed` process group, so that every rank calls the same modules and DDP gets a
+    gradient for every parameter; else `"never"`: one process has no other rank waiting, and trains truly sparse."""
+    if FSDPModule is not None and any(isinstance(module, FSDPModule) for module in weak_encoders.modules()):
+        return "always"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "in_training"
+    return "never"
 
 
 class MoWEAudioTower(nn.Module):
@@ -134,17 +129,10 @@ class MoWEAudioTower(nn.Module):
 
     Sparse dispatch: each weak encoder runs once per forward, on the windows routed to it (by either router). The
     gates g_i (router probabilities) multiply the selected encoders' features, which is how the routers get gradients
-    from the LM loss; the balancing loss reaches the data-dependent router through
-    the loss it joins.
-
-    A weak encoder that no window picked is skipped, except in training under a process group (train mode with
-    gradients enabled, `torch.distributed` initialized) and when the pool is sharded per layer by FSDP2: then it runs
-    on a short piece of the first window and its output joins the features through an empty `index_add` (exactly zero,
-    never NaN). So every data-parallel rank calls every weak encoder, in the same order, in every step whatever its
-    clips picked: FSDP2 units inside the pool all-gather on every rank together, and DDP with
-    `find_unused_parameters=False` gets a (zero) gradient for every parameter the encoder used. One process trains
-    truly sparse, as it evaluates: an unpicked encoder does not run and its parameters get no gradient (`None`), so the
-    optimizer leaves them alone that step.
+    from the LM loss; the balancing loss reaches the data-dependent router through the loss it joins. A weak encoder
+    that no window picked is skipped, unless `idle_calls` (decided by `train()` / `eval()`, see `idle_call_policy`)
+    says that other ranks need the call: then it runs on 0.5 s of audio at weight zero (docs/ARCHITECTURE.md,
+    "Dispatch and parallelism").
     """
 
     def __init__(self, config: MoWEConfig):
@@ -159,10 +147,17 @@ class MoWEAudioTower(nn.Module):
 
         self.routers = config.active_routers
         weak_configs = config.weak_encoder_configs if self.routers else []
+        # transformers passes the dtype and attention implementation to the sub-configs a config declares by
+        # attribute; the weak pool is a list, so each weak encoder takes them here (the implementation unless its
+        # config has its own; at run time `set_attn_implementation` gives them the top-level one).
+        inherits_attention = [c._attn_implementation is None for c in weak_configs]
         for weak_config in weak_configs:
-            inherit_model_settings(weak_config, config)
+            weak_config.dtype = config.dtype
         self.weak_specs = [encoder_family(c).frame_spec(c) for c in weak_configs]
         self.weak_encoders = nn.ModuleList(encoder_family(c).build(c) for c in weak_configs)
+        for encoder, inherits in zip(self.weak_encoders, inherits_attention):
+            if inherits and config._attn_implementation is not None:
+                encoder.set_attn_implementation(config._attn_implementation)
         self.weak_projections = nn.ModuleList(
             nn.Linear(encoder_family(c).hidden_size(c), config.weak_hidden_size) for c in weak_configs
         )
@@ -171,19 +166,21 @@ class MoWEAudioTower(nn.Module):
         self.router_dependent = (
             DataDependentRouter(self.base_hidden_size, num_weak) if "data_dependent" in self.routers else None
         )
-        # Collected by `PreTrainedModel.post_init` of the parent: `device_map="auto"` splits the tower between the
-        # encoders' layers, never inside one (each encoder's own `_no_split_modules`, as composite models do), and
-        # FSDP's class-based wrapping shards each such layer. Only classes the encoders contain: an encoder-only
-        # Whisper declares its decoder layer too, and accelerate refuses to wrap a class it cannot find.
-        encoders = (self.base_encoder, *self.weak_encoders)
-        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
-        self._no_split_modules = sorted(
-            {name for encoder in encoders for name in encoder._no_split_modules or () if name in present}
-        )
+        self.idle_calls = idle_call_policy(self.weak_encoders)
 
     @property
     def output_size(self) -> int:
         return self.base_hidden_size + len(self.routers) * self.config.weak_hidden_size
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The encoders' own `_no_split_modules` (their layer classes), which the parent's `post_init` collects:
+        `device_map="auto"` splits the tower between encoder layers, and FSDP's class-based wrapping shards each.
+        Read from the modules, not declared: which classes exist depends on the families the config picks, and
+        accelerate refuses to wrap an absent class (an encoder-only Whisper declares its decoder layer too)."""
+        encoders = (self.base_encoder, *self.weak_encoders)
+        present = {type(module).__name__ for encoder in encoders for module in encoder.modules()}
+        return sorted({name for encoder in encoders for name in encoder._no_split_modules or () if name in present})
 
     def encoder_inputs(
         self, config, input_features: torch.Tensor | None, input_values: torch.Tensor | None
@@ -214,16 +211,12 @@ class MoWEAudioTower(nn.Module):
         dynamic = self.config.dynamic_audio_length if dynamic is None else dynamic
         return family.encode(encoder, inputs.to(dtype), lengths, dynamic=dynamic, **kwargs)
 
-    def calls_every_weak_encoder(self) -> bool:
-        """Whether this forward must call every weak encoder, picked or not: in training under a process group (so
-        every rank calls the same modules and every parameter gets a gradient to all-reduce) and when FSDP2 shards
-        inside the pool (each unit's all-gather is a collective that every rank must issue, in eval too). Not in one
-        process without a process group: no other rank waits for the call, and skipping it saves a whole encoder's
-        forward and backward per unpicked encoder."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.training and torch.is_grad_enabled() and distributed:
-            return True
-        return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in self.weak_encoders.modules())
+    def train(self, mode: bool = True) -> MoWEAudioTower:
+        """Set the mode, and decide `idle_calls` for the forwards that follow (`idle_call_policy`): every launcher
+        calls `train()` / `eval()` after it set up the process group and wrapped the model."""
+        super().train(mode)
+        self.idle_calls = idle_call_policy(self.weak_encoders)
+        return self
 
     def forward(
         self,
@@ -246,7 +239,7 @@ class MoWEAudioTower(nn.Module):
         base_hidden = base.last_hidden_state
         base_outputs = {"hidden_states": base.hidden_states, "attentions": base.attentions}
         num_windows, num_base_frames = base_hidden.shape[:2]
-        valid_frames = num_frames(audio_lengths, self.base_spec).clamp(max=num_base_frames)
+        valid_frames = self.base_spec.num_frames(audio_lengths).clamp(max=num_base_frames)
         if not self.routers:
             return MoWEAudioFeaturesOutput(last_hidden_state=base_hidden, valid_frames=valid_frames, **base_outputs)
 
@@ -260,7 +253,9 @@ class MoWEAudioTower(nn.Module):
         picked = torch.zeros_like(gates, dtype=torch.bool).scatter(-1, router_indices, True).any(1).T.cpu()
         # One block per router: (routers, windows, frames, weak_hidden_size), joined to the base features below.
         blocks = base_hidden.new_zeros(len(self.routers), num_windows, num_base_frames, config.weak_hidden_size)
-        call_every_encoder = self.calls_every_weak_encoder()
+        call_every_encoder = self.idle_calls == "always" or (
+            self.idle_calls == "in_training" and self.training and torch.is_grad_enabled()
+        )
         for weak_index, windows in enumerate(picked):
             rows = windows.nonzero(as_tuple=True)[0].to(base_hidden.device)
             if rows.numel() == 0:
@@ -319,16 +314,15 @@ class MoWEAudioTower(nn.Module):
     ) -> torch.Tensor:
         """Weak encoder `weak_index` run on the windows `rows` only -> `(len(rows), num_base_frames,
         weak_hidden_size)`: its features moved onto the base frame grid (on the device of `rows`) and projected, not
-        yet gated."""
+        yet gated. The routed windows keep the batch's width (padding masked): slicing them to their own longest
+        would read the lengths on the host."""
         weak_config, spec = self.config.weak_encoder_configs[weak_index], self.weak_specs[weak_index]
         lengths = audio_lengths.to(rows.device)[rows]
         inputs = self.encoder_inputs(weak_config, input_features, input_values)
         inputs = inputs[rows.to(inputs.device)]
-        if inputs.ndim == 2:  # a waveform: only as long as the longest routed window
-            inputs = inputs[:, : int(lengths.max())]
         hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths).last_hidden_state
         hidden = hidden.to(rows.device)
-        weak_valid = num_frames(lengths, spec).clamp(max=hidden.shape[1])
+        weak_valid = spec.num_frames(lengths).clamp(max=hidden.shape[1])
         hidden = align_to_frames(hidden, spec, self.base_spec, weak_valid, num_base_frames)
         projection = self.weak_projections[weak_index]
         return projection(hidden.to(projection.weight.dtype))
@@ -341,9 +335,12 @@ class MoWEAudioTower(nn.Module):
         weak_hidden_size)`: the call a training step makes for an encoder that no window picked."""
         weak_config = self.config.weak_encoder_configs[weak_index]
         inputs = self.encoder_inputs(weak_config, input_features, input_values)[:1]
-        samples = min(IDLE_CALL_SAMPLES, inputs.shape[-1]) if inputs.ndim == 2 else IDLE_CALL_SAMPLES
-        if inputs.ndim == 2:
+        if inputs.ndim == 2:  # a waveform
+            samples = min(IDLE_CALL_SAMPLES, inputs.shape[-1])
             inputs = inputs[:, :samples]
+        else:  # log-mels: the frames a dynamic-length Whisper reads for that many samples
+            samples = IDLE_CALL_SAMPLES
+            inputs = inputs[..., : self.weak_specs[weak_index].mel_frames_read(samples)]
         lengths = torch.full((1,), samples, device=inputs.device)
         hidden = self.run_encoder(weak_config, self.weak_encoders[weak_index], inputs, lengths, dynamic=True)
         hidden = hidden.last_hidden_state
@@ -428,26 +425,34 @@ def check_audio_inputs(
     )
 
 
-def full_precision_modules(model: MoWEModel, config: MoWEConfig) -> list[str]:
-    """Patterns of the modules a quantized load (`from_pretrained(..., quantization_config=...)`) leaves unconverted.
+def _under_any_prefix(name: str) -> str:
+    """A module-name pattern matching `name` in `MoWEModel` and under any prefix (`model.` in the LM-head model)."""
+    return rf"(?:.+\.)?{re.escape(name)}"
 
-    transformers' quantizers skip `_keep_in_fp32_modules` on top of their own skips (the LM head): here the small,
-    freshly trained parts (weak encoders, weak projections, routers, projector), which QLoRA trains in full. The
-    frozen base encoder stays unconverted too unless the quantization config lists the modules to skip itself
-    (`BitsAndBytesConfig(llm_int8_skip_modules=[...])`, `modules_to_not_convert=[...]`), which, as for any model,
-    replaces the default skips. Each pattern matches the module in `MoWEModel` and under any prefix
-    (`model.` in `MoWEForConditionalGeneration`). With `dtype=torch.float16`, transformers also loads these modules
-    in fp32 (what `_keep_in_fp32_modules` means without quantization).
-    """
-    tower = model.audio_tower
-    names = [f"audio_tower.{name}" for name, child in tower.named_children() if child is not tower.base_encoder]
-    names.append("multi_modal_projector")
+
+# The small, freshly trained parts, which QLoRA trains in full: transformers' quantizers skip `_keep_in_fp32_modules`
+# on top of their own skips (the LM head), and a `dtype=torch.float16` load keeps them in fp32.
+FULL_PRECISION_MODULES = [
+    _under_any_prefix(name)
+    for name in (
+        "audio_tower.weak_encoders",
+        "audio_tower.weak_projections",
+        "audio_tower.router_independent",
+        "audio_tower.router_dependent",
+        "multi_modal_projector",
+    )
+]
+
+
+def keeps_base_encoder_unquantized(config: MoWEConfig) -> bool:
+    """Whether a quantized load also leaves the frozen base encoder unconverted: yes, unless the quantization config
+    lists the modules to skip itself (`BitsAndBytesConfig(llm_int8_skip_modules=[...])`, `modules_to_not_convert`),
+    which, as for any model, replaces the default skips."""
     quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        settings = quantization if isinstance(quantization, dict) else vars(quantization)
-        if settings.get("llm_int8_skip_modules") is None and settings.get("modules_to_not_convert") is None:
-            names.append("audio_tower.base_encoder")
-    return [rf"(?:.+\.)?{re.escape(name)}" for name in names]
+    if quantization is None:
+        return False
+    settings = quantization if isinstance(quantization, dict) else vars(quantization)
+    return settings.get("llm_int8_skip_modules") is None and settings.get("modules_to_not_convert") is None
 
 
 class MoWEPreTrainedModel(PreTrainedModel):
@@ -461,15 +466,13 @@ class MoWEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     # Plus the encoders' and the LLM's layer classes, gathered from the sub-models by `post_init`.
     _no_split_modules = ["MoWEProjector"]
+    _keep_in_fp32_modules = FULL_PRECISION_MODULES
     _skip_keys_device_placement = ["past_key_values"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # Every Auto class a user may load this folder with, so `trust_remote_code` finds the code for each.
-        self.config.auto_map = {
-            "AutoConfig": "configuration_mowe.MoWEConfig",
-            "AutoModel": "modeling_mowe.MoWEForConditionalGeneration",
-            "AutoModelForMultimodalLM": "modeling_mowe.MoWEForConditionalGeneration",
-        }
+        # The code files are copied for a class registered for an Auto class (the package or a remote-code load does
+        # not always register it); `AUTO_MAP` then names every Auto class.
+        self.config.auto_map = dict(AUTO_MAP)
         if self._auto_class is None:
             self.register_for_auto_class("AutoModel")
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -496,7 +499,8 @@ class MoWEModel(MoWEPreTrainedModel):
         self.audio_tower = MoWEAudioTower(config)
         self.multi_modal_projector = MoWEProjector(config, self.audio_tower.output_size)
         self.language_model = AutoModel.from_config(config.text_config)
-        self._keep_in_fp32_modules = full_precision_modules(self, config)
+        if keeps_base_encoder_unquantized(config):  # depends on the quantization config the model is loaded with
+            self._keep_in_fp32_modules = [*FULL_PRECISION_MODULES, _under_any_prefix("audio_tower.base_encoder")]
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -609,6 +613,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     # The LLM's own plan (collected from it by `post_init`) shards its embeddings; the head is sharded with them, as
     # `LlamaForCausalLM` and `LlavaForConditionalGeneration` declare it (tied or not).
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: MoWEConfig):
         super().__init__(config)
@@ -617,7 +622,8 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         embeddings = self.model.get_input_embeddings()
         embedding_name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
-        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}.weight"}
+        if embedding_name != "embed_tokens":  # the LLM is any AutoModel: GPT-2 names its embedding `wte`
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -749,7 +755,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
         `quantization_config` (e.g. `BitsAndBytesConfig(load_in_4bit=True)`) quantizes the composed model exactly as
         `from_pretrained(..., quantization_config=...)` quantizes a saved one: the LLM's linear layers, not its head,
         not the new parts nor the weak pool, and the base encoder only if the config lists the modules to skip
-        itself (see `full_precision_modules`). The parts are composed in `dtype` in CPU memory first.
+        itself (see `keeps_base_encoder_unquantized`). The parts are composed in `dtype` in CPU memory first.
 
         Example:
             model = MoWEForConditionalGeneration.from_components(

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessorMixin, TextKwargs
+
+# What `ProcessorMixin.apply_chat_template` renders with; the only accessor of the `{% generation %}` spans.
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .encoders import n_audio_tokens, whisper_frame_spec
+from .encoders import FrameSpec, WhisperFrameSpec, frame_spec_from_dict, num_audio_tokens
 from .feature_extraction_mowe import MoWEFeatureExtractor, _is_single_clip, to_mono_waveform
 
 AUDIO_TOKEN = "<|audio|>"
@@ -69,6 +71,32 @@ def _check_parts(content: Any) -> None:
                 f"Unsupported content part of type {kind!r}; MoWE chats hold {{'type': 'text', 'text': ...}} "
                 "and {'type': 'audio', 'audio'|'path': ...} parts."
             )
+
+
+def audio_part_data(part: Any) -> Any:
+    """The data of a `{"type": "audio"}` content part (its `"audio"`, `"path"` or `"url"`), or `None`: a part without
+    data, which takes the next clip given separately."""
+    return next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
+
+
+def fill_audio_parts(messages: list[dict], clips: list) -> list[dict]:
+    """Copies of `messages` whose audio parts without data hold the next of `clips`, in order, each taken from the
+    front of the list (so the caller sees the clips left over). Once the list is empty a part stays without data;
+    parts with data and other parts stay as given. The one place a chat's audio parts take their clips: the
+    processor's `audio=`, the training collator's and the evaluation's audio column."""
+    filled = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            content = [
+                {**part, "audio": clips.pop(0)}
+                if clips and isinstance(part, dict) and part.get("type") == "audio" and audio_part_data(part) is None
+                else part
+                for part in content
+            ]
+            message = {**message, "content": content}
+        filled.append(message)
+    return filled
 
 
 def _is_batch_of_chats(conversation: Any) -> bool:
@@ -141,7 +169,7 @@ class MoWEProcessor(ProcessorMixin):
     Constructs a MoWE processor from a [`MoWEFeatureExtractor`] and the LLM's tokenizer.
 
     Each `<|audio|>` placeholder in the text is expanded to as many audio tokens as its clip gives
-    (`encoders.n_audio_tokens` summed over the clip's windows: the function the model uses too, so the two never
+    (`encoders.num_audio_tokens` summed over the clip's windows: the function the model uses too, so the two never
     disagree). Batched text is padded by default, on the tokenizer's padding side (left for generation).
 
     Args:
@@ -150,8 +178,8 @@ class MoWEProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): Jinja template; defaults to `chat_template.jinja` (ChatML, audio parts
             as `<|audio|>`, assistant turns in `{% generation %}`).
         audio_token (`str`, defaults to `"<|audio|>"`): the placeholder, one per clip.
-        frame_spec (`dict`, *optional*): the base encoder's frame spec (`MoWEConfig.audio_frame_spec`); defaults to
-            Whisper's (50 frames/s, 1500 per window).
+        frame_spec (`WhisperFrameSpec`, `ConvFrameSpec` or its `to_dict()`, *optional*): the base encoder's frame
+            spec (`MoWEConfig.audio_frame_spec`); defaults to Whisper's (50 frames/s, 1500 per window).
         stack_factor (`int`, defaults to 4): encoder frames per audio token (`MoWEConfig.stack_factor`).
     """
 
@@ -161,7 +189,7 @@ class MoWEProcessor(ProcessorMixin):
         tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         audio_token: str = AUDIO_TOKEN,
-        frame_spec: dict | None = None,
+        frame_spec: FrameSpec | dict | None = None,
         stack_factor: int = 4,
     ):
         if tokenizer is not None and audio_token not in tokenizer.get_vocab():
@@ -171,7 +199,8 @@ class MoWEProcessor(ProcessorMixin):
                 "model's embeddings), or build the processor with MoWEProcessor.from_components."
             )
         self.audio_token = audio_token
-        self.frame_spec = dict(frame_spec or whisper_frame_spec())
+        self.frame_spec = frame_spec_from_dict(frame_spec) if isinstance(frame_spec, dict) else frame_spec
+        self.frame_spec = self.frame_spec or WhisperFrameSpec()
         self.stack_factor = stack_factor
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or default_chat_template())
 
@@ -186,7 +215,7 @@ class MoWEProcessor(ProcessorMixin):
     def num_audio_tokens(self, num_samples: int) -> int:
         """Audio tokens a mono clip of `num_samples` samples at `sampling_rate` becomes (summed over its windows)."""
         return sum(
-            int(n_audio_tokens(length, self.frame_spec, self.stack_factor))
+            int(num_audio_tokens(length, self.frame_spec, self.stack_factor))
             for length in self.feature_extractor.window_lengths(num_samples)
         )
 
@@ -280,6 +309,11 @@ class MoWEProcessor(ProcessorMixin):
         features["num_audio_tokens"] = [self.num_audio_tokens(len(clip)) for clip in audio]
         replacements = [self.replace_audio_token(features, audio_idx=i) for i in range(len(audio))]
         return features, replacements
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["frame_spec"] = self.frame_spec.to_dict()
+        return output
 
     def replace_audio_token(self, audio_inputs: dict, audio_idx: int, **kwargs) -> str:
         return self.audio_token * audio_inputs["num_audio_tokens"][audio_idx]
@@ -397,10 +431,10 @@ class MoWEProcessor(ProcessorMixin):
         loaded = []
         for conversation in conversations:
             loaded.append([])
-            for message in conversation:
+            for message in fill_audio_parts(conversation, extra):
                 content = message.get("content")
                 if isinstance(content, (list, tuple)):
-                    message = {**message, "content": [self._load_part(p, extra, sampling_rate) for p in content]}
+                    message = {**message, "content": [self._load_part(p, sampling_rate) for p in content]}
                 loaded[-1].append(message)
         if extra:
             verb = "has" if len(extra) == 1 else "have"
@@ -411,17 +445,15 @@ class MoWEProcessor(ProcessorMixin):
         processor_kwargs["sampling_rate"] = self.sampling_rate
         return loaded
 
-    def _load_part(self, part: dict, extra: list, sampling_rate: int | None) -> dict:
+    def _load_part(self, part: dict, sampling_rate: int | None) -> dict:
         if part.get("type") != "audio":
             return part
-        source = next((part[key] for key in ("audio", "path", "url") if part.get(key) is not None), None)
+        source = audio_part_data(part)
         if source is None:
-            if not extra:
-                raise ValueError(
-                    "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
-                    "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
-                )
-            source = extra.pop(0)
+            raise ValueError(
+                "An audio part has no 'audio' or 'path' and no clip is left in `audio=`; give each "
+                "{'type': 'audio'} part its data or pass one clip per such part as `audio=`."
+            )
         wave = to_mono_waveform(source, part.get("sampling_rate", sampling_rate), self.sampling_rate)
         return {"type": "audio", "audio": wave}
 
@@ -533,4 +565,4 @@ class MoWEProcessor(ProcessorMixin):
         return cls.from_mowe_config(config, tokenizer, chat_template=chat_template)
 
 
-__all__ = ["MoWEProcessor", "AUDIO_TOKEN", "default_chat_template"]
+__all__ = ["MoWEProcessor", "AUDIO_TOKEN", "default_chat_template", "fill_audio_parts"]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_mowe.encoders import SAMPLING_RATE
+
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
+SR = SAMPLING_RATE
 # Proof helpers that tests share with the benchmarks (speech_checks, vllm_compare) live in benchmarks/.
 sys.path.insert(0, str(TINY.parents[1] / "benchmarks"))
 
@@ -36,11 +38,20 @@ def tiny_config():
     return MoWEConfig.from_pretrained(TINY)
 
 
-@pytest.fixture(scope="session")
-def processor():
+def tiny_processor(dynamic_audio_length: bool = False):
+    """The tiny preset's processor; for a `dynamic_audio_length` model, log-mels only as long as each batch's longest
+    window, as `MoWEFeatureExtractor.from_mowe_config` sets it up (such a model reads the width it is given)."""
     from modeling_mowe import MoWEProcessor
 
-    return MoWEProcessor.from_pretrained(TINY)
+    processor = MoWEProcessor.from_pretrained(TINY)
+    if dynamic_audio_length:
+        processor.feature_extractor.log_mel_length = "longest"
+    return processor
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny_processor()
 
 
 def make_clip(seconds: float, seed: int = 0, kind: str = "noise") -> np.ndarray:
@@ -82,24 +93,22 @@ def benchmark_dir(tmp_path_factory):
 
 
 def greedy_answer(model, processor, audio, question: str, sampling_rate: int | None = None, max_new_tokens: int = 64):
-    """What the card, handler, scripts and Space should print: the decoded greedy continuation of a one-clip chat."""
-    part = {"type": "audio", "path": audio} if isinstance(audio, (str, Path)) else {"type": "audio", "audio": audio}
-    if sampling_rate is not None:
-        part["sampling_rate"] = sampling_rate
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    """What the card, handler, scripts and Space should print: the decoded greedy continuation of a one-clip chat
+    (`handler.answer`, the package's own copy)."""
+    from modeling_mowe.handler import answer
+
+    return answer(model, processor, audio, question, sampling_rate, max_new_tokens=max_new_tokens)
 
 
 @pytest.fixture
-def fast_config(tiny_config):
-    """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding)."""
+def fast_config(tiny_config, processor):
+    """The tiny preset with Whisper encoding only the real audio length (much faster than 30 s padding); while it is
+    in use, the `processor` gives log-mels only as long as the batch's longest window, as `from_mowe_config` sets up
+    the processor of such a model (the model reads the width it is given)."""
     tiny_config.dynamic_audio_length = True
-    return tiny_config
+    processor.feature_extractor.log_mel_length = "longest"
+    yield tiny_config
+    processor.feature_extractor.log_mel_length = "chunk"
 
 
 # Prepended to scripts run by `run_without_package`: `modeling_mowe` (editable install included) cannot be imported,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SR
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,7 +24,6 @@ from modeling_mowe.training import IGNORE_INDEX, MoWEDataCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
 
 # A user's template that loops over content parts, the standard form (issue: list content used to be joined first).
 PARTS_TEMPLATE = (

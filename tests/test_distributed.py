@@ -19,9 +19,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TINY, make_clip, make_inputs  # noqa: E402
+from conftest import TINY, make_clip, make_inputs, tiny_processor  # noqa: E402
 
-from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor  # noqa: E402
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration  # noqa: E402
 from modeling_mowe.training import exit_distributed_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def fsdp_worker(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    halves = half_batches(MoWEProcessor.from_pretrained(TINY))
+    halves = half_batches(tiny_processor(dynamic_audio_length=True))
 
     model = build_model()
     route_by_rank(model, halves)
@@ -232,7 +232,7 @@ def sharded_checkpoint_to_folder(dcp_dir: Path, folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(processor, tmp_path):
+def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(tmp_path):
     """2 gloo ranks, FSDP2 on every `_no_split_modules` class (weak encoders' layers included, as accelerate's default
     wrapping does; by hand and by accelerate's own preparation), ranks routing to different weak encoders, gradient
     checkpointing: loss and every gradient equal the single-process run on the same global batch (atol 1e-5,
@@ -268,7 +268,7 @@ def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(pr
     untrained = build_model().eval()
     from safetensors.torch import load_file
 
-    for rank, (inputs, _) in enumerate(half_batches(processor)):
+    for rank, (inputs, _) in enumerate(half_batches(tiny_processor(dynamic_audio_length=True))):
         with torch.no_grad():
             logits = loaded(**inputs).logits
             before = untrained(**inputs).logits

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from conftest import SR, TINY, make_clip
+from conftest import SR, TINY, make_clip, tiny_processor
 
-from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
 from modeling_mowe.publishing import build_hub_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def sandbox(tmp_path_factory):
     model_config.text_config.tie_word_embeddings = False  # greedy answers then come out as visible text
     torch.manual_seed(0)
     build_hub_folder(
-        MoWEForConditionalGeneration(model_config).eval(), MoWEProcessor.from_pretrained(TINY),
+        MoWEForConditionalGeneration(model_config).eval(), tiny_processor(dynamic_audio_length=True),
         root / "outputs/demo/mowe-model",
     )
     soundfile.write(root / "clip.wav", make_clip(1.5, seed=5, kind="sine"), SR, subtype="PCM_16")

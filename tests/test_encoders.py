@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import build_model, make_clip, make_inputs
@@ -11,12 +13,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from modeling_mowe import MoWEForConditionalGeneration
 from modeling_mowe.encoders import (
     ENCODER_FAMILIES,
+    ConvFrameSpec,
     DynamicLengthWhisperEncoder,
     WaveformEncoderFamily,
     WhisperEncoderFamily,
-    min_samples,
-    num_frames,
-    whisper_frame_spec,
+    WhisperFrameSpec,
+    frame_spec_from_dict,
 )
 
 LENGTHS = torch.tensor([16_000, 6_100, 11_040])  # samples: 1 s, and two shorter clips padded in the batch
@@ -50,30 +52,41 @@ def log_mels(lengths: torch.Tensor, n_mels: int = 16, seed: int = 1) -> torch.Te
     return torch.where(valid[:, None, :], features, torch.full_like(features, -0.8))
 
 
+def read_by_dynamic_model(features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The log-mels a dynamic-length model's processor gives: as many frames as the longest clip needs."""
+    return features[..., : WhisperFrameSpec().mel_frames_read(int(lengths.max()))]
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_dynamic_length_batch_equals_each_clip_alone(implementation):
     encoder = whisper_encoders([implementation])[implementation]
     features = log_mels(LENGTHS)
+    encode = WhisperEncoderFamily.encode
     with torch.no_grad():
-        batched = WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
-        assert batched.shape[1] == int(num_frames(int(LENGTHS.max()), whisper_frame_spec()))
+        batched = encode(encoder, read_by_dynamic_model(features, LENGTHS), LENGTHS, dynamic=True).last_hidden_state
+        assert batched.shape[1] == int(WhisperFrameSpec().num_frames(int(LENGTHS.max())))
+        # All 3000 mel frames: the same features, padding masked (the width comes from the features' shape)
+        full = encode(encoder, features, LENGTHS, dynamic=True).last_hidden_state
+        assert full.shape[1] == 1500
         for row, length in enumerate(LENGTHS.tolist()):
-            alone = WhisperEncoderFamily.encode(encoder, features[row : row + 1], LENGTHS[row : row + 1], dynamic=True)
+            lengths = LENGTHS[row : row + 1]
+            alone = encode(encoder, read_by_dynamic_model(features[row : row + 1], lengths), lengths, dynamic=True)
             alone = alone.last_hidden_state
-            valid = int(num_frames(length, whisper_frame_spec()))
+            valid = int(WhisperFrameSpec().num_frames(length))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(full[row, :valid], alone[0], atol=1e-5, rtol=1e-4)
 
 
 def test_dynamic_length_eager_and_sdpa_agree_on_a_padded_batch():
     encoders = whisper_encoders(["eager", "sdpa"])
-    features = log_mels(LENGTHS)
+    features = read_by_dynamic_model(log_mels(LENGTHS), LENGTHS)
     with torch.no_grad():
         out = {
             name: WhisperEncoderFamily.encode(enc, features, LENGTHS, dynamic=True).last_hidden_state
             for name, enc in encoders.items()
         }
-    valid = torch.arange(out["eager"].shape[1])[None, :] < num_frames(LENGTHS, whisper_frame_spec())[:, None]
+    valid = torch.arange(out["eager"].shape[1])[None, :] < WhisperFrameSpec().num_frames(LENGTHS)[:, None]
     torch.testing.assert_close(out["eager"][valid], out["sdpa"][valid], atol=1e-5, rtol=1e-4)
 
 
@@ -118,7 +131,7 @@ def test_dynamic_length_keeps_layerdrop_in_training_only():
     calls = []
     for layer in encoder.layers:
         layer.register_forward_hook(lambda *args: calls.append(1))
-    features = log_mels(LENGTHS)
+    features = read_by_dynamic_model(log_mels(LENGTHS), LENGTHS)
     WhisperEncoderFamily.encode(encoder, features, LENGTHS, dynamic=True)
     assert len(calls) == len(encoder.layers)  # eval: every layer runs
     calls.clear()
@@ -145,24 +158,30 @@ def test_more_than_30s_of_log_mels_is_a_clear_error():
 # ---------------------------------------------------------------- frame arithmetic: one entry per family
 
 
-def test_frame_arithmetic_is_the_family_s_own():
+def test_frame_arithmetic_is_the_family_s_own_frozen_spec():
     hubert = HubertConfig()
     conv_spec = WaveformEncoderFamily.frame_spec(hubert)
-    for spec, family in ((whisper_frame_spec(), WhisperEncoderFamily), (conv_spec, WaveformEncoderFamily)):
+    whisper_spec = WhisperEncoderFamily.frame_spec(WhisperConfig())
+    assert whisper_spec == WhisperFrameSpec() and conv_spec == ConvFrameSpec(hubert.conv_kernel, hubert.conv_stride)
+    for spec, family in ((whisper_spec, WhisperEncoderFamily), (conv_spec, WaveformEncoderFamily)):
         assert ENCODER_FAMILIES[family.model_types[0]] is family
-        for samples in (0, 399, 400, 16_000, 480_000, 600_000):
-            assert num_frames(samples, spec) == family.num_frames(samples, spec)
-        lengths = torch.tensor([0, 399, 400, 16_000])
-        assert num_frames(lengths, spec).tolist() == [family.num_frames(n, spec) for n in lengths.tolist()]
-        assert min_samples(spec) == family.min_samples(spec)
-        assert num_frames(min_samples(spec), spec) == 1 and num_frames(min_samples(spec) - 1, spec) == 0
-    assert num_frames(16_000, whisper_frame_spec()) == 50 and num_frames(16_000, conv_spec) == 49
-    assert num_frames(600_000, whisper_frame_spec()) == 1500  # one 30 s window at most
+        lengths = torch.tensor([0, 399, 400, 16_000, 480_000, 600_000])
+        assert spec.num_frames(lengths).tolist() == [spec.num_frames(n) for n in lengths.tolist()]
+        assert spec.num_frames(spec.min_samples) == 1 and spec.num_frames(spec.min_samples - 1) == 0
+        assert frame_spec_from_dict(spec.to_dict()) == spec
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            spec.type = "other"
+    assert whisper_spec.num_frames(16_000) == 50 and conv_spec.num_frames(16_000) == 49
+    assert whisper_spec.num_frames(600_000) == 1500  # one 30 s window at most
+    assert conv_spec.min_samples == 400 and whisper_spec.min_samples == 160
+    # A dynamic-length Whisper reads an even number of mel frames: conv2's stride
+    assert [whisper_spec.mel_frames_read(n) for n in (160, 320, 480, 600_000)] == [2, 2, 4, 3000]
+    assert whisper_spec.output_frames(3000) == 1500 and conv_spec.output_frames(16_000) == 49
 
 
 def test_unknown_frame_spec_type_is_a_clear_error():
     with pytest.raises(ValueError, match="frame spec type 'mystery'"):
-        num_frames(16_000, {"type": "mystery"})
+        frame_spec_from_dict({"type": "mystery"})
 
 
 # ---------------------------------------------------------------- waveform encoders (HuBERT, wav2vec2, ...)
@@ -276,6 +295,6 @@ def test_waveform_family_batch_equals_each_clip_alone(model_type, norm):
         for row, length in enumerate(lengths.tolist()):
             alone = WaveformEncoderFamily.encode(encoder, waveform[row : row + 1, :length], lengths[row : row + 1])
             alone = alone.last_hidden_state
-            valid = int(num_frames(length, spec))
+            valid = int(spec.num_frames(length))
             assert alone.shape[1] == valid
             torch.testing.assert_close(batched[row, :valid], alone[0], atol=1e-5, rtol=1e-4)

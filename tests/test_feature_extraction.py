@@ -10,13 +10,13 @@ import pytest
 import soundfile
 import soxr
 import torch
+from conftest import SR
 from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
 from modeling_mowe import MoWEConfig, MoWEFeatureExtractor
 from modeling_mowe.feature_extraction_mowe import to_mono_waveform, to_mono_waveforms
 
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
 WINDOW = 30 * SR
 
 

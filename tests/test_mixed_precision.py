@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, build_model, make_clip, make_inputs
+from conftest import TINY, build_model, make_clip, make_inputs, tiny_processor
 
 from modeling_mowe import MoWEConfig
 
@@ -52,11 +52,11 @@ def loss_and_router_grads(model, inputs, labels, autocast_dtype=None):
         pytest.param(torch.float16, True, True, id="fp16-dynamic_length-train"),
     ],
 )
-def test_fp32_model_under_autocast_matches_fp32_loss_and_backpropagates(processor, dtype, dynamic, training):
+def test_fp32_model_under_autocast_matches_fp32_loss_and_backpropagates(dtype, dynamic, training):
     config = MoWEConfig.from_pretrained(TINY, dynamic_audio_length=dynamic)
     model = build_model(config).train(training)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    inputs, labels = two_clip_inputs(processor, config.audio_token_id)
+    inputs, labels = two_clip_inputs(tiny_processor(dynamic_audio_length=dynamic), config.audio_token_id)
 
     reference_loss, reference_grads = loss_and_router_grads(model, inputs, labels)
     loss, grads = loss_and_router_grads(model, inputs, labels, autocast_dtype=dtype)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY, build_model, make_clip, make_inputs
+from conftest import build_model, make_clip, make_inputs, tiny_processor
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, WhisperConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -17,9 +17,8 @@ TEXT = ["<|audio|> Transcribe the audio."]
 
 @pytest.fixture(scope="module")
 def inputs():
-    from modeling_mowe import MoWEProcessor
-
-    return make_inputs(MoWEProcessor.from_pretrained(TINY), TEXT, [make_clip(1.0)])
+    """Inputs for the dynamic-length `model` (`fast_config`)."""
+    return make_inputs(tiny_processor(dynamic_audio_length=True), TEXT, [make_clip(1.0)])
 
 
 @pytest.fixture
@@ -179,7 +178,7 @@ def test_skip_keys_device_placement_names_whole_keys(model):
         (lambda x: x.pop("audio_lengths"), r"`audio_lengths` .* is required"),
         (
             lambda x: x.update(input_features=x["input_features"][:, :80]),
-            r"`input_features` has shape \(1, 80, 3000\) but .* read \(num_windows, 208, frames\).*processor",
+            r"`input_features` has shape \(1, 80, 100\) but .* read \(num_windows, 208, frames\).*processor",
         ),
         (
             lambda x: x["input_ids"].view(-1)[-1].fill_(10**6),

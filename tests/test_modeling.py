@@ -436,6 +436,31 @@ def test_unpicked_weak_encoders_do_not_run_without_gradients_or_in_eval(fast_con
     assert rows == {2: 2}
 
 
+def test_idle_calls_are_decided_by_train_and_eval_not_in_forward(fast_config, processor, tmp_path):
+    """The policy is read in forward and decided at construction and by `train()` / `eval()`, which every launcher
+    calls once it has set up the process group (and wrapped the model): a model built before the process group
+    trains sparse until its next `train()`."""
+    model = build_model(fast_config).train()
+    force_routing(model, independent=2, dependent=2)
+    tower = model.model.audio_tower
+    rows: dict[int, int] = {}
+    handles = [count_rows(enc, rows, i) for i, enc in enumerate(tower.weak_encoders)]
+    inputs = make_inputs(processor, TEXTS, two_clips())
+    with one_rank_process_group(tmp_path):
+        assert tower.idle_calls == "never"
+        model(**inputs)
+        assert rows == {2: 2}
+        rows.clear()
+        model.train()
+        assert tower.idle_calls == "in_training"
+        model(**inputs)
+        assert rows == {0: 1, 1: 1, 2: 2, 3: 1}
+    model.eval()
+    assert tower.idle_calls == "never"
+    for handle in handles:
+        handle.remove()
+
+
 def test_idle_calls_leave_the_training_loss_unchanged(fast_config, processor, process_group):
     model = build_model(fast_config, seed=4).train()
     force_routing(model, independent=2, dependent=2)

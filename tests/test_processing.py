@@ -10,7 +10,7 @@ import pytest
 import soundfile
 import soxr
 import torch
-from conftest import run_without_package, tiny_whisper
+from conftest import SR, run_without_package, tiny_whisper
 from transformers import (
     AutoProcessor,
     AutoTokenizer,
@@ -24,11 +24,10 @@ from transformers import (
 
 import modeling_mowe.processing_mowe as processing_mowe
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
-from modeling_mowe.encoders import n_audio_tokens
+from modeling_mowe.encoders import num_audio_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
 PROMPT = "Transcribe the audio."
 
 
@@ -94,14 +93,14 @@ def test_placeholder_count_equals_the_audio_embeddings_the_model_produces(proces
     assert processor.num_audio_tokens(int(29.99 * SR)) == processor.num_audio_tokens(30 * SR) == 375
 
 
-def test_expansion_goes_through_encoders_n_audio_tokens(processor, config, monkeypatch):
+def test_expansion_goes_through_encoders_num_audio_tokens(processor, config, monkeypatch):
     calls = []
 
     def spy(num_samples, spec, stack_factor):
         calls.append((num_samples, spec, stack_factor))
-        return n_audio_tokens(num_samples, spec, stack_factor)
+        return num_audio_tokens(num_samples, spec, stack_factor)
 
-    monkeypatch.setattr(processing_mowe, "n_audio_tokens", spy)
+    monkeypatch.setattr(processing_mowe, "num_audio_tokens", spy)
     inputs = processor(text="<|audio|>", audio=noise(70.0), sampling_rate=SR)
     assert calls == [(n, config.audio_frame_spec, config.stack_factor) for n in (480_000, 480_000, 160_000)]
     assert audio_tokens_per_row(inputs, processor.audio_token_id) == [375 + 375 + 125]
@@ -541,7 +540,7 @@ def test_from_components_builds_front_ends_and_adds_the_audio_token(components):
         "<|im_start|>", "hello", "<|audio|>", "<|im_end|>"
     ]
     assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"
-    assert processor.frame_spec["type"] == "whisper" and processor.stack_factor == 4
+    assert processor.frame_spec.type == "whisper" and processor.stack_factor == 4
     base_only = MoWEProcessor.from_components(
         components["base"], [components["hubert"]], components["llm"], router_type="none", stack_factor=2
     )

@@ -17,7 +17,7 @@ import pytest
 import soundfile
 import torch
 import yaml
-from conftest import SR, TINY, greedy_answer, make_clip, run_without_package
+from conftest import SR, TINY, greedy_answer, make_clip, run_without_package, tiny_processor
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
@@ -97,7 +97,7 @@ def published(tmp_path_factory):
     config.text_config.tie_word_embeddings = False
     torch.manual_seed(0)
     model = MoWEForConditionalGeneration(config).eval()
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     results_json = write_results(RESULTS, root / "eval")["json"]
     folder = build_hub_folder(
         model,

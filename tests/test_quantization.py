@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_clip, make_inputs
+from conftest import TINY, make_clip, make_inputs, tiny_processor
 from torch import nn
 
-from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModel, BitsAndBytesConfig  # noqa: E402
@@ -25,13 +25,13 @@ def folder(tmp_path_factory):
     torch.manual_seed(0)
     model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY, dynamic_audio_length=True))
     model.save_pretrained(path)
-    MoWEProcessor.from_pretrained(TINY).save_pretrained(path)
+    tiny_processor(dynamic_audio_length=True).save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     return make_inputs(processor, ["<|audio|> Transcribe.", "<|audio|> How many?"], [make_clip(1.0, 1), make_clip(1.6, 2)])
 
 
@@ -176,7 +176,7 @@ def test_qlora_trains_lora_and_full_precision_parts_and_reloads_onto_a_fresh_4bi
 
     from modeling_mowe.training import make_sft_trainer
 
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=four_bit())
     trainer = make_sft_trainer(model, processor, sft_args(tmp_path / "run"), rows, use_lora=True, lora_r=4)
     assert trainer.model.is_gradient_checkpointing
@@ -216,7 +216,7 @@ def test_qlora_trains_lora_and_full_precision_parts_and_reloads_onto_a_fresh_4bi
 def test_qlora_gradients_are_the_same_after_an_evaluation(folder, rows, inputs, tmp_path):
     from modeling_mowe.training import make_sft_trainer
 
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=four_bit())
     model = make_sft_trainer(model, processor, sft_args(tmp_path), rows, use_lora=True, lora_r=4).model
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
@@ -250,20 +250,21 @@ def test_quantized_model_trains_only_as_qlora(folder, rows, tmp_path, options, m
 
     model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=four_bit())
     with pytest.raises(ValueError, match=message):
-        make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), sft_args(tmp_path), rows, **options)
+        make_sft_trainer(model, tiny_processor(dynamic_audio_length=True), sft_args(tmp_path), rows, **options)
 
 
 def test_published_4bit_folder_records_the_quantization(folder, tmp_path):
     from modeling_mowe.publishing import build_hub_folder
 
     model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=four_bit())
-    output = build_hub_folder(model, MoWEProcessor.from_pretrained(TINY), tmp_path / "hub")
+    output = build_hub_folder(model, tiny_processor(dynamic_audio_length=True), tmp_path / "hub")
     card = (output / "README.md").read_text()
     assert "## Quantization" in card and "bitsandbytes` (4-bit fp4" in card  # BitsAndBytesConfig's default type
     assert "Quantized: LLM;" in card
     assert "- 4-bit" in card and "- bitsandbytes" in card  # tags
     assert "bitsandbytes>=0.46" in (output / "requirements.txt").read_text()
 
-    plain = build_hub_folder(MoWEForConditionalGeneration.from_pretrained(folder), MoWEProcessor.from_pretrained(TINY), tmp_path / "plain")
+    processor = tiny_processor(dynamic_audio_length=True)
+    plain = build_hub_folder(MoWEForConditionalGeneration.from_pretrained(folder), processor, tmp_path / "plain")
     assert "## Quantization" not in (plain / "README.md").read_text()
     assert "bitsandbytes" not in (plain / "requirements.txt").read_text()

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY, build_model, make_clip, make_inputs, run_without_package
+from conftest import TINY, build_model, make_clip, make_inputs, run_without_package, tiny_processor
 
 import modeling_mowe  # noqa: F401  (registers the Auto classes)
 
@@ -49,13 +49,14 @@ print("PROCESSOR OK")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, processor):
+def saved(tmp_path_factory):
     from modeling_mowe import MoWEConfig
 
     root = tmp_path_factory.mktemp("remote")
     config = MoWEConfig.from_pretrained(TINY)
     config.dynamic_audio_length = True
     model = build_model(config, seed=31)
+    processor = tiny_processor(dynamic_audio_length=True)
     folder = root / "mowe-checkpoint"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

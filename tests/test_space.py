@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import SR, TINY, greedy_answer, make_clip
+from conftest import SR, TINY, greedy_answer, make_clip, tiny_processor
 from huggingface_hub import SpaceCard
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration
 from modeling_mowe.publishing import build_hub_folder
 
 SPACE = Path(__file__).resolve().parents[1] / "examples" / "space"
@@ -40,7 +40,7 @@ def published(tmp_path_factory):
     config.text_config.tie_word_embeddings = False
     torch.manual_seed(0)
     model = MoWEForConditionalGeneration(config).eval()
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     folder = build_hub_folder(model, processor, root / "mowe-space-model")
     return {"root": root, "folder": folder, "model": model, "processor": processor}
 

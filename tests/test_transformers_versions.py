@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, build_model, run_without_package
+from conftest import SR, TINY, build_model, run_without_package, tiny_processor
 
-from modeling_mowe import MoWEConfig, MoWEProcessor
+from modeling_mowe import MoWEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT_RANGE = re.search(r'"transformers(>=[\d.]+,<[\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
@@ -33,7 +33,6 @@ NETWORK_ERRORS = (
     "No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable",
     "Temporary failure in name resolution", "ConnectionError",
 )
-SR = 16_000
 
 CHECK = """
 import numpy as np, sys, torch, transformers
@@ -76,7 +75,7 @@ def saved(tmp_path_factory):
     config = MoWEConfig.from_pretrained(TINY)
     config.dynamic_audio_length = True
     model = build_model(config, seed=5)
-    processor = MoWEProcessor.from_pretrained(TINY)
+    processor = tiny_processor(dynamic_audio_length=True)
     folder = root / "checkpoint"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

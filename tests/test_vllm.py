@@ -282,7 +282,7 @@ def test_serving_docs_give_each_presets_longest_clip():
         for name in re.findall(r"`(mowe-[\w.-]+)`", names):
             config = MoWEConfig.from_pretrained(root / "hub_configs" / name)
             assert config.text_config.max_position_embeddings == int(context.replace(",", "")), name
-            assert config.stack_factor == 4 and config.audio_frame_spec["samples_per_frame"] == 320, name
+            assert config.stack_factor == 4 and config.audio_frame_spec.samples_per_frame == 320, name
             assert tokens(length * SAMPLING_RATE) + 84 <= int(context.replace(",", "")), name
             assert tokens((length + 5) * SAMPLING_RATE) + 84 > int(context.replace(",", "")), name
 

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from ..encoders import SAMPLING_RATE
 from ..feature_extraction_mowe import downmix, read_audio, resample
 
 GENERATOR_VERSION = "1"
@@ -207,7 +208,7 @@ class BenchmarkConfig:
     validation_per_task: int = 40
     test_per_task: int = 40
     scale: float = 1.0
-    sampling_rate: int = 16000
+    sampling_rate: int = SAMPLING_RATE
     tasks: tuple[str, ...] = DEFAULT_TASKS
     languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
 
@@ -364,10 +365,11 @@ def make_beeps(
     return np.clip(wave, -1.0, 1.0).astype(np.float32), spans
 
 
-def to_wav_bytes(wave: np.ndarray, sampling_rate: int) -> bytes:
-    """16-bit PCM wav file bytes of a mono float waveform."""
+def to_wav_bytes(wave: np.ndarray, sampling_rate: int, subtype: str = "PCM_16") -> bytes:
+    """The bytes of a wav file of a mono float waveform: 16-bit PCM, or `subtype="FLOAT"` (32-bit float, lossless).
+    The tooling's one wav writer (datasets, published examples, serving requests)."""
     buffer = io.BytesIO()
-    sf.write(buffer, wave, sampling_rate, format="WAV", subtype="PCM_16")
+    sf.write(buffer, np.asarray(wave, dtype=np.float32), sampling_rate, format="WAV", subtype=subtype)
     return buffer.getvalue()
 
 
@@ -552,7 +554,7 @@ def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, Any]
     return messages
 
 
-def benchmark_features(sampling_rate: int = 16000):
+def benchmark_features(sampling_rate: int = SAMPLING_RATE):
     """The :class:`datasets.Features` of every split (the audio column is not decoded; see :func:`load_audio`)."""
     import datasets
 

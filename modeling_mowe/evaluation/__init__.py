@@ -334,32 +334,28 @@ def write_results(
 
 
 def prompt_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The row's conversation up to its last assistant turn, with the row's audio clips placed in its audio parts."""
+    """The row's conversation up to its last assistant turn, with the row's audio clips placed in its audio parts
+    (`processing_mowe.fill_audio_parts`)."""
+    from ..processing_mowe import fill_audio_parts
+
     messages = list(row["messages"])
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
     clips = row.get("audio")
-    clips = list(clips) if isinstance(clips, (list, tuple)) else [clips]
-    filled = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "audio", "audio": clips.pop(0)} if part["type"] == "audio" else part for part in content
-            ]
-        filled.append({**message, "content": content})
-    return filled
+    return fill_audio_parts(messages, list(clips) if isinstance(clips, (list, tuple)) else [clips])
 
 
 def generate_answers(
     model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 24, progress: bool = True
 ) -> list[str]:
-    """Greedy answers of `model` to every row of `dataset` (rows with `audio` and chat `messages`), in order.
+    """Greedy answers of `model` to every row of `dataset` (rows with `audio` and chat `messages`), in order
+    (`handler.generate_replies`, batch by batch).
 
     Batches are left-padded, so each answer equals the row generated alone.
     """
-    import torch
     from tqdm.auto import tqdm
+
+    from ..handler import generate_replies
 
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -368,13 +364,7 @@ def generate_answers(
         for start in tqdm(range(0, len(dataset), batch_size), desc="generating", disable=not progress):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
             conversations = [prompt_messages(row) for row in rows]
-            inputs = processor.apply_chat_template(
-                conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            ).to(model.device)
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+            answers += generate_replies(model, processor, conversations, max_new_tokens=max_new_tokens)
     finally:
         tokenizer.padding_side = padding_side
     return answers

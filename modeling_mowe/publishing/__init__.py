@@ -21,11 +21,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..data import make_beeps, to_wav_bytes
+from ..encoders import SAMPLING_RATE
 from ..evaluation import results_table_markdown
 from ..feature_extraction_mowe import read_audio
 
 EXAMPLE_AUDIO = "example.wav"
-SAMPLING_RATE = 16_000
 DEFAULT_REPO_ID = "your-username/{name}"
 DEFAULT_QUESTION = "Transcribe the audio."
 BEEPS_QUESTION = "How many beeps do you hear?"
@@ -102,7 +103,8 @@ def build_hub_folder(
     processor.save_pretrained(output)
     _generation_config(model, processor.tokenizer).save_pretrained(output)
     if example_audio is None:
-        example_audio, example_sampling_rate = _beeps(2), SAMPLING_RATE
+        example_audio, _ = make_beeps(2, 880.0, SAMPLING_RATE, np.random.default_rng(0))
+        example_sampling_rate = SAMPLING_RATE
         example_question = example_question or BEEPS_QUESTION
     write_example_audio(example_audio, output / EXAMPLE_AUDIO, example_sampling_rate)
     shutil.copyfile(HANDLER, output / "handler.py")
@@ -135,11 +137,9 @@ def build_hub_folder(
 
 def write_example_audio(audio: np.ndarray | str | os.PathLike, path: Path, sampling_rate: int = SAMPLING_RATE) -> None:
     """Write `audio` (a waveform at `sampling_rate`, or an audio file) to `path` as 16-bit PCM wav."""
-    import soundfile
-
     if isinstance(audio, (str, os.PathLike)):
         audio, sampling_rate = read_audio(audio)
-    soundfile.write(path, np.asarray(audio, dtype=np.float32), sampling_rate, subtype="PCM_16")
+    path.write_bytes(to_wav_bytes(audio, sampling_rate))
 
 
 def _card_license(components: Mapping[str, Any]) -> str:
@@ -324,15 +324,6 @@ def _generation_config(model, tokenizer):
     if generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
     return generation_config
-
-
-def _beeps(count: int, seconds: float = 1.5, frequency: float = 880.0) -> np.ndarray:
-    time = np.arange(int(seconds * SAMPLING_RATE)) / SAMPLING_RATE
-    waveform = np.zeros_like(time)
-    for start in 0.2 + 0.5 * np.arange(count):
-        inside = (time >= start) & (time < start + 0.15)
-        waveform[inside] = 0.5 * np.sin(2 * np.pi * frequency * time[inside])
-    return waveform.astype(np.float32)
 
 
 def _component_ids(components: Mapping[str, Any]) -> list[str]:

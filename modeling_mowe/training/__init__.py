@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..encoders import WaveformEncoderFamily
-from ..feature_extraction_mowe import to_mono_waveform
+from ..processing_mowe import audio_part_data, fill_audio_parts
 from ..routing import routing_entropy
 from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
 
@@ -80,31 +80,20 @@ class MoWEDataCollator:
         self.max_length = max_length
 
     def _row_conversation(self, row: dict) -> list[dict]:
-        """The row's messages with each data-less `{"type": "audio"}` part holding its clip (in order)."""
-        rate = self.processor.sampling_rate
-        clips = [to_mono_waveform(cell, None, rate) for cell in _row_audio(row)]
+        """The row's messages with each data-less `{"type": "audio"}` part holding its clip (in order; the
+        processor reads each at its own sampling rate)."""
+        clips = _row_audio(row)
         queue = list(clips)
-        messages = []
-        for message in _row_messages(row):
-            content = message.get("content")
-            if isinstance(content, (list, tuple)):
-                parts = []
-                for part in content:
-                    if isinstance(part, dict) and part.get("type") == "audio" and not _has_audio_data(part):
-                        if not queue and "audio" not in row:
-                            raise ValueError(
-                                "A row has {'type': 'audio'} parts without data and no `audio` column: "
-                                + AUDIO_COLUMN_REMOVED
-                            )
-                        if not queue:
-                            raise ValueError(
-                                f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "
-                                "give one clip per {'type': 'audio'} part."
-                            )
-                        part = {"type": "audio", "audio": queue.pop(0), "sampling_rate": rate}
-                    parts.append(part)
-                message = {**message, "content": parts}
-            messages.append(message)
+        messages = fill_audio_parts(_row_messages(row), queue)
+        if any(_needs_clip(part) for message in messages for part in _parts(message)):
+            if "audio" not in row:
+                raise ValueError(
+                    "A row has {'type': 'audio'} parts without data and no `audio` column: " + AUDIO_COLUMN_REMOVED
+                )
+            raise ValueError(
+                f"A row's messages have more audio parts than its {len(clips)} audio clip(s); "
+                "give one clip per {'type': 'audio'} part."
+            )
         if queue:
             raise ValueError(
                 f"A row has {len(clips)} audio clip(s) but only {len(clips) - len(queue)} audio part(s) in its "
@@ -172,8 +161,13 @@ def _row_summary(row: dict, width: int = 80) -> str:
     return repr(summary if len(summary) <= width else summary[: width - 3] + "...")
 
 
-def _has_audio_data(part: dict) -> bool:
-    return any(part.get(key) is not None for key in ("audio", "path", "url"))
+def _parts(message: dict) -> list:
+    content = message.get("content")
+    return list(content) if isinstance(content, (list, tuple)) else []
+
+
+def _needs_clip(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "audio" and audio_part_data(part) is None
 
 
 class RoutingStatsCallback(TrainerCallback):
@@ -327,7 +321,7 @@ def exit_distributed_process(exit_code: int = 0) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.destroy_process_group()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # CPython's own: no public way runs the handlers without the interpreter's teardown
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

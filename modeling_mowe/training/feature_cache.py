@@ -23,7 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..encoders import encoder_family, num_frames
+from ..encoders import encoder_family
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +208,6 @@ class FrozenBaseCache:
     def _remember_window_lengths(self, tower, args, kwargs) -> None:
         self._window_lengths = args[2] if len(args) > 2 else kwargs.get("audio_lengths")
 
-    def output_frames(self, input_frames: int) -> int:
-        """Frames the encoder emits for inputs `input_frames` long (mel frames for Whisper, samples otherwise)."""
-        if self.spec["type"] == "whisper":
-            return min((input_frames + 1) // 2, self.spec["max_frames"])
-        return int(num_frames(input_frames, self.spec))
-
     def forward(self, *args, **kwargs) -> BaseModelOutput:
         """The base encoder's forward (same arguments: `(batch, channels, time)` log-mels or `(batch, samples)`
         waveforms, optional `attention_mask` `(batch, time)`) -> `last_hidden_state` `(batch, frames, hidden)`."""
@@ -225,7 +219,8 @@ class FrozenBaseCache:
         mask = kwargs.get("attention_mask")
         width = inputs.shape[-1]
         read = mask.sum(-1).tolist() if mask is not None else [width] * len(inputs)
-        valid = num_frames(lengths.cpu(), self.spec).clamp(max=self.output_frames(width)).tolist()
+        output_frames = self.spec.output_frames(width)  # `width` mel frames for Whisper, samples otherwise
+        valid = self.spec.num_frames(lengths.cpu()).clamp(max=output_frames).tolist()
         keys = self._keys(inputs, read)
 
         cached = {i: self.store.get(key) for i, key in enumerate(keys)}
@@ -237,7 +232,7 @@ class FrozenBaseCache:
                 cached[i] = features[: valid[i]]
                 self.store.put(keys[i], cached[i])
         first = cached[0]
-        hidden = first.new_zeros(len(keys), self.output_frames(width), first.shape[-1], device=inputs.device)
+        hidden = first.new_zeros(len(keys), output_frames, first.shape[-1], device=inputs.device)
         for i, features in cached.items():
             hidden[i, : len(features)] = features.to(inputs.device, non_blocking=True)
         return BaseModelOutput(last_hidden_state=hidden)

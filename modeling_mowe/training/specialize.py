@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..encoders import WHISPER_CHUNK_SECONDS, encoder_family, min_samples
+from ..encoders import WHISPER_CHUNK_SECONDS, encoder_family
 from ..feature_extraction_mowe import MoWEFeatureExtractor, to_mono_waveform
 from ..modeling_mowe import load_audio_encoder
 
@@ -55,7 +55,7 @@ def encoder_feature_extractor(config, dynamic: bool = True) -> MoWEFeatureExtrac
     family = encoder_family(config)
     return MoWEFeatureExtractor(
         front_ends=[family.front_end(config)],
-        min_samples=min_samples(family.frame_spec(config)),
+        min_samples=family.frame_spec(config).min_samples,
         log_mel_length="longest" if dynamic else "chunk",
     )
 
@@ -78,7 +78,7 @@ def pooled_features(
     if inputs is None:
         raise ValueError(f"The {config.model_type} encoder needs its front-end's input; build it with the collator.")
     hidden = family.encode(encoder, inputs, audio_lengths, dynamic=dynamic).last_hidden_state
-    valid = family.num_frames(audio_lengths, family.frame_spec(config)).clamp(min=1, max=hidden.shape[1])
+    valid = family.frame_spec(config).num_frames(audio_lengths).clamp(min=1, max=hidden.shape[1])
     mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < valid[:, None]).to(hidden.dtype)[..., None]
     count = mask.sum(1)
     mean = (hidden * mask).sum(1) / count

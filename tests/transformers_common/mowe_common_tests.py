@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEModel, MoWEProcessor
+from modeling_mowe.encoders import SAMPLING_RATE
 
 from ...generation.test_utils import GenerationTesterMixin
 from ...test_modeling_common import ModelTesterMixin
 from ...test_processing_common import ProcessorTesterMixin
 
 TINY = Path(os.environ["MOWE_REPO"]) / "hub_configs" / "mowe-tiny-random"
-SR = 16_000
+SR = SAMPLING_RATE
 
 
 class MoWEModelTester:
