@@ -4,7 +4,8 @@
 
 1. A 3-epoch fine-tune through `make_sft_trainer` (TRL's SFTTrainer, espeak benchmark clips, `dynamic_audio_length`),
    with the frozen base's features cached (`cache_frozen_base=True`) and without: CPU time of epoch 1 (the cache
-   fills) and of epochs 2-3 (served from it), per arm, one torch thread, after a one-step warm-up run. Shapes, random weights:
+   fills) and of epochs 2-3 (served from it), per arm, one torch thread, after a one-step warm-up run. Shapes,
+   random weights:
    - demo: Whisper-base (d 512, 6 layers) base, 4 x Whisper-tiny.en (d 384, 4 layers) pool, top-1, both routers, the
      demo's from-scratch Llama (d 256, 4 layers) trained in full;
    - paper: `bench_paper_shape.paper_config` (Whisper-large-v3 : tiny : Llama-3-8B proportions at 1/120), LoRA r 16.

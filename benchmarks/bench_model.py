@@ -73,7 +73,8 @@ def build(config: MoWEConfig, seed: int = 0) -> MoWEForConditionalGeneration:
 
 
 def make_inputs(config: MoWEConfig, seconds: list[float], seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """Features from MoWEFeatureExtractor; prompts of PROMPT_TOKENS random text tokens around each clip's audio tokens."""
+    """Features from MoWEFeatureExtractor; prompts of PROMPT_TOKENS random text tokens around each clip's audio
+    tokens."""
     rng = np.random.default_rng(seed)
     clips = [(0.1 * rng.standard_normal(int(s * SR))).astype(np.float32) for s in seconds]
     features = MoWEFeatureExtractor.from_mowe_config(config)(clips, sampling_rate=SR, return_tensors="pt")
@@ -128,12 +129,15 @@ def run_components(model: MoWEForConditionalGeneration, inputs: dict, choice: to
     config, tower = model.config, model.model.audio_tower
     lengths = inputs["audio_lengths"]
     family = encoder_family(config.base_encoder_config)
-    base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True).last_hidden_state
+    base = family.encode(tower.base_encoder, inputs["input_features"][:, :128], lengths, dynamic=True)
+    base = base.last_hidden_state
     frames = tower.base_spec.num_frames(lengths)
     blocks = base.new_zeros(choice.shape[1], *base.shape[:2], config.weak_hidden_size)
     for weak_index in choice.unique().tolist():
         rows = (choice == weak_index).any(-1).any(-1).nonzero(as_tuple=True)[0]
-        weak = family.encode(tower.weak_encoders[weak_index], inputs["input_features"][rows, 128:], lengths[rows], True)
+        weak = family.encode(
+            tower.weak_encoders[weak_index], inputs["input_features"][rows, 128:], lengths[rows], True
+        )
         weak = weak.last_hidden_state
         weak = align_to_frames(weak, tower.weak_specs[weak_index], tower.base_spec, frames[rows], base.shape[1])
         weak = tower.weak_projections[weak_index](weak)
@@ -159,7 +163,9 @@ def bench_glue(repeats: int, seconds: list[float]) -> tuple[float, str]:
         with torch.no_grad():
             model(**inputs)
 
-    times = median_seconds({"mowe": mowe, "direct": lambda: run_components(model, inputs, choice)}, repeats, clock=CLOCK)
+    times = median_seconds(
+        {"mowe": mowe, "direct": lambda: run_components(model, inputs, choice)}, repeats, clock=CLOCK
+    )
     note = f"MoWE {times['mowe'] * 1e3:.0f} ms, components {times['direct'] * 1e3:.0f} ms"
     return times["mowe"] / times["direct"], note + f"; weak encoders {choice.unique().tolist()}"
 
@@ -251,7 +257,8 @@ def bench_idle_calls(repeats: int, seconds: list[float]) -> tuple[float, str]:
 
 
 def bench_compile(repeats: int, seconds: list[float]) -> tuple[float, str]:
-    """Inference forward: `torch.compile(model)` (Inductor, default mode) vs eager, same inputs; the warm-up compiles."""
+    """Inference forward: `torch.compile(model)` (Inductor, default mode) vs eager, same inputs; the warm-up
+    compiles."""
     config = make_config("both")
     model = build(config).eval()
     compiled = torch.compile(model)
@@ -264,7 +271,9 @@ def bench_compile(repeats: int, seconds: list[float]) -> tuple[float, str]:
     start = time.perf_counter()
     difference = (forward(compiled) - forward(model)).abs().max().item()
     compile_seconds = time.perf_counter() - start
-    times = median_seconds({"compiled": lambda: forward(compiled), "eager": lambda: forward(model)}, repeats, clock=CLOCK)
+    times = median_seconds(
+        {"compiled": lambda: forward(compiled), "eager": lambda: forward(model)}, repeats, clock=CLOCK
+    )
     note = (
         f"compiled {times['compiled'] * 1e3:.0f} ms, eager {times['eager'] * 1e3:.0f} ms; first call "
         f"{compile_seconds:.0f} s (wall); max |logit difference| {difference:.1e}"

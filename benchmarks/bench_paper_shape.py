@@ -12,9 +12,10 @@
    <= 1.03x; the FLOP floor is 1.012x (the weak encoders and a wider projector input, next to a frozen base and the
    LLM).
 2. DDP on 2 gloo ranks (one thread each), same model, each rank its own clips (so the ranks route differently):
-   the tower's idle calls of unpicked weak encoders (0.5 s of one clip, weighted zero) + `find_unused_parameters=False`,
-   vs no idle calls + `find_unused_parameters=True` (DDP walks the autograd graph after each forward to find unused
-   parameters). Wall time (the ranks wait on each other), medians of interleaved steps.
+   the tower's idle calls of unpicked weak encoders (0.5 s of one clip, weighted zero) +
+   `find_unused_parameters=False`, vs no idle calls + `find_unused_parameters=True` (DDP walks the autograd graph
+   after each forward to find unused parameters). Wall time (the ranks wait on each other), medians of interleaved
+   steps.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def main() -> None:
     parser.add_argument("--ddp-steps", type=int, default=9)
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument(
-        "--threads", type=int, default=1, help="1 by default: on a loaded machine, more threads spin-wait and inflate CPU time"
+        "--threads",
+        type=int,
+        default=1,
+        help="1 by default: on a loaded machine, more threads spin-wait and inflate CPU time",
     )
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

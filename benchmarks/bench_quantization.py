@@ -104,7 +104,9 @@ def part_of(name: str) -> str:
     return "routers + projections + projector"
 
 
-def weight_bytes(config: MoWEConfig, quantization: BitsAndBytesConfig | None, dtype: torch.dtype, upcast: bool = False):
+def weight_bytes(
+    config: MoWEConfig, quantization: BitsAndBytesConfig | None, dtype: torch.dtype, upcast: bool = False
+):
     """Bytes per part of the model `from_pretrained(..., dtype=dtype, quantization_config=quantization)` loads,
     built on the meta device; `upcast`: every weight that is not quantized in fp32 (after
     `prepare_model_for_kbit_training`)."""
@@ -159,7 +161,10 @@ def memory(args) -> None:
     settings = {
         "all bf16": (None, False),
         "4-bit LLM": (nf4(bnb_4bit_compute_dtype=torch.bfloat16), False),
-        "4-bit LLM + 4-bit base": (nf4(bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"]), False),
+        "4-bit LLM + 4-bit base": (
+            nf4(bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"]),
+            False,
+        ),
         "8-bit LLM": (BitsAndBytesConfig(load_in_8bit=True), False),
         "QLoRA as trained (4-bit LLM, rest fp32)": (nf4(bnb_4bit_compute_dtype=torch.bfloat16), True),
     }
@@ -289,7 +294,9 @@ def score(models, processor, args) -> None:
     data = datasets.load_from_disk(args.dataset)[args.split]
     if args.limit:
         data = data.select(range(min(args.limit, len(data))))
-    results = {name: evaluate_model(model, processor, data, batch_size=8, progress=False) for name, model in models.items()}
+    results = {
+        name: evaluate_model(model, processor, data, batch_size=8, progress=False) for name, model in models.items()
+    }
     for result in results.values():
         result.pop("predictions")
     intervals = bootstrap_intervals(results, reference="full")

@@ -1,4 +1,4 @@
-"""vLLM vs batched transformers `generate()` on one MoWE folder: requests/s and generated tokens/s, as ratios of one run.
+"""vLLM vs batched transformers `generate()` on one MoWE folder: requests/s and generated tokens/s, ratios of one run.
 
     .venv/bin/python benchmarks/bench_vllm.py [--model FOLDER] [--requests 64] [--warmup 16] [--max-new-tokens 32]
                                               [--hf-batch-size 16] [--llm-layers 2] [--llm-width 64]

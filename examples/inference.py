@@ -1,6 +1,7 @@
 """Answer a question about an audio file with a MoWE audio LLM (a local folder or a Hub id).
 
-    python examples/inference.py --model outputs/demo/mowe-model --audio clip.wav --question "How many beeps do you hear?"
+    python examples/inference.py --model outputs/demo/mowe-model --audio clip.wav \\
+        --question "How many beeps do you hear?"
 
 The answer comes from `modeling_mowe.handler.answer`, the function the Inference Endpoints handler and the Gradio
 Space use too. The model's code is loaded from its folder (`trust_remote_code=True`).

@@ -2,24 +2,27 @@
 
 Single process (bf16 where the accelerator supports it, else fp32; `--bf16 True/False` decides otherwise), audio
 decoding and feature extraction in 2 DataLoader worker processes:
-    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \
+    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/sft \\
         --model hub_configs/mowe-tiny-random --max_steps 4 --per_device_train_batch_size 4 --dataloader_num_workers 2
 QLoRA (the LLM in 4-bit NF4 with bitsandbytes, LoRA on it; weak pool, routers and projector trained in full):
-    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/qlora \
+    python examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> --output_dir out/qlora \\
         --model outputs/demo/mowe-model --load_in_4bit --max_steps 2 --per_device_train_batch_size 2
 Two processes (DDP; gloo on CPU, NCCL on GPUs):
-    torchrun --standalone --nproc_per_node 2 examples/train_sft.py --dataset outputs/demo/cache/benchmark/<fingerprint> \
+    torchrun --standalone --nproc_per_node 2 examples/train_sft.py \\
+        --dataset outputs/demo/cache/benchmark/<fingerprint> \\
         --output_dir out/ddp --max_steps 2 --per_device_train_batch_size 2 --ddp_find_unused_parameters False
 On GPUs, through accelerate:
-    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py --dataset <folder> --output_dir out  # GPU only, not run by the tests
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_sft.py \\
+        --dataset <folder> --output_dir out  # GPU only, not run by the tests
 On your own corpora: a mixture file names them, their layouts, tasks and weights (docs/DATA.md); training streams it,
 so give --max_steps:
-    python examples/train_sft.py --mixture examples/mixtures/local.yaml --output_dir out/mixture \
+    python examples/train_sft.py --mixture examples/mixtures/local.yaml --output_dir out/mixture \\
         --max_steps 4 --per_device_train_batch_size 4
 Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
-    python examples/train_sft.py --base_encoder openai/whisper-large-v3 \
-        --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \
-        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> --output_dir out  # GPU + Hub, not run by the tests
+    python examples/train_sft.py --base_encoder openai/whisper-large-v3 \\
+        --weak_encoders openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny openai/whisper-tiny \\
+        --text_model meta-llama/Meta-Llama-3-8B-Instruct --dataset <hub id or folder> \\
+        --output_dir out  # GPU + Hub, not run by the tests
 
 Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...). The frozen base
 encoder encodes each clip once and later epochs read its features from a cache (`--cache_frozen_base auto`, the
@@ -44,7 +47,8 @@ from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcesso
 from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 
 # TRL and `set_seed` are imported in main(), after modeling_mowe: they import transformers' Trainer, hence PEFT and
-# bitsandbytes, whose CPU-kernel warning modeling_mowe keeps off the console once it is loaded (modeling_mowe/__init__).
+# bitsandbytes, whose CPU-kernel warning modeling_mowe keeps off the console once it is loaded
+# (modeling_mowe/__init__).
 if TYPE_CHECKING:
     from trl import SFTConfig
 
@@ -73,17 +77,23 @@ class ScriptArguments:
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the LLM (else the LLM stays frozen)."})
     load_in_4bit: bool = field(
         default=False,
-        metadata={"help": "QLoRA: load the LLM in 4-bit NF4 (bitsandbytes) and train LoRA on it (implies --use_lora)."},
+        metadata={
+            "help": "QLoRA: load the LLM in 4-bit NF4 (bitsandbytes) and train LoRA on it (implies --use_lora)."
+        },
     )
     lora_r: int = 16
     train_language_model: bool = field(default=False, metadata={"help": "Without LoRA: train the LLM in full."})
     cache_frozen_base: str = field(
         default="auto",
-        metadata={"help": "Encode each clip once with the frozen base encoder and reuse its features in later epochs: "
-                  "auto (where exact: frozen base without dropout), true, false.", "choices": ["auto", "true", "false"]},
+        metadata={
+            "help": "Encode each clip once with the frozen base encoder and reuse its features in later epochs: "
+            "auto (where exact: frozen base without dropout), true, false.",
+            "choices": ["auto", "true", "false"],
+        },
     )
     frozen_base_cache_gb: float = field(
-        default=2.0, metadata={"help": "Memory for cached base features; the rest spills to <output_dir>/_frozen_base_features."}
+        default=2.0,
+        metadata={"help": "Memory for cached base features; the rest spills to <output_dir>/_frozen_base_features."},
     )
 
 
@@ -151,7 +161,8 @@ def build_trainer(args: ScriptArguments, training_args: SFTConfig):
     model, processor = load_model_and_processor(args, quantization_config(args, training_args))
     return make_sft_trainer(
         model, processor, training_args, train_dataset, eval_dataset,
-        use_lora=args.use_lora or args.load_in_4bit, lora_r=args.lora_r, train_language_model=args.train_language_model,
+        use_lora=args.use_lora or args.load_in_4bit, lora_r=args.lora_r,
+        train_language_model=args.train_language_model,
         cache_frozen_base={"auto": None, "true": True, "false": False}[args.cache_frozen_base],
         frozen_base_cache_bytes=int(args.frozen_base_cache_gb * 2**30),
     )

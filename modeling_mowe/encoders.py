@@ -228,8 +228,8 @@ class DynamicLengthWhisperEncoder(WhisperEncoder):
         max_mel_frames = self.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] > max_mel_frames:
             raise ValueError(
-                f"Whisper takes at most {max_mel_frames} mel frames (30 s) per window, got {input_features.shape[-1]}; "
-                "split longer audio into 30 s windows (MoWEProcessor does)."
+                f"Whisper takes at most {max_mel_frames} mel frames (30 s) per window, "
+                f"got {input_features.shape[-1]}; split longer audio into 30 s windows (MoWEProcessor does)."
             )
         frame_mask = None
         if attention_mask is not None:

@@ -267,9 +267,10 @@ class MoWEAudioTower(nn.Module):
             hidden = self.weak_features(weak_index, rows, input_features, input_values, audio_lengths, num_base_frames)
             hidden = hidden.to(base_hidden.device)
             gate = gates[rows, :, weak_index].T  # (routers, len(rows))
+            # (routers, len(rows), frames, weak_hidden_size)
+            weighted = hidden * gate[..., None, None].to(hidden.dtype)
             # `.to(blocks.dtype)`: under autocast the projection computes in bf16/fp16 while the blocks keep the base
             # features' dtype (fp32 for fp32 weights), as do the sums over weak encoders.
-            weighted = hidden * gate[..., None, None].to(hidden.dtype)  # (routers, len(rows), frames, weak_hidden_size)
             blocks = blocks.index_add(1, rows, weighted.to(blocks.dtype))
 
         aux_loss = None
@@ -586,7 +587,9 @@ class MoWEModel(MoWEPreTrainedModel):
             audio_embeds, router_logits = audio.pooler_output, audio.router_logits
             router_aux_loss, router_indices = audio.router_aux_loss, audio.router_indices
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, audio_embeds.shape[0])
-            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(
+                mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
 
         for flag in ("output_hidden_states", "output_attentions"):  # the MoWE config's flags reach the LLM
             if kwargs.get(flag) is None and getattr(self.config, flag):
@@ -800,7 +803,7 @@ class MoWEForConditionalGeneration(MoWEPreTrainedModel, GenerationMixin):
     @classmethod
     def _load_quantized(cls, model: MoWEForConditionalGeneration, quantization_config) -> MoWEForConditionalGeneration:
         """`model` loaded again by `from_pretrained` from its state dict (in memory) with `quantization_config`, so a
-        composed model is quantized, placed and marked (`hf_quantizer`, `is_loaded_in_4bit`) as a saved one would be."""
+        composed model is quantized, placed and marked (`hf_quantizer`, `is_loaded_in_4bit`) like a saved one."""
         quantized = cls.from_pretrained(
             None,
             config=model.config,

@@ -120,7 +120,8 @@ def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processo
     inputs = make_inputs(processor, ["<|audio|>hi", "<|audio|>ok"], [make_clip(1.3, 1), make_clip(0.7, 2)])
     with torch.no_grad():
         torch.testing.assert_close(mowe(**inputs).logits, base_only(**inputs).logits, atol=1e-5, rtol=1e-5)
-    weak_columns = mowe.model.multi_modal_projector.linear_1.weight[:, 64:128]  # frame 0: base 64, then two weak blocks of 32
+    # Frame 0: base 64, then two weak blocks of 32.
+    weak_columns = mowe.model.multi_modal_projector.linear_1.weight[:, 64:128]
     assert weak_columns.abs().sum() == 0
 
 

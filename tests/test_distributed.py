@@ -94,7 +94,10 @@ def shard_with_accelerate(model: MoWEForConditionalGeneration) -> None:
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False
     )
     stand_in = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True, device=torch.device("cpu")
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision="no",
+        is_main_process=True,
+        device=torch.device("cpu"),
     )
     fsdp2_prepare_model(stand_in, model)
 
@@ -162,7 +165,9 @@ def ddp_steps(model, halves: list, rank: int, world: int, reference_grads: dict)
         ddp(**inputs, labels=labels).loss.backward()
         if step == 0:
             for name, param in model.named_parameters():
-                if param.grad is not None and not torch.allclose(param.grad, reference_grads[name], atol=ATOL, rtol=RTOL):
+                if param.grad is not None and not torch.allclose(
+                    param.grad, reference_grads[name], atol=ATOL, rtol=RTOL
+                ):
                     mismatched[name] = (param.grad - reference_grads[name]).abs().max().item()
         optimizer.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -274,7 +279,9 @@ def test_fsdp2_and_ddp_steps_equal_one_process_and_sharded_checkpoint_reloads(tm
             before = untrained(**inputs).logits
         sharded_logits = load_file(str(tmp_path / f"logits_{rank}.safetensors"))["logits"]
         torch.testing.assert_close(logits, sharded_logits, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(before, sharded_logits, atol=1e-3), "the step changed nothing: the reload proves nothing"
+        assert not torch.allclose(before, sharded_logits, atol=1e-3), (
+            "the step changed nothing: the reload proves nothing"
+        )
 
 
 def test_no_split_modules_are_the_encoders_and_llm_layers():

@@ -6,9 +6,9 @@ starts `python`, `torchrun` or `accelerate` (after optional `VAR=value` settings
 They run with bash in a sandbox that looks like the repository after `scripts/demo.sh`: `examples/` and
 `hub_configs/` linked in, a tiny benchmark at `outputs/demo/cache/benchmark/<fingerprint>`, a published tiny model at
 `outputs/demo/mowe-model` and a `clip.wav`; the venv's `python` first on `PATH`. Only `<fingerprint>` is
-substituted. Commands the docs mark "not run by the tests" (GPUs, Hub downloads, runs too long for the suite) are not run,
-`bash scripts/*.sh` is the demo (`test_demo.py` runs its pipeline) and the test suite itself, and the commands in
-`RUN_ELSEWHERE` run, as written, in the test named there, on the data they need.
+substituted. Commands the docs mark "not run by the tests" (GPUs, Hub downloads, runs too long for the suite) are not
+run, `bash scripts/*.sh` is the demo (`test_demo.py` runs its pipeline) and the test suite itself, and the commands
+in `RUN_ELSEWHERE` run, as written, in the test named there, on the data they need.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def test_cached_step_equals_the_plain_encoder_on_rebatched_clips(dynamic):
     assert (cache.store.hits, cache.store.misses, len(cache.store)) == (0, 3, 3)
 
     encoder_calls = []
-    cached.get_encoder(modality="audio").base_encoder.layers[0].register_forward_hook(lambda *a: encoder_calls.append(1))
+    cached.get_encoder(modality="audio").base_encoder.layers[0].register_forward_hook(
+        lambda *a: encoder_calls.append(1)
+    )
     rebatched = [clips[2], clips[0]]  # other neighbours, another padded length
     loss, grads = training_step(cached, processor, TEXTS[:2], rebatched)
     expected_loss, expected_grads = training_step(plain, processor, TEXTS[:2], rebatched)
@@ -145,7 +147,8 @@ def test_trainer_logs_counts_and_a_resumed_run_finds_the_spilled_features(rows, 
     full = make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path / "full"), rows)
     full.train()
     logs = cache_logs(full)
-    assert [(h["frozen_base_cache/hits"], h["frozen_base_cache/misses"]) for h in logs] == [(0, 2), (0, 2), (2, 0), (2, 0)]
+    hits_misses = [(h["frozen_base_cache/hits"], h["frozen_base_cache/misses"]) for h in logs]
+    assert hits_misses == [(0, 2), (0, 2), (2, 0), (2, 0)]
     assert logs[-1]["frozen_base_cache/memory_bytes"] > 0
 
     first = make_sft_trainer(

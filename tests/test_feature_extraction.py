@@ -334,7 +334,8 @@ def test_batch_errors_name_the_clip(extractor):
 
 def test_dynamic_mode_log_mels_end_at_the_longest_window_with_the_same_values():
     """`dynamic_audio_length` models get log-mels only as long as the batch's longest window (even frame count),
-    equal to the 30 s ones on every frame kept; clips over 30 s keep their full windows; padded models are unchanged."""
+    equal to the 30 s ones on every frame kept; clips over 30 s keep their full windows; padded models are
+    unchanged."""
     config = MoWEConfig.from_pretrained(TINY, dynamic_audio_length=True)
     short = MoWEFeatureExtractor.from_mowe_config(config)
     full = MoWEFeatureExtractor.from_mowe_config(config, log_mel_length="chunk")

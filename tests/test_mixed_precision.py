@@ -1,4 +1,4 @@
-"""fp32 weights under bf16/fp16 autocast: what `Trainer`/`SFTTrainer` do with `bf16=True` (TRL's default) or `fp16=True`.
+"""fp32 weights under bf16/fp16 autocast: what `Trainer`/`SFTTrainer` do with `bf16=True` (TRL default) or `fp16=True`.
 
 The model stays in fp32 (as `from_pretrained` loads it); only the forward runs under `torch.autocast`. Losses must be
 finite and close to the fp32 run: within 2% relative (bf16 keeps 8 mantissa bits, ~0.4% per rounding; a few
@@ -137,7 +137,9 @@ from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 data, output_dir, precision = datasets.load_from_disk(sys.argv[1])["train"], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
 model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
-args = user_sft_config(output_dir + "/" + precision, max_steps=2, **({{}} if precision == "bf16" else {{"bf16": False}}))
+args = user_sft_config(
+    output_dir + "/" + precision, max_steps=2, **({{}} if precision == "bf16" else {{"bf16": False}})
+)
 trainer = make_sft_trainer(model, MoWEProcessor.from_pretrained(TINY), args, data)
 trainer.train()
 flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])

@@ -53,7 +53,8 @@ def force_routing(model, independent: int, dependent: int, margin: float = 4.0):
 
 
 def selected_windows(router_indices):
-    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`: {weak_index: set(rows)}."""
+    """Per weak encoder, the windows any router routed to it, from the model's `router_indices`:
+    {weak_index: set(rows)}."""
     chosen: dict[int, set] = {}
     for row, per_router in enumerate(router_indices.tolist()):
         for weak_indices in per_router:
@@ -190,7 +191,7 @@ def test_model_router_aux_loss_matches_formula_on_its_router_logits(fast_config,
 
 
 def _user_loop_loss(model, inputs, labels):
-    """A loss computed from the logits, plus the balancing loss the outputs carry (as with transformers' MoE models)."""
+    """A loss computed from the logits, plus the balancing loss the outputs carry (as in transformers' MoE models)."""
     out = model(**inputs)
     lm_loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     return lm_loss + model.config.router_aux_loss_coef * out.router_aux_loss
@@ -390,7 +391,9 @@ def test_under_a_process_group_every_weak_encoder_runs_in_training_and_unpicked_
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     for unpicked in (0, 1, 3):
-        assert all(float(p.grad.abs().max()) == 0 for p in tower.weak_encoders[unpicked].parameters() if p.requires_grad)
+        assert all(
+            float(p.grad.abs().max()) == 0 for p in tower.weak_encoders[unpicked].parameters() if p.requires_grad
+        )
         assert all(float(p.grad.abs().max()) == 0 for p in tower.weak_projections[unpicked].parameters())
     assert any(float(p.grad.abs().max()) > 0 for p in tower.weak_encoders[2].parameters() if p.requires_grad)
 

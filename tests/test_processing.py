@@ -146,7 +146,8 @@ def test_batched_text_is_padded_left_without_asking(processor):
 
 def test_a_tokenizers_saved_padding_defaults_stand_unless_the_call_overrides_them(processor, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(TINY, padding="max_length", max_length=300)
-    MoWEProcessor(processor.feature_extractor, tokenizer, chat_template=processor.chat_template).save_pretrained(tmp_path)
+    to_save = MoWEProcessor(processor.feature_extractor, tokenizer, chat_template=processor.chat_template)
+    to_save.save_pretrained(tmp_path)
     saved = MoWEProcessor.from_pretrained(tmp_path)
     one = saved(text="<|audio|> hi", audio=noise(0.5), sampling_rate=SR, return_tensors="pt")
     two = saved(text=["<|audio|> hi", "hello"], audio=[noise(0.5)], sampling_rate=SR, return_tensors="pt")

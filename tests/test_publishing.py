@@ -42,7 +42,9 @@ REPO_ID = "mowe-org/mowe-tiny"
 MAX_NEW_TOKENS = 4
 COMPONENTS = {
     "base_encoder": "openai/whisper-large-v3",
-    "weak_encoders": ["openai/whisper-tiny", "openai/whisper-tiny", "facebook/hubert-base-ls960", "facebook/hubert-base-ls960"],
+    "weak_encoders": [
+        "openai/whisper-tiny", "openai/whisper-tiny", "facebook/hubert-base-ls960", "facebook/hubert-base-ls960"
+    ],
     "text_model": "meta-llama/Meta-Llama-3-8B-Instruct",
 }
 RESULTS = {
@@ -109,7 +111,9 @@ def published(tmp_path_factory):
         max_shard_size="1MB",
         max_new_tokens=MAX_NEW_TOKENS,
     )
-    expected = greedy_answer(model, processor, str(folder / "example.wav"), BEEPS_QUESTION, max_new_tokens=MAX_NEW_TOKENS)
+    expected = greedy_answer(
+        model, processor, str(folder / "example.wav"), BEEPS_QUESTION, max_new_tokens=MAX_NEW_TOKENS
+    )
     assert expected.strip(), "the fixture model should answer with visible text"
     return {"root": root, "folder": folder, "model": model, "processor": processor, "expected": expected}
 
@@ -243,7 +247,10 @@ def test_endpoint_handler_answers_base64_and_raw_samples(published):
             "inputs": [{"audio": samples, "sampling_rate": 8000, "text": "Transcribe the audio."}],
             "parameters": {"max_new_tokens": MAX_NEW_TOKENS},
         },
-        {"inputs": {"audio": f"data:audio/wav;base64,{wav}", "text": BEEPS_QUESTION}, "parameters": {"max_new_tokens": 4}},
+        {
+            "inputs": {"audio": f"data:audio/wav;base64,{wav}", "text": BEEPS_QUESTION},
+            "parameters": {"max_new_tokens": 4},
+        },
     ]
     script = textwrap.dedent(
         """
@@ -321,8 +328,9 @@ def test_model_composed_from_real_checkpoints_publishes_and_loads_back(tmp_path)
     model generates what the composed one does."""
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     whisper = dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
-                   decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=16, max_target_positions=8, pad_token_id=0, bos_token_id=1,
-                   eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None)
+                   decoder_attention_heads=2, decoder_ffn_dim=32, vocab_size=16, max_target_positions=8,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                   begin_suppress_tokens=None)
     torch.manual_seed(0)
     parts = {
         "whisper-base": WhisperForConditionalGeneration(WhisperConfig(num_mel_bins=128, d_model=32, **whisper)),
@@ -374,4 +382,7 @@ def test_model_composed_from_real_checkpoints_publishes_and_loads_back(tmp_path)
     loaded_processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     audio = str(folder / "example.wav")
     expected = greedy_answer(model, processor, audio, "Transcribe the audio.", max_new_tokens=MAX_NEW_TOKENS)
-    assert greedy_answer(loaded, loaded_processor, audio, "Transcribe the audio.", max_new_tokens=MAX_NEW_TOKENS) == expected
+    assert (
+        greedy_answer(loaded, loaded_processor, audio, "Transcribe the audio.", max_new_tokens=MAX_NEW_TOKENS)
+        == expected
+    )

@@ -15,7 +15,9 @@ bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModel, BitsAndBytesConfig  # noqa: E402
 
 QUANTIZED = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-FULL_PRECISION_PARTS = ("weak_encoders", "weak_projections", "router_dependent", "router_independent", "multi_modal_projector")
+FULL_PRECISION_PARTS = (
+    "weak_encoders", "weak_projections", "router_dependent", "router_independent", "multi_modal_projector"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs():
     processor = tiny_processor(dynamic_audio_length=True)
-    return make_inputs(processor, ["<|audio|> Transcribe.", "<|audio|> How many?"], [make_clip(1.0, 1), make_clip(1.6, 2)])
+    return make_inputs(
+        processor, ["<|audio|> Transcribe.", "<|audio|> How many?"], [make_clip(1.0, 1), make_clip(1.6, 2)]
+    )
 
 
 def quantized_modules(model: nn.Module) -> set[str]:
@@ -76,7 +80,9 @@ def test_explicit_skip_list_quantizes_the_base_encoder_and_keeps_trained_parts(f
 
 
 def test_8bit_load_quantizes_the_llm_only(folder):
-    model = MoWEForConditionalGeneration.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    model = MoWEForConditionalGeneration.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
     assert model.is_loaded_in_8bit
     assert {name.split(".")[1] for name in quantized_modules(model)} == {"language_model"}
 
@@ -242,7 +248,9 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(folder, rows, inputs, 
     "options, message",
     [
         pytest.param({}, "use_lora=True", id="no-lora"),
-        pytest.param({"use_lora": True, "train_language_model": True}, "train the LLM or the base encoder", id="full-llm"),
+        pytest.param(
+            {"use_lora": True, "train_language_model": True}, "train the LLM or the base encoder", id="full-llm"
+        ),
     ],
 )
 def test_quantized_model_trains_only_as_qlora(folder, rows, tmp_path, options, message):

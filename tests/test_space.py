@@ -109,7 +109,9 @@ def space_server(published):
         deadline = time.monotonic() + 90
         while True:
             if process.poll() is not None:
-                pytest.fail(f"the app exited with {process.returncode}:\n{(published['root'] / 'app.log').read_text()}")
+                pytest.fail(
+                    f"the app exited with {process.returncode}:\n{(published['root'] / 'app.log').read_text()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:

@@ -1,6 +1,6 @@
-"""The study (`python -m modeling_mowe.experiments study`) at a tiny size: the same code path as the full run (converted real
-Whisper parts, a from-scratch LLM, every arm, several seeds, pooled intervals, plots), with tiny.en in both roles, a
-one-layer LLM, two steps and a handful of clips."""
+"""The study (`python -m modeling_mowe.experiments study`) at a tiny size: the same code path as the full run
+(converted real Whisper parts, a from-scratch LLM, every arm, several seeds, pooled intervals, plots), with tiny.en in
+both roles, a one-layer LLM, two steps and a handful of clips."""
 
 from __future__ import annotations
 

@@ -101,8 +101,11 @@ def chat_row(answer: str | None) -> dict:
 
 def test_collator_refuses_a_row_without_an_answer_and_names_it(processor):
     # Such a row trains nothing; a batch of them would have no trainable token at all.
-    with pytest.raises(ValueError, match=r"Row 1 of the batch \('user: <audio> What is it\?'\) has no answer token "
-                                         r"to train on .*no assistant turn.* Give the row an assistant answer, or drop"):
+    with pytest.raises(
+        ValueError,
+        match=r"Row 1 of the batch \('user: <audio> What is it\?'\) has no answer token "
+        r"to train on .*no assistant turn.* Give the row an assistant answer, or drop",
+    ):
         MoWEDataCollator(processor)([chat_row("a dog"), chat_row(None)])
 
 
@@ -118,7 +121,8 @@ def test_collator_refuses_a_row_whose_answer_max_length_cuts_away(processor):
 def test_rows_whose_audio_column_was_removed_are_told_to_keep_it(splits, processor, tmp_path):
     from trl import SFTTrainer
 
-    rows = [{k: v for k, v in splits["train"][i].items() if k != "audio"} for i in range(2)]  # what column removal does
+    # What column removal does:
+    rows = [{k: v for k, v in splits["train"][i].items() if k != "audio"} for i in range(2)]
     with pytest.raises(ValueError, match=r"no `audio` column.*`remove_unused_columns=False`"):
         MoWEDataCollator(processor)(rows)
     # A plain SFTTrainer keeps no column of these rows, and transformers' Trainer names the same fix.
@@ -134,7 +138,9 @@ def test_rows_whose_audio_column_was_removed_are_told_to_keep_it(splits, process
 
 def test_prompt_completion_rows(splits, processor):
     row = splits["train"][0]
-    batch = MoWEDataCollator(processor)([{"audio": row["audio"], "prompt": row["prompt"], "completion": row["answer"]}])
+    batch = MoWEDataCollator(processor)(
+        [{"audio": row["audio"], "prompt": row["prompt"], "completion": row["answer"]}]
+    )
     trained = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
     assert processor.tokenizer.decode(trained).startswith(row["answer"])
 
@@ -151,7 +157,9 @@ def test_prompt_completion_rows_without_their_audio_column_are_refused_not_train
 
 def test_sft_learns_with_checkpointing_and_logs_routing(splits, processor, tmp_path):
     args = sft_args(tmp_path, max_steps=10, gradient_checkpointing=True)
-    trainer = make_sft_trainer(tiny_model(), processor, args, splits["train"].select(range(8)), train_language_model=True)
+    trainer = make_sft_trainer(
+        tiny_model(), processor, args, splits["train"].select(range(8)), train_language_model=True
+    )
     trainer.train()
     losses = train_losses(trainer)
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))

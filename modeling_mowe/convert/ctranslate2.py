@@ -242,7 +242,8 @@ def convert_ctranslate2_whisper(
     expected = set(model.state_dict()) - {"proj_out.weight"}  # tied to the decoder's token embeddings
     if set(state_dict) != expected:
         raise ValueError(
-            f"CTranslate2 Whisper weights do not match transformers' Whisper: missing {sorted(expected - set(state_dict))[:5]}, "
+            "CTranslate2 Whisper weights do not match transformers' Whisper: "
+            f"missing {sorted(expected - set(state_dict))[:5]}, "
             f"unexpected {sorted(set(state_dict) - expected)[:5]}."
         )
     tensors = {

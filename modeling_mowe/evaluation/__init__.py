@@ -155,7 +155,9 @@ def per_example_scores(metric: str, predictions: Sequence[str], references: Sequ
     scores = []
     for prediction, reference in zip(predictions, references):
         out = jiwer.process_words(reference, prediction)
-        scores.append([out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits])
+        scores.append(
+            [out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits]
+        )
     return scores
 
 
@@ -291,7 +293,8 @@ def results_table_markdown(
     for key, label, higher in _SUMMARY_ROWS:
         lines.append(row(label, key, [r.get("summary", {}).get(key) for r in results.values()], higher))
     counts = [r.get("summary", {}).get("n") for r in results.values()]
-    lines.append("| examples | " + " | ".join(["–" if n is None else str(n) for n in counts] + [""] * len(differences)) + " |")
+    count_cells = ["–" if n is None else str(n) for n in counts] + [""] * len(differences)
+    lines.append("| examples | " + " | ".join(count_cells) + " |")
     return "\n".join(lines) + "\n"
 
 

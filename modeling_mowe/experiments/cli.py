@@ -12,7 +12,8 @@ from .study import StudySettings, run_study
 
 
 def study_main(argv: list[str] | None = None) -> dict:
-    """`python -m modeling_mowe.experiments study --seeds 3`: the multi-seed study (docs/RESULTS.md, "Study protocol")."""
+    """`python -m modeling_mowe.experiments study --seeds 3`: the multi-seed study
+    (docs/RESULTS.md, "Study protocol")."""
     defaults = StudySettings(output_dir=Path("outputs/study"))
     parser = argparse.ArgumentParser(prog="python -m modeling_mowe.experiments study", description=run_study.__doc__)
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)

@@ -239,7 +239,8 @@ def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor], weak_
     if weak_init_scale > 0 and frame_width > base_width:
         weight.normal_(0.0, weak_init_scale * float(state[key].std()))
     for k in range(projector.stack_factor):
-        weight[:, k * frame_width : k * frame_width + base_width] = state[key][:, k * base_width : (k + 1) * base_width]
+        base_columns = state[key][:, k * base_width : (k + 1) * base_width]
+        weight[:, k * frame_width : k * frame_width + base_width] = base_columns
     state[key] = weight
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(ALIGNED_PARTS) for k in missing):

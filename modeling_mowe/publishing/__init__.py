@@ -205,7 +205,9 @@ def build_model_card(
         router_type=config.router_type,
         top_k=config.router_top_k,
         num_parameters=_human(num_parameters) if num_parameters else "?",
-        pool_share=f"{pool_parameters / num_parameters:.1%}" if num_parameters and pool_parameters is not None else "?",
+        pool_share=(
+            f"{pool_parameters / num_parameters:.1%}" if num_parameters and pool_parameters is not None else "?"
+        ),
         example_audio=EXAMPLE_AUDIO,
         example_question=example_question,
         max_new_tokens=max_new_tokens,

@@ -3,8 +3,8 @@
 vLLM calls [`register`] in every engine process through the `vllm.general_plugins` entry point that this package
 declares, so `vllm.LLM(model=folder, trust_remote_code=True)` and `python -m vllm.entrypoints.openai.api_server`
 serve a MoWE folder (`architectures: ["MoWEForConditionalGeneration"]`) with [`MoWEForConditionalGenerationVLLM`]
-from `modeling_mowe.serving.vllm_model`. Tooling wing: nothing in the remote-code files imports this module, and it imports
-vLLM only inside [`register`], so it is harmless where vLLM is not installed.
+from `modeling_mowe.serving.vllm_model`. Tooling wing: nothing in the remote-code files imports this module, and it
+imports vLLM only inside [`register`], so it is harmless where vLLM is not installed.
 """
 
 from __future__ import annotations

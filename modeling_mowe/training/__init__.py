@@ -177,7 +177,8 @@ class RoutingStatsCallback(TrainerCallback):
 
     Keys: `routing/<router>/<index>_<family>`, `routing/<router>/entropy` and `routing/aux_loss`, averaged over the
     training forwards since the previous log. They go into the Trainer's logs, so they reach
-    `trainer.state.log_history`, TensorBoard, W&B, ... like any metric (install with `add_routing_stats_callback(trainer)` so it runs before the reporters).
+    `trainer.state.log_history`, TensorBoard, W&B, ... like any metric (install with
+    `add_routing_stats_callback(trainer)` so it runs before the reporters).
     """
 
     def __init__(self):
@@ -256,9 +257,9 @@ def trainable_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-# Parts of a weak encoder that stay frozen when fine-tuning, by `model_type`: the waveform models' conv feature encoder,
-# as wav2vec2/HuBERT recipes do (`freeze_feature_encoder`): its backward over raw 16 kHz samples costs more than the
-# rest of a small encoder.
+# Parts of a weak encoder that stay frozen when fine-tuning, by `model_type`: the waveform models' conv feature
+# encoder, as wav2vec2/HuBERT recipes do (`freeze_feature_encoder`): its backward over raw 16 kHz samples costs more
+# than the rest of a small encoder.
 FROZEN_IN_TRAINING: dict[str, tuple[str, ...]] = {
     model_type: ("feature_extractor",) for model_type in WaveformEncoderFamily.model_types
 }
@@ -347,7 +348,9 @@ def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropou
 
     language_model = model.get_decoder()
     prefix = next(name for name, module in model.named_modules() if module is language_model)
-    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in language_model.named_modules() if isinstance(m, nn.Linear)})
+    leaf_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in language_model.named_modules() if isinstance(m, nn.Linear)}
+    )
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,

@@ -134,7 +134,8 @@ def train_mode_randomness(config) -> list[str]:
     """The settings of an encoder config that make its training-mode forward random (dropout, LayerDrop,
     SpecAugment); a cached frozen encoder runs in eval mode, which equals training mode only if this is empty."""
     found = [name for name in TRAIN_MODE_RANDOMNESS if getattr(config, name, 0) or 0]
-    if getattr(config, "apply_spec_augment", False) and config.model_type != "whisper":  # Whisper's encoder never masks
+    # Whisper's encoder never masks
+    if getattr(config, "apply_spec_augment", False) and config.model_type != "whisper":
         found += [name for name in ("mask_time_prob", "mask_feature_prob") if getattr(config, name, 0) or 0]
     return found
 
@@ -330,7 +331,8 @@ def install_frozen_base_cache(
     randomness = train_mode_randomness(cache.tower.config.base_encoder_config)
     if randomness:
         logger.warning(
-            f"The cached base encoder runs in eval mode: its training-mode randomness ({', '.join(randomness)}) is off."
+            "The cached base encoder runs in eval mode: "
+            f"its training-mode randomness ({', '.join(randomness)}) is off."
         )
     trainer.callback_handler.callbacks.insert(0, FrozenBaseCacheCallback(cache))
     return cache
