@@ -147,3 +147,36 @@ def run_without_package(script: str, *args: str, cwd: Path, timeout: int = 300, 
         [sys.executable, "-c", BLOCK_PACKAGE + script, *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def tiny_hubert():
+    """A 1-layer random `HubertModel`: a stand-in for a pretrained waveform encoder."""
+    from transformers import HubertConfig, HubertModel
+
+    config = HubertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    return HubertModel(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A saved 1-layer Llama with the tiny preset's tokenizer: a stand-in for a pretrained LLM folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llm")
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

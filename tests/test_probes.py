@@ -7,8 +7,7 @@ import json
 import probe_frozen_features
 import probe_stages
 import pytest
-from conftest import TINY, tiny_whisper
-from test_specialize import tiny_hubert
+from conftest import TINY, tiny_hubert, tiny_whisper
 
 
 def test_frozen_feature_probe_runs_on_any_encoder_folder(tmp_path, capsys):

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SR, TINY, make_clip
+from conftest import SR, make_clip
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe import convert as pretrained
@@ -114,20 +114,6 @@ def test_converted_encoder_matches_the_onnx_graph_layer_by_layer(smart_turn, enc
         assert cosine.min() >= 0.999, (name, float(cosine.min()))
     head = load_file(smart_turn / onnx_whisper.HEAD_FILE)
     np.testing.assert_allclose(onnx_whisper.smart_turn_probability(last, head).numpy(), probability[:, 0], atol=1e-3)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llm")
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def compose(base, weak, llm, **config):

@@ -9,42 +9,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import SR, TINY, make_clip, tiny_whisper
+from conftest import SR, make_clip, tiny_hubert, tiny_whisper
 
 from modeling_mowe import MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.modeling_mowe import load_audio_encoder
 from modeling_mowe.training import specialize
-
-
-def tiny_hubert():
-    from transformers import HubertConfig, HubertModel
-
-    config = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8, 8),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-    )
-    return HubertModel(config)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llm")
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("family", ["whisper", "hubert"])

@@ -27,7 +27,6 @@ found on disk, not imported. Tooling wing: no remote-code file imports it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ctranslate2 import convert_ctranslate2_whisper, read_ctranslate2_model, whisper_state_dict_from_ctranslate2
-from .gguf import convert_gguf_gemma
+from .gguf import convert_gguf_gemma, file_sha256
 from .onnx_whisper import convert_smart_turn
 
 CACHE_ENV = "MOWE_CACHE"
@@ -178,14 +177,6 @@ SOURCES: dict[str, PretrainedSource] = {
 # ---------------------------------------------------------------------------------------------- packages and cache
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _distribution_name(requirement: str) -> str:
     return requirement.split("==")[0]
 
@@ -268,7 +259,7 @@ def convert(name: str, output_dir: str | os.PathLike, progress: bool = True) -> 
             )
         elif source.format == "onnx-smart-turn":
             onnx_file = source.weights[0].locate()
-            if source.sha256 is not None and _sha256(onnx_file) != source.sha256:
+            if source.sha256 is not None and file_sha256(onnx_file) != source.sha256:
                 raise ValueError(f"{onnx_file}'s sha256 is not {source.sha256}; reinstall {source.distributions[0]}.")
             convert_smart_turn(onnx_file, staging)
         else:

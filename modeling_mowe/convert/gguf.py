@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of the file at `path`, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -47,7 +48,7 @@ def convert_gguf_gemma(
             for part in gguf_parts:
                 with Path(part).open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        if sha256 is not None and _sha256(gguf_path) != sha256:
+        if sha256 is not None and file_sha256(gguf_path) != sha256:
             raise ValueError(f"The assembled GGUF file's sha256 is not {sha256}; reinstall the weight packages.")
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
