@@ -1,26 +1,29 @@
 """Which recipe choice decides whether the weak pool helps: MoWE against base-only under several fine-tuning recipes,
-several seeds, one alignment per seed shared by every recipe.
+several seeds, one alignment per seed and task mix shared by every recipe.
 
     python benchmarks/recipe_ablation.py --seeds 0 1 2 --output-dir outputs/recipe-ablation
 
-The demo's recipe (150 steps, one learning rate, the MoWE projector's weak columns started at zero) and the study's
-(200 steps, the fresh routers and weak projections at 3e-3, weak columns started at 0.1 x the aligned spread) differ
-in several choices at once. Each recipe in `RECIPES` changes some of them; both arms of a recipe fine-tune from the
-same aligned model of their seed, with the same data order, and are scored on the same held-out clips. A base-only
-arm depends only on its step count, so recipes that share one share that arm. Per recipe: the MoWE - base-only
-difference per seed and a paired bootstrap over (seed, clip) pooled across seeds, per task and on the average score;
-per MoWE arm, which weak encoder each router picked per task. Results are written after every arm
-(`per_arm/*.json`), so a rerun continues where an interrupted one stopped; `recipe_ablation.md` holds the report.
+The demo's recipe (five tasks, 150 steps, one learning rate, the MoWE projector's weak columns started at zero) and
+the study's (six tasks, 200 steps, the fresh routers and weak projections at 3e-3, weak columns started at 0.1 x the
+aligned spread) differ in several choices at once. Each recipe in `RECIPES` changes some of them; both arms of a
+recipe fine-tune from the same aligned model of their seed, with the same data order, and are scored on the same
+held-out clips. Seed S draws its benchmark with data seed S, as `python -m modeling_mowe.cli --seed S` does
+(`--data-seed` fixes one draw for every seed, as the study does). A base-only arm depends only on its task mix and
+steps, so recipes that share them share that arm. Per recipe: the MoWE - base-only difference per seed and a paired
+bootstrap over (seed, clip) pooled across seeds, per task and on the average score; per MoWE arm, which weak encoder
+each router picked per task. Results are written after every arm (`per_arm/*.json`), so a rerun continues where an
+interrupted one stopped; `recipe_ablation.md` holds the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from modeling_mowe.data import BenchmarkConfig, build_benchmark
+from modeling_mowe.data import DEFAULT_TASKS, TASKS, BenchmarkConfig, build_benchmark
 from modeling_mowe.evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
 from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task
 from modeling_mowe.experiments.demo import (
@@ -43,6 +46,7 @@ class Recipe:
     steps: int = 150
     fresh_learning_rate: float | None = None  # the routers and weak projections' rate (None: the arms' one rate)
     weak_init_scale: float = 0.0  # the MoWE projector's weak columns at start, x the aligned columns' spread
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # the benchmark's tasks (alignment, fine-tuning and test)
 
 
 RECIPES = (
@@ -50,6 +54,7 @@ RECIPES = (
     Recipe("demo, 200 steps", steps=200),
     Recipe("demo, fresh parts at 3e-3", fresh_learning_rate=3e-3),
     Recipe("demo, weak columns at 0.1", weak_init_scale=0.1),
+    Recipe("demo, six tasks (emotion added)", tasks=TASKS),
     Recipe("study fine-tuning (200 steps, 3e-3, 0.1)", steps=200, fresh_learning_rate=3e-3, weak_init_scale=0.1),
 )
 
@@ -78,39 +83,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every recipe's steps (tests: tiny)")
     parser.add_argument("--train-per-task", type=int, default=DemoSettings.train_per_task)
     parser.add_argument("--test-per-task", type=int, default=DemoSettings.test_per_task)
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="one benchmark draw for every seed (default: seed S draws with data seed S, as the demo)")
     parser.add_argument("--tiny", action="store_true", help="tiny.en in both roles, a one-layer LLM (tests)")
     args = parser.parse_args(argv)
     recipes = [r for r in RECIPES if r.name in args.recipes]
     if len(recipes) != len(args.recipes):
         parser.error(f"--recipes takes names from {[r.name for r in RECIPES]}")
-    recipes = [Recipe(r.name, max(1, round(r.steps * args.steps_scale)), r.fresh_learning_rate, r.weak_init_scale)
-               for r in recipes]
+    recipes = [dataclasses.replace(r, steps=max(1, round(r.steps * args.steps_scale))) for r in recipes]
     out = args.output_dir
     (out / "per_arm").mkdir(parents=True, exist_ok=True)
     extra = {}
     if args.tiny:
         extra = {"base_encoder": "whisper-tiny.en", "weak_encoders": ("whisper-tiny.en",) * 2, "batch_size": 4,
                  "scratch_llm": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}}
-    bench = BenchmarkConfig(seed=0, train_per_task=args.train_per_task, validation_per_task=0,
-                            test_per_task=args.test_per_task)
-    splits = build_benchmark(out / "cache" / "benchmark", bench, progress=False)
     store = FrozenFeatureStore()
     per_arm: dict[tuple[int, str, str], dict] = {}
     for seed in args.seeds:
-        settings = DemoSettings(output_dir=out / f"seed-{seed}", seed=seed, align_steps=args.align_steps,
-                                benchmark=bench, **extra)
-        parts = prepare_parts(settings)
-        aligned = None
+        aligned = {}  # per task mix: this seed's aligned weights, made on first need
         for recipe in recipes:
+            bench = BenchmarkConfig(seed=seed if args.data_seed is None else args.data_seed, tasks=recipe.tasks,
+                                    train_per_task=args.train_per_task, validation_per_task=0,
+                                    test_per_task=args.test_per_task)
+            settings = DemoSettings(output_dir=out / f"seed-{seed}", seed=seed, align_steps=args.align_steps,
+                                    benchmark=bench, **extra)
+            mix = "" if recipe.tasks == DEFAULT_TASKS else "-" + "+".join(t for t in recipe.tasks
+                                                                        if t not in DEFAULT_TASKS)
             for router_type in ("none", "both"):
-                # A base-only arm depends only on its steps: recipes with the same steps share it.
-                key = f"{recipe.steps}-steps" if router_type == "none" else recipe.name
+                # A base-only arm depends only on its task mix and steps: recipes that share them share it.
+                key = f"{recipe.steps}-steps{mix}" if router_type == "none" else recipe.name
                 path = out / "per_arm" / f"seed{seed}-{router_type}-{key}.json".replace(" ", "_").replace("/", "-")
                 if not path.exists():
-                    if aligned is None:
-                        aligned, _ = align(settings, parts, splits["train"], store)
+                    splits = build_benchmark(out / "cache" / "benchmark", bench, progress=False)
+                    parts = prepare_parts(settings)
+                    if recipe.tasks not in aligned:
+                        aligned[recipe.tasks], _ = align(settings, parts, splits["train"], store)
                     log(f"seed {seed}: {recipe.name}, {router_type}")
-                    result = run_arm(settings, parts, aligned, splits, store, recipe, router_type)
+                    result = run_arm(settings, parts, aligned[recipe.tasks], splits, store, recipe, router_type)
                     path.write_text(json.dumps({**result, "recipe": asdict(recipe), "seed": seed}))
                 per_arm[seed, recipe.name, router_type] = json.loads(path.read_text())
     report = summarise(per_arm, args.seeds, recipes)
@@ -125,8 +134,8 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
     lines = ["# Recipe ablation: MoWE - base-only per recipe\n",
              f"Seeds {seeds}; 95 % paired bootstrap over (seed, clip), stratified per task. Average score: mean over "
              "tasks of accuracy or max(0, 1 - WER); WER differences: lower is better.\n",
-             "| recipe | per seed (points) | pooled (points) | " + " | ".join(_task_names(per_arm)) + " |",
-             "|---|---|---|" + "---|" * len(_task_names(per_arm))]
+             "| recipe | per seed (points) | pooled (points) | " + " | ".join(TASKS) + " |",
+             "|---|---|---|" + "---|" * len(TASKS)]
     summary = {}
     for recipe in recipes:
         per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
@@ -137,7 +146,10 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
         pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
         low, high = intervals["average_score"]["MoWE - base-only"]
         cells = []
-        for task in _task_names(per_arm):
+        for task in TASKS:
+            if task not in pooled["MoWE"]["tasks"]:
+                cells.append("")
+                continue
             value = pooled["MoWE"]["tasks"][task]["value"] - pooled["base-only"]["tasks"][task]["value"]
             t_low, t_high = intervals[task]["MoWE - base-only"]
             cells.append(f"{100 * value:+.1f} [{100 * t_low:+.1f}, {100 * t_high:+.1f}]")
@@ -155,10 +167,6 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
                     for s in seeds]
         lines += [f"### {recipe.name}\n", results_table_markdown(pool_seeds(per_seed)), ""]
     return {"markdown": "\n".join(lines) + "\n", "json": summary}
-
-
-def _task_names(per_arm: dict) -> list[str]:
-    return list(next(iter(per_arm.values()))["tasks"])
 
 
 if __name__ == "__main__":
