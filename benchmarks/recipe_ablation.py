@@ -11,8 +11,9 @@ held-out clips. Seed S draws its benchmark with data seed S, as `python -m model
 (`--data-seed` fixes one draw for every seed, as the study does). A base-only arm depends only on its task mix and
 steps, so recipes that share them share that arm. Per recipe: the MoWE - base-only difference per seed and a paired
 bootstrap over (seed, clip) pooled across seeds, per task and on the average score; per MoWE arm, which weak encoder
-each router picked per task. Results are written after every arm (`per_arm/*.json`), so a rerun continues where an
-interrupted one stopped; `recipe_ablation.md` holds the report.
+each router picked per task. Every trained arm is saved under `models/` (for `probe_stages.py` and other test sets)
+and its results under `per_arm/`, so a rerun continues where an interrupted one stopped; `recipe_ablation.md` holds
+the report.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ RECIPES = (
 )
 
 
-def run_arm(settings: DemoSettings, parts, aligned, splits, store, recipe: Recipe, router_type: str) -> dict:
+def run_arm(
+    settings: DemoSettings, parts, aligned, splits, store, recipe: Recipe, router_type: str, model_dir: Path
+) -> dict:
+    """Fine-tune one arm, save it to `model_dir` (for later probes and other test sets) and score it."""
     model, processor = build_model(settings, parts, router_type)
     start_from_aligned(model, aligned, weak_init_scale=recipe.weak_init_scale if router_type != "none" else 0.0)
     name = f"{recipe.name} {router_type}"
@@ -68,6 +72,8 @@ def run_arm(settings: DemoSettings, parts, aligned, splits, store, recipe: Recip
         fresh_learning_rate=recipe.fresh_learning_rate if router_type != "none" else None,
     )
     model.eval()
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
     result = evaluate_model(model, processor, splits["test"], progress=False)
     result["routing"] = routing_by_task(model, processor, splits["test"]) if router_type != "none" else None
     result["final_losses"] = [h["loss"] for h in stats["history"] if "loss" in h][-5:]
@@ -112,14 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
             for router_type in ("none", "both"):
                 # A base-only arm depends only on its task mix and steps: recipes that share them share it.
                 key = f"{recipe.steps}-steps{mix}" if router_type == "none" else recipe.name
-                path = out / "per_arm" / f"seed{seed}-{router_type}-{key}.json".replace(" ", "_").replace("/", "-")
+                stem = f"seed{seed}-{router_type}-{key}".replace(" ", "_").replace("/", "-")
+                path = out / "per_arm" / f"{stem}.json"
                 if not path.exists():
                     splits = build_benchmark(out / "cache" / "benchmark", bench, progress=False)
                     parts = prepare_parts(settings)
                     if recipe.tasks not in aligned:
                         aligned[recipe.tasks], _ = align(settings, parts, splits["train"], store)
                     log(f"seed {seed}: {recipe.name}, {router_type}")
-                    result = run_arm(settings, parts, aligned[recipe.tasks], splits, store, recipe, router_type)
+                    result = run_arm(settings, parts, aligned[recipe.tasks], splits, store, recipe, router_type,
+                                     out / "models" / stem)
                     path.write_text(json.dumps({**result, "recipe": asdict(recipe), "seed": seed}))
                 per_arm[seed, recipe.name, router_type] = json.loads(path.read_text())
     report = summarise(per_arm, args.seeds, recipes)

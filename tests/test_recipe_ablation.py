@@ -53,4 +53,5 @@ def test_recipe_ablation_reports_each_recipe_and_resumes(tmp_path):
     again = run(tmp_path / "out", env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training " not in again.stdout  # every arm came from disk: nothing trained
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == [a.removesuffix(".json") for a in arms]
     assert json.loads((tmp_path / "out" / "recipe_ablation.json").read_text()) == report
