@@ -126,6 +126,38 @@ def test_test_split_is_held_out(tiny):
     assert leak["sentences"] and leak["gender_voices"] and leak["rates"] and leak["beep_hz_bands"]
 
 
+def test_far_split_shares_no_condition_with_train_or_test():
+    config = data.BenchmarkConfig(tasks=data.TASKS, test_per_task=200, far_per_task=200)
+    specs = {
+        split: [{k: v for k, v in s.items() if k != "render_seed"} for t in config.tasks
+                for s in data._row_specs(config, split, t)]
+        for split in ("train", "test", "far")
+    }
+    dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in specs.items()})
+    overlap = data.split_overlap(dataset)
+    assert overlap["far"] == {"sentences": [], "gender_voices": [], "voices": [], "rates": [], "beep_hz_bands": []}
+    # The far voices are moved in pitch, each clip by its own amount; train and test keep the voices' own pitch.
+    far_pitches = [s["pitch"] for s in specs["far"] if s["task"] != "count"]
+    low, high = data.FAR_PITCH_RANGE
+    assert all(low <= p <= high for p in far_pitches) and len(set(far_pitches)) > 10
+    assert {s["pitch"] for s in specs["train"] + specs["test"]} == {-1}
+    # The far beep bands lie outside every train and test band, the far rates outside every range.
+    hz = [s["beep_hz"] for s in specs["far"] if s["task"] == "count"]
+    assert min(hz) < min(lo for lo, _ in data.BEEP_BANDS["train"]) and max(hz) > 2300
+    assert {s["answer"] for s in specs["far"] if s["task"] == "rate"} == set(data.TASK_LABELS["rate"])
+
+
+def test_far_split_is_built_only_when_asked(tmp_path):
+    assert "far" not in data.BenchmarkConfig().splits
+    config = data.BenchmarkConfig.tiny(tasks=("gender", "count"), validation_per_task=0, far_per_task=2)
+    built = data.build_benchmark(tmp_path, config, progress=False)
+    assert set(built) == {"train", "validation", "test", "far"} and built["far"].num_rows == 4
+    for row in built["far"]:
+        wave, _ = data.load_audio(row["audio"])
+        assert np.abs(wave).max() > 0.2
+        assert row["task"] == "count" or row["voice"].split("+")[1] in sum(data.VOICE_VARIANTS["far"].values(), ())
+
+
 def test_asr_sentences_never_cross_splits():
     config = data.BenchmarkConfig(seed=3)
     for split in ("train", "validation", "test"):

@@ -24,8 +24,11 @@ differ in their own pitch, so the answer lies in pitch and melody relative to th
 Splits. ``train`` and ``validation`` share the training conditions (voices, rate values, beep frequencies);
 ``test`` is held out: its voice variants, its speaking-rate values (odd wpm; training uses even), its beep
 frequency bands and its sentences never occur in ``train``. Sentences are assigned to a split by a stable hash of
-their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosses splits, for every task.
-:func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`.
+their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosses splits, for every task. ``far``
+(built only when ``far_per_task > 0``) moves further from the training conditions than ``test`` and shares none of
+train's or test's conditions: its own voice variants, each with its base pitch moved (espeak-ng ``-p``), speaking
+rates outside every training and test range, beep bands below and above all others, and the validation pool's
+sentences. :func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`.
 
 This module belongs to the tooling wing; it reads audio with the model's own helpers (``feature_extraction_mowe``).
 """
@@ -55,7 +58,8 @@ from ..feature_extraction_mowe import downmix, read_audio, resample
 
 GENERATOR_VERSION = "1"
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "far")
+"""Every split this module can build; ``far`` only when :attr:`BenchmarkConfig.far_per_task` is positive."""
 DEFAULT_TASKS = ("asr", "gender", "language", "rate", "count")
 """The tasks :class:`BenchmarkConfig` builds by default (the demo's)."""
 TASKS = (*DEFAULT_TASKS, "emotion")
@@ -100,11 +104,21 @@ VOICE_VARIANTS = {
         "male": ("m4", "m7", "paul", "david"),
         "female": ("f4", "f5", "Andrea", "linda"),
     },
+    "far": {
+        "male": ("m8", "michel", "travis", "victor"),
+        "female": ("aunty", "steph2", "anika", "grandma"),
+    },
 }
 """espeak-ng voice variants (``<lang>+<variant>``) by split group and gender; ``validation`` uses ``train``'s."""
 
+FAR_PITCH_RANGE = (30, 70)
+"""espeak-ng ``-p`` base pitch (0-99; a voice's default is 50) of ``far`` clips, uniform per clip."""
+
 RATE_RANGES = {"slow": (90, 120), "normal": (160, 190), "fast": (260, 320)}
 """Words per minute (espeak-ng ``-s``), inclusive. Train/validation draw even values, test odd ones."""
+
+FAR_RATE_RANGES = {"slow": (75, 89), "normal": (191, 205), "fast": (321, 350)}
+"""The ``far`` split's rate-task values: outside every range of :data:`RATE_RANGES`, either parity."""
 
 NEUTRAL_RATE_RANGE = (140, 200)
 """Speaking rate of the tasks that are not about rate."""
@@ -123,8 +137,10 @@ EMOTION_JITTER = 8
 BEEP_BANDS = {
     "train": ((300.0, 700.0), (1100.0, 1500.0), (1900.0, 2300.0)),
     "test": ((700.0, 1100.0), (1500.0, 1900.0)),
+    "far": ((150.0, 300.0), (2300.0, 2800.0)),
 }
-"""Beep frequency bands in Hz by split group; the test bands lie between the training ones."""
+"""Beep frequency bands in Hz by split group; the test bands lie between the training ones, the far bands outside
+all of them."""
 
 ASR_WORDS = {
     "det": ("the", "a", "my", "your"),
@@ -196,7 +212,8 @@ class BenchmarkConfig:
 
     Args:
         seed: Seed of every random choice (sentences, voices, rates, beeps, noise, padding).
-        train_per_task, validation_per_task, test_per_task: Rows per task in each split, before ``scale``.
+        train_per_task, validation_per_task, test_per_task, far_per_task: Rows per task in each split, before
+            ``scale`` (``far``, default 0: not built).
         scale: Multiplier of the three counts (rounded, at least 1 row per task and split when the count is > 0).
         sampling_rate: Output sampling rate in Hz (the wav bytes' rate).
         tasks: Which tasks to build, a subset of :data:`TASKS` (default: :data:`DEFAULT_TASKS`).
@@ -207,6 +224,7 @@ class BenchmarkConfig:
     train_per_task: int = 300
     validation_per_task: int = 40
     test_per_task: int = 40
+    far_per_task: int = 0
     scale: float = 1.0
     sampling_rate: int = SAMPLING_RATE
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -221,7 +239,7 @@ class BenchmarkConfig:
         unknown = [lang for lang in self.languages if lang not in ESPEAK_LANGUAGE]
         if unknown or len(self.languages) < 2:
             raise ValueError(f"languages must be 2 or more of {tuple(ESPEAK_LANGUAGE)}, got {self.languages}")
-        for name in ("train_per_task", "validation_per_task", "test_per_task"):
+        for name in ("train_per_task", "validation_per_task", "test_per_task", "far_per_task"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.scale > 0:
@@ -234,6 +252,11 @@ class BenchmarkConfig:
         """A config of a handful of rows (4 train, 2 validation, 2 test per task) that builds in about a second."""
         settings = {"train_per_task": 4, "validation_per_task": 2, "test_per_task": 2, **overrides}
         return cls(**settings)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits :func:`build_benchmark` builds: train, validation and test, and far when it has rows."""
+        return SPLITS if self.far_per_task else SPLITS[:3]
 
     def num_rows(self, split: str) -> int:
         """Rows per task in ``split`` after ``scale``."""
@@ -279,15 +302,18 @@ def espeak_version() -> str:
     return " ".join(out.split("Data at:")[0].split())
 
 
-def synthesize(text: str, voice: str, rate: int, ssml: bool = False) -> tuple[np.ndarray, int]:
+def synthesize(
+    text: str, voice: str, rate: int, ssml: bool = False, pitch: int | None = None
+) -> tuple[np.ndarray, int]:
     """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en+m3"``) at ``rate`` words per minute; with ``ssml``,
-    ``text`` is SSML markup (espeak-ng ``-m``).
+    ``text`` is SSML markup (espeak-ng ``-m``); ``pitch`` (0-99) moves the voice's base pitch (default: its own).
 
     Returns:
         ``(waveform, sampling_rate)``: float32 mono samples in [-1, 1], shape ``[num_samples]``, and espeak-ng's
         native rate (22050 Hz).
     """
-    cmd = [_espeak_binary(), *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate)), "--stdout", text]
+    cmd = [_espeak_binary(), *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate))]
+    cmd += [*(["-p", str(int(pitch))] if pitch is not None else []), "--stdout", text]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise RuntimeError(f"espeak-ng failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace').strip()}")
@@ -310,14 +336,15 @@ def _finish(wave: np.ndarray, sr: int, rng: np.random.Generator, noise: tuple[fl
 
 
 def make_speech(
-    text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator, ssml: bool = False
+    text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator, ssml: bool = False,
+    pitch: int | None = None,
 ) -> np.ndarray:
     """A speech clip: espeak-ng, silences trimmed, resampled to ``sampling_rate``, padded, peak-normalised, noisy.
 
     Returns:
         float32 samples, shape ``[num_samples]``.
     """
-    wave, sr = synthesize(text, voice, rate, ssml=ssml)
+    wave, sr = synthesize(text, voice, rate, ssml=ssml, pitch=pitch)
     wave = _trim(wave)
     wave = resample(wave, sr, sampling_rate)
     return _finish(wave, sampling_rate, rng, noise=(0.0005, 0.003))
@@ -452,12 +479,16 @@ def prosody_markup(sentence: str, prosody: Mapping[str, int]) -> str:
 
 
 def _voice_group(split: str) -> str:
-    return "test" if split == "test" else "train"
+    return split if split in ("test", "far") else "train"
+
+
+def _sentence_pool_of(split: str) -> str:
+    return "validation" if split == "far" else split
 
 
 def _draw_rate(low: int, high: int, split: str, rng: np.random.Generator) -> int:
-    parity = 1 if split == "test" else 0
-    values = [v for v in range(low, high + 1) if v % 2 == parity]
+    parity = {"test": [1], "far": [0, 1]}.get(split, [0])
+    values = [v for v in range(low, high + 1) if v % 2 in parity]
     return int(values[rng.integers(len(values))])
 
 
@@ -489,6 +520,7 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
             "num_beeps": -1,
             "beep_hz": -1.0,
             "ssml": "",
+            "pitch": -1,
             "render_seed": [config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], i],
         }
         if task == "count":
@@ -503,13 +535,11 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
                 pool = all_voices
             variant = pool[rng.integers(len(pool))]
             if task == "rate":
-                rate = _draw_rate(*RATE_RANGES[answer], split, rng)
+                rate = _draw_rate(*(FAR_RATE_RANGES if split == "far" else RATE_RANGES)[answer], split, rng)
             else:
                 rate = _draw_rate(*NEUTRAL_RATE_RANGE, split, rng)
-            if task == "language":
-                sentence = _draw_sentence(functools.partial(_language_sentence, language), split, rng)
-            else:
-                sentence = _draw_sentence(_asr_sentence, split, rng)
+            make = functools.partial(_language_sentence, language) if task == "language" else _asr_sentence
+            sentence = _draw_sentence(make, _sentence_pool_of(split), rng)
             spec.update(
                 voice=f"{ESPEAK_LANGUAGE[language]}+{variant}", language=language, rate=rate, sentence=sentence
             )
@@ -519,6 +549,8 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
                 jitter = rng.integers(-EMOTION_JITTER, EMOTION_JITTER + 1, size=len(EMOTION_PROSODY[answer]))
                 profile = {k: int(v + j) for (k, v), j in zip(EMOTION_PROSODY[answer].items(), jitter)}
                 spec["ssml"] = prosody_markup(sentence, profile)
+            if split == "far":
+                spec["pitch"] = int(rng.integers(FAR_PITCH_RANGE[0], FAR_PITCH_RANGE[1] + 1))
         spec["answer"] = answer
         specs.append(spec)
     return specs
@@ -531,7 +563,8 @@ def _make_row(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
         wave, _ = make_beeps(spec["num_beeps"], spec["beep_hz"], sampling_rate, rng)
     else:
         text = spec["ssml"] or spec["sentence"]
-        wave = make_speech(text, spec["voice"], spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]))
+        pitch = spec["pitch"] if spec["pitch"] >= 0 else None
+        wave = make_speech(text, spec["voice"], spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]), pitch=pitch)
     prompt = TASK_PROMPTS[spec["task"]]
     row = {k: v for k, v in spec.items() if k not in ("render_seed", "ssml")}
     row.update(
@@ -572,6 +605,7 @@ def benchmark_features(sampling_rate: int = SAMPLING_RATE):
             "voice": text,
             "language": text,
             "rate": datasets.Value("int32"),
+            "pitch": datasets.Value("int32"),
             "sentence": text,
             "num_beeps": datasets.Value("int32"),
             "beep_hz": datasets.Value("float32"),
@@ -591,7 +625,7 @@ def generate_rows(
     from tqdm.auto import tqdm
 
     config = config or BenchmarkConfig()
-    specs = {split: [s for task in config.tasks for s in _row_specs(config, split, task)] for split in SPLITS}
+    specs = {split: [s for task in config.tasks for s in _row_specs(config, split, task)] for split in config.splits}
     total = sum(len(v) for v in specs.values())
     workers = max(1, num_proc or os.cpu_count() or 1)
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -599,7 +633,7 @@ def generate_rows(
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(total=total, desc="Synthesising MoWE benchmark", unit="clip", disable=not progress) as bar,
     ):
-        for split in SPLITS:
+        for split in config.splits:
             rows[split] = []
             for row in pool.map(functools.partial(_make_row, sampling_rate=config.sampling_rate), specs[split]):
                 rows[split].append(row)
@@ -662,12 +696,12 @@ def _assemble_and_save(rows: dict[str, list[dict[str, Any]]], config: BenchmarkC
         columns = {name: [row[name] for row in split_rows] for name in features}
         return datasets.Dataset.from_dict(columns, features=raw_features).cast(features)
 
-    dataset = datasets.DatasetDict({split: as_dataset(rows[split]) for split in SPLITS})
+    dataset = datasets.DatasetDict({split: as_dataset(rows[split]) for split in config.splits})
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # One shard per split, written even for an empty split (datasets' default writes none and cannot reload it).
-        dataset.save_to_disk(str(staging), num_shards={split: 1 for split in SPLITS})
+        dataset.save_to_disk(str(staging), num_shards={split: 1 for split in config.splits})
         (staging / "benchmark_config.json").write_text(
             json.dumps({"config": config.to_dict(), "fingerprint": target.name, "generator": GENERATOR_VERSION})
         )
@@ -683,33 +717,40 @@ def _assemble_and_save(rows: dict[str, list[dict[str, Any]]], config: BenchmarkC
 
 
 def split_overlap(dataset_dict) -> dict[str, dict[str, list]]:
-    """What ``test`` (and ``validation``) share with ``train``, per held-out property.
+    """What ``validation``, ``test`` and ``far`` share with ``train`` (``far``: with train or test), per held-out
+    property.
 
     Returns:
-        ``{"test": {...}, "validation": {...}}``, each with sorted lists: ``sentences`` (any task's sentences also in
-        train), ``gender_voices`` (voice variants of the gender task also in train), ``voices`` (any speech voice
-        variant also in train), ``rates`` (rate-task wpm values also in train), ``beep_hz_bands`` (test beep
-        frequencies inside a training band). Everything is empty for ``test`` on a correct build; ``validation``
-        shares voices, rates and bands with train by design but no sentences.
+        ``{"validation": {...}, "test": {...}, "far": {...}}`` (the splits present), each with sorted lists:
+        ``sentences`` (any task's sentences also in train), ``gender_voices`` (voice variants of the gender task also
+        in train), ``voices`` (any speech voice variant also in train), ``rates`` (rate-task wpm values also in
+        train), ``beep_hz_bands`` (beep frequencies inside a training band). Everything is empty for ``test`` and
+        ``far`` on a correct build; ``validation`` shares voices, rates and bands with train by design but no
+        sentences.
     """
 
     def variants(ds, task=None):
         return {v.split("+", 1)[1] for v, t in zip(ds["voice"], ds["task"]) if v and (task is None or t == task)}
 
-    train = dataset_dict["train"]
-    train_sentences = {s for s in train["sentence"] if s}
-    train_rates = {r for r, t in zip(train["rate"], train["task"]) if t == "rate"}
+    def sentences(ds):
+        return {s for s in ds["sentence"] if s}
+
+    def rates(ds):
+        return {r for r, t in zip(ds["rate"], ds["task"]) if t == "rate"}
+
     report = {}
-    for split in ("validation", "test"):
+    for split in ("validation", "test", "far"):
         if split not in dataset_dict:
             continue
         ds = dataset_dict[split]
+        seen = [dataset_dict["train"]] + ([dataset_dict["test"]] if split == "far" and "test" in dataset_dict else [])
+        bands = [band for group in ("train", "test")[: len(seen)] for band in BEEP_BANDS[group]]
         hz = [h for h, t in zip(ds["beep_hz"], ds["task"]) if t == "count"]
         report[split] = {
-            "sentences": sorted({s for s in ds["sentence"] if s} & train_sentences),
-            "gender_voices": sorted(variants(ds, "gender") & variants(train, "gender")),
-            "voices": sorted(variants(ds) & variants(train)),
-            "rates": sorted({r for r, t in zip(ds["rate"], ds["task"]) if t == "rate"} & train_rates),
-            "beep_hz_bands": sorted({round(h, 1) for h in hz if any(lo <= h <= hi for lo, hi in BEEP_BANDS["train"])}),
+            "sentences": sorted(sentences(ds) & set().union(*map(sentences, seen))),
+            "gender_voices": sorted(variants(ds, "gender") & set().union(*[variants(d, "gender") for d in seen])),
+            "voices": sorted(variants(ds) & set().union(*map(variants, seen))),
+            "rates": sorted(rates(ds) & set().union(*map(rates, seen))),
+            "beep_hz_bands": sorted({round(h, 1) for h in hz if any(lo <= h <= hi for lo, hi in bands)}),
         }
     return report
