@@ -36,6 +36,8 @@ from modeling_mowe.experiments.demo import (
     start_from_aligned,
     train,
 )
+from modeling_mowe.modeling_mowe import MoWEForConditionalGeneration
+from modeling_mowe.processing_mowe import MoWEProcessor
 from modeling_mowe.training.feature_cache import FrozenFeatureStore
 
 
@@ -80,6 +82,15 @@ def run_arm(
     return result
 
 
+def score_saved_arm(model_dir: Path, splits) -> dict:
+    """A saved arm's results on the far split (voices, rates, beep bands and sentences neither train nor test has)."""
+    model = MoWEForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = MoWEProcessor.from_pretrained(model_dir)
+    result = evaluate_model(model, processor, splits["far"], progress=False)
+    log(f"{model_dir.name}: far split, average score {result['summary']['average_score']:.3f}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/recipe-ablation"))
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-per-task", type=int, default=DemoSettings.test_per_task)
     parser.add_argument("--data-seed", type=int, default=None,
                         help="one benchmark draw for every seed (default: seed S draws with data seed S, as the demo)")
+    parser.add_argument("--far-per-task", type=int, default=0,
+                        help="also score every arm on this many far-split clips per task (data.BenchmarkConfig)")
     parser.add_argument("--tiny", action="store_true", help="tiny.en in both roles, a one-layer LLM (tests)")
     args = parser.parse_args(argv)
     recipes = [r for r in RECIPES if r.name in args.recipes]
@@ -129,7 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
                     result = run_arm(settings, parts, aligned[recipe.tasks], splits, store, recipe, router_type,
                                      out / "models" / stem)
                     path.write_text(json.dumps({**result, "recipe": asdict(recipe), "seed": seed}))
-                per_arm[seed, recipe.name, router_type] = json.loads(path.read_text())
+                record = json.loads(path.read_text())
+                if args.far_per_task and "far" not in record:
+                    far = BenchmarkConfig(**{**bench.to_dict(), "train_per_task": 0, "test_per_task": 0,
+                                             "far_per_task": args.far_per_task})
+                    record["far"] = score_saved_arm(out / "models" / stem,
+                                                    build_benchmark(out / "cache" / "benchmark", far, progress=False))
+                    path.write_text(json.dumps(record))
+                per_arm[seed, recipe.name, router_type] = record
     report = summarise(per_arm, args.seeds, recipes)
     (out / "recipe_ablation.md").write_text(report["markdown"])
     (out / "recipe_ablation.json").write_text(json.dumps(report["json"], indent=1))
@@ -138,44 +158,54 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
-    """Per recipe: per-seed differences and the pooled paired bootstrap; the markdown report and its JSON."""
+    """Per recipe and split (test; far where every arm has it): per-seed differences and the pooled paired bootstrap;
+    the markdown report and its JSON."""
     lines = ["# Recipe ablation: MoWE - base-only per recipe\n",
              f"Seeds {seeds}; 95 % paired bootstrap over (seed, clip), stratified per task. Average score: mean over "
-             "tasks of accuracy or max(0, 1 - WER); WER differences: lower is better.\n",
-             "| recipe | per seed (points) | pooled (points) | " + " | ".join(TASKS) + " |",
-             "|---|---|---|" + "---|" * len(TASKS)]
-    summary = {}
-    for recipe in recipes:
-        per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
-                    for s in seeds]
-        pooled = pool_seeds(per_seed)
-        intervals = bootstrap_intervals(pooled, reference="base-only", seed=0)
-        diffs = [r["MoWE"]["summary"]["average_score"] - r["base-only"]["summary"]["average_score"] for r in per_seed]
-        pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
-        low, high = intervals["average_score"]["MoWE - base-only"]
-        cells = []
-        for task in TASKS:
-            if task not in pooled["MoWE"]["tasks"]:
-                cells.append("")
-                continue
-            value = pooled["MoWE"]["tasks"][task]["value"] - pooled["base-only"]["tasks"][task]["value"]
-            t_low, t_high = intervals[task]["MoWE - base-only"]
-            cells.append(f"{100 * value:+.1f} [{100 * t_low:+.1f}, {100 * t_high:+.1f}]")
-        lines.append(f"| {recipe.name} | " + ", ".join(f"{100 * d:+.1f}" for d in diffs)
-                     + f" | **{100 * pooled_diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]** | " + " | ".join(cells)
-                     + " |")
-        summary[recipe.name] = {
-            "per_seed_average_differences": diffs, "pooled_average_difference": pooled_diff,
-            "intervals": intervals, "pooled": {arm: r["summary"] for arm, r in pooled.items()},
-            "routing": {s: per_arm[s, recipe.name, "both"]["routing"] for s in seeds},
-        }
-    lines.append("\nPooled scores per recipe:\n")
+             "tasks of accuracy or max(0, 1 - WER); WER differences: lower is better.\n"]
+    summary = {recipe.name: {} for recipe in recipes}
+    splits = ["test"] + (["far"] if all("far" in record for record in per_arm.values()) else [])
+    for split in splits:
+        lines += [f"## {split} split\n",
+                  "| recipe | per seed (points) | pooled (points) | " + " | ".join(TASKS) + " |",
+                  "|---|---|---|" + "---|" * len(TASKS)]
+        for recipe in recipes:
+            per_seed = [{arm: _split_result(per_arm[s, recipe.name, router], split)
+                         for arm, router in (("MoWE", "both"), ("base-only", "none"))} for s in seeds]
+            pooled = pool_seeds(per_seed)
+            intervals = bootstrap_intervals(pooled, reference="base-only", seed=0)
+            diffs = [r["MoWE"]["summary"]["average_score"] - r["base-only"]["summary"]["average_score"]
+                     for r in per_seed]
+            pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
+            low, high = intervals["average_score"]["MoWE - base-only"]
+            cells = []
+            for task in TASKS:
+                if task not in pooled["MoWE"]["tasks"]:
+                    cells.append("")
+                    continue
+                value = pooled["MoWE"]["tasks"][task]["value"] - pooled["base-only"]["tasks"][task]["value"]
+                t_low, t_high = intervals[task]["MoWE - base-only"]
+                cells.append(f"{100 * value:+.1f} [{100 * t_low:+.1f}, {100 * t_high:+.1f}]")
+            lines.append(f"| {recipe.name} | " + ", ".join(f"{100 * d:+.1f}" for d in diffs)
+                         + f" | **{100 * pooled_diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]** | "
+                         + " | ".join(cells) + " |")
+            summary[recipe.name][split] = {
+                "per_seed_average_differences": diffs, "pooled_average_difference": pooled_diff,
+                "intervals": intervals, "pooled": {arm: r["summary"] for arm, r in pooled.items()},
+            }
+            if split == "test":
+                summary[recipe.name]["routing"] = {s: per_arm[s, recipe.name, "both"]["routing"] for s in seeds}
+        lines.append("")
+    lines.append("Pooled test-split scores per recipe:\n")
     for recipe in recipes:
         per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
                     for s in seeds]
         lines += [f"### {recipe.name}\n", results_table_markdown(pool_seeds(per_seed)), ""]
     return {"markdown": "\n".join(lines) + "\n", "json": summary}
 
+
+def _split_result(record: dict, split: str) -> dict:
+    return record if split == "test" else record[split]
 
 if __name__ == "__main__":
     main()

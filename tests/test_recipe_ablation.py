@@ -23,11 +23,11 @@ pytestmark = [
 ]
 
 
-def run(out: Path, env: dict) -> subprocess.CompletedProcess:
+def run(out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, str(ROOT / "benchmarks" / "recipe_ablation.py"), "--tiny", "--seeds", "0", "1",
         "--recipes", "demo", "demo, 200 steps", "--align-steps", "1", "--steps-scale", "0.01",
-        "--train-per-task", "2", "--test-per-task", "1", "--output-dir", str(out),
+        "--train-per-task", "2", "--test-per-task", "1", "--output-dir", str(out), *extra,
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
@@ -46,12 +46,21 @@ def test_recipe_ablation_reports_each_recipe_and_resumes(tmp_path):
     ]
     report = json.loads((tmp_path / "out" / "recipe_ablation.json").read_text())
     assert list(report) == ["demo", "demo, 200 steps"]
-    assert len(report["demo"]["per_seed_average_differences"]) == 2
-    assert "MoWE - base-only" in report["demo"]["intervals"]["average_score"]
+    assert len(report["demo"]["test"]["per_seed_average_differences"]) == 2
+    assert "MoWE - base-only" in report["demo"]["test"]["intervals"]["average_score"]
+    assert "far" not in report["demo"]
     assert "| demo |" in (tmp_path / "out" / "recipe_ablation.md").read_text()
 
     again = run(tmp_path / "out", env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training " not in again.stdout  # every arm came from disk: nothing trained
-    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == [a.removesuffix(".json") for a in arms]
+    assert {p.name for p in (tmp_path / "out" / "models").iterdir()} == {a.removesuffix(".json") for a in arms}
     assert json.loads((tmp_path / "out" / "recipe_ablation.json").read_text()) == report
+
+    # The saved arms are scored on the far split afterwards, without training again.
+    far = run(tmp_path / "out", env, "--far-per-task", "1")
+    assert far.returncode == 0, far.stderr[-3000:]
+    assert "training " not in far.stdout and far.stdout.count("far split, average score") == len(arms)
+    report = json.loads((tmp_path / "out" / "recipe_ablation.json").read_text())
+    assert report["demo"]["far"]["pooled"]["MoWE"]["n"] == 2 * 5  # 2 seeds x 5 tasks x 1 clip
+    assert "## far split" in (tmp_path / "out" / "recipe_ablation.md").read_text()
