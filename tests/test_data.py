@@ -158,6 +158,25 @@ def test_far_split_is_built_only_when_asked(tmp_path):
         assert row["task"] == "count" or row["voice"].split("+")[1] in sum(data.VOICE_VARIANTS["far"].values(), ())
 
 
+def test_same_speaker_rows_pair_two_sentences_by_one_voice_or_two_of_one_gender(tmp_path):
+    config = data.BenchmarkConfig(tasks=("same_speaker",), train_per_task=200, test_per_task=100, far_per_task=100)
+    voices = data.VOICE_VARIANTS
+    for split in ("train", "test", "far"):
+        specs = data._row_specs(config, split, "same_speaker")
+        assert {s["answer"] for s in specs} == {"same", "different"}
+        for spec in specs:
+            first, second = (v.split("+")[1] for v in spec["voice"].split(","))
+            group = voices[data._voice_group(split)]
+            assert (first == second) == (spec["answer"] == "same")
+            assert (first in group["male"]) == (second in group["male"])  # gender never gives the answer away
+            assert len(spec["sentence"].split(data.SENTENCE_SEPARATOR)) == 2
+    built = data.build_benchmark(tmp_path, data.BenchmarkConfig.tiny(tasks=("same_speaker",)), progress=False)
+    rows = built["train"]
+    assert set(rows["answer"]) == {"same", "different"}
+    assert all(row["duration"] > 1.5 for row in rows)  # two sentences and a pause
+    assert data.split_overlap(built)["test"]["voices"] == []
+
+
 def test_asr_sentences_never_cross_splits():
     config = data.BenchmarkConfig(seed=3)
     for split in ("train", "validation", "test"):

@@ -1,8 +1,8 @@
 """A synthetic multi-task speech benchmark made on the spot (docs/ARCHITECTURE.md, "The synthetic benchmark").
 
 Speech comes from the ``espeak-ng`` command-line synthesiser (22.05 kHz, resampled to 16 kHz with ``soxr``);
-sounds are generated with numpy. Nothing is downloaded. Six tasks, one instruction each (the first five are built by
-default, :data:`DEFAULT_TASKS`; ``emotion`` on request, ``BenchmarkConfig(tasks=TASKS)``):
+sounds are generated with numpy. Nothing is downloaded. Seven tasks, one instruction each (the first five are built by
+default, :data:`DEFAULT_TASKS`; ``emotion`` and ``same_speaker`` on request, e.g. ``BenchmarkConfig(tasks=TASKS)``):
 
 ========  ======================================  ==================================================
 task      prompt                                  answers
@@ -14,7 +14,12 @@ language  "Which language is spoken?"             ``english`` | ``german`` | ``f
 rate      "Is the speech slow, normal or fast?"   ``slow`` | ``normal`` | ``fast``
 count     "How many beeps do you hear?"           ``one`` | ``two`` | ``three`` | ``four`` | ``five``
 emotion   "Which emotion does the voice convey?"  ``neutral`` | ``happy`` | ``sad`` | ``angry``
+same_     "Are the two sentences spoken by the    ``same`` | ``different``
+speaker   same person or by different people?"
 ========  ======================================  ==================================================
+
+``same_speaker`` is speaker verification in one clip: two sentences with a pause between them, by one voice or by two
+voices of the same gender at the same rate (so neither gender nor rate gives the answer away).
 
 ``emotion`` is a prosody-style stand-in for emotion recognition (the paper judges its pools on it): the same English
 sentences spoken with an SSML ``<prosody>`` profile per label (:data:`EMOTION_PROSODY`: pitch, pitch range, rate and
@@ -62,7 +67,7 @@ SPLITS = ("train", "validation", "test", "far")
 """Every split this module can build; ``far`` only when :attr:`BenchmarkConfig.far_per_task` is positive."""
 DEFAULT_TASKS = ("asr", "gender", "language", "rate", "count")
 """The tasks :class:`BenchmarkConfig` builds by default (the demo's)."""
-TASKS = (*DEFAULT_TASKS, "emotion")
+TASKS = (*DEFAULT_TASKS, "emotion", "same_speaker")
 """Every task this module can build."""
 
 TASK_PROMPTS = {
@@ -72,9 +77,14 @@ TASK_PROMPTS = {
     "rate": "Is the speech slow, normal or fast?",
     "count": "How many beeps do you hear?",
     "emotion": "Which emotion does the voice convey?",
+    "same_speaker": "Are the two sentences spoken by the same person or by different people?",
 }
 
 COUNT_WORDS = ("one", "two", "three", "four", "five")
+
+SENTENCE_SEPARATOR = " | "
+"""Between the two sentences of a ``same_speaker`` row's ``sentence`` (its ``voice`` holds the two voices, comma
+separated)."""
 
 TASK_LABELS: dict[str, tuple[str, ...] | None] = {
     "asr": None,
@@ -83,6 +93,7 @@ TASK_LABELS: dict[str, tuple[str, ...] | None] = {
     "rate": ("slow", "normal", "fast"),
     "count": COUNT_WORDS,
     "emotion": ("neutral", "happy", "sad", "angry"),
+    "same_speaker": ("same", "different"),
 }
 """The closed answer vocabulary of each classification task (``None``: free text)."""
 
@@ -534,15 +545,21 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
             else:
                 pool = all_voices
             variant = pool[rng.integers(len(pool))]
+            if task == "same_speaker":  # a second voice of the same gender, or the same one
+                same_gender = voices["male" if variant in voices["male"] else "female"]
+                others = [v for v in same_gender if v != variant]
+                second = variant if answer == "same" else others[rng.integers(len(others))]
             if task == "rate":
                 rate = _draw_rate(*(FAR_RATE_RANGES if split == "far" else RATE_RANGES)[answer], split, rng)
             else:
                 rate = _draw_rate(*NEUTRAL_RATE_RANGE, split, rng)
             make = functools.partial(_language_sentence, language) if task == "language" else _asr_sentence
             sentence = _draw_sentence(make, _sentence_pool_of(split), rng)
-            spec.update(
-                voice=f"{ESPEAK_LANGUAGE[language]}+{variant}", language=language, rate=rate, sentence=sentence
-            )
+            voice = f"{ESPEAK_LANGUAGE[language]}+{variant}"
+            if task == "same_speaker":
+                sentence += SENTENCE_SEPARATOR + _draw_sentence(make, _sentence_pool_of(split), rng)
+                voice += f",{ESPEAK_LANGUAGE[language]}+{second}"
+            spec.update(voice=voice, language=language, rate=rate, sentence=sentence)
             if task == "asr":
                 answer = sentence
             if task == "emotion":
@@ -562,9 +579,13 @@ def _make_row(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
     if spec["task"] == "count":
         wave, _ = make_beeps(spec["num_beeps"], spec["beep_hz"], sampling_rate, rng)
     else:
-        text = spec["ssml"] or spec["sentence"]
         pitch = spec["pitch"] if spec["pitch"] >= 0 else None
-        wave = make_speech(text, spec["voice"], spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]), pitch=pitch)
+        texts = [spec["ssml"]] if spec["ssml"] else spec["sentence"].split(SENTENCE_SEPARATOR)
+        voices = spec["voice"].split(",")  # same_speaker: one sentence per voice, one after the other
+        wave = np.concatenate([
+            make_speech(text, voice, spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]), pitch=pitch)
+            for text, voice in zip(texts, voices, strict=True)
+        ])
     prompt = TASK_PROMPTS[spec["task"]]
     row = {k: v for k, v in spec.items() if k not in ("render_seed", "ssml")}
     row.update(
@@ -730,10 +751,11 @@ def split_overlap(dataset_dict) -> dict[str, dict[str, list]]:
     """
 
     def variants(ds, task=None):
-        return {v.split("+", 1)[1] for v, t in zip(ds["voice"], ds["task"]) if v and (task is None or t == task)}
+        return {part.split("+", 1)[1] for v, t in zip(ds["voice"], ds["task"]) if v and (task is None or t == task)
+                for part in v.split(",")}
 
     def sentences(ds):
-        return {s for s in ds["sentence"] if s}
+        return {part for s in ds["sentence"] if s for part in s.split(SENTENCE_SEPARATOR)}
 
     def rates(ds):
         return {r for r, t in zip(ds["rate"], ds["task"]) if t == "rate"}
