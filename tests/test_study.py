@@ -4,6 +4,8 @@ both roles, a one-layer LLM, two steps and a handful of clips."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -81,3 +83,123 @@ def test_verdicts_say_within_noise_where_the_interval_holds_zero():
 def test_study_needs_two_seeds():
     with pytest.raises(SystemExit):
         main(["study", "--seeds", "1"])
+
+
+def _smart_turn_installed() -> bool:
+    try:
+        importlib.metadata.version("pipecat-ai")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("onnx") is not None
+
+
+@pytest.fixture(scope="module")
+def study_v2_run(tmp_path_factory):
+    """Protocol v2 at a tiny size: its arms and pools (Smart Turn where its package is installed; it converts in a
+    second), a benchmark draw per seed with two far clips per task, specialists of two steps. Every call of
+    `specialize` is recorded with the rows its dataset holds."""
+    import datasets
+
+    from modeling_mowe.data import TASKS, BenchmarkConfig
+    from modeling_mowe.experiments.study import STUDY_V2
+    from modeling_mowe.training import specialize
+
+    out = tmp_path_factory.mktemp("study-v2")
+    pools = {arm: tuple(e for e in pool if e != "smart-turn-v3" or _smart_turn_installed())
+             for arm, pool in STUDY_V2["pools"].items()}
+    settings = StudySettings.v2(
+        output_dir=out, seeds=2, base_encoder="whisper-tiny.en", pools=pools,
+        scratch_llm={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
+        align_steps=2, steps=2, batch_size=4, bootstrap_samples=200,
+        benchmark=BenchmarkConfig.tiny(tasks=TASKS, validation_per_task=0, far_per_task=2),
+        specialist_recipe={"steps": 2, "batch_size": 4, "learning_rate": 1e-4},
+    )
+    calls, real = [], specialize.specialize
+
+    def recording(args, training_args):
+        data = datasets.load_from_disk(args.dataset)
+        calls.append({"task": args.task, "seed": training_args.seed, "splits": sorted(data),
+                      "ids": sorted(data[args.train_split]["id"]), "steps": training_args.max_steps})
+        return real(args, training_args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        patch.setattr(specialize, "specialize", recording)
+        summary = run_study(settings)
+    return out, summary, settings, calls
+
+
+def test_study_v2_scores_every_arm_on_test_and_far_with_routing(study_v2_run):
+    out, summary, settings, _ = study_v2_run
+    arms = ["base-only", "MoWE homogeneous", "MoWE heterogeneous"]
+    tasks = {"asr", "gender", "language", "rate", "count", "emotion"}
+    per_seed = json.loads((out / "per_seed.json").read_text())
+    assert len(per_seed) == 2 and all(list(seed) == arms for seed in per_seed)
+    for seed in per_seed:
+        for arm in arms:
+            assert set(seed[arm]["tasks"]) == set(seed[arm]["far"]["tasks"]) == tasks
+            assert seed[arm]["far"]["summary"]["n"] == 2 * len(tasks)
+            assert ("routing" in seed[arm]) == (arm != "base-only")
+    # Data seed = model seed: each seed its own draw.
+    assert [b["seed"] for b in summary["benchmarks"]] == [0, 1]
+    for split in (summary, summary["far"]):
+        assert set(split["intervals"]) == tasks | {"average_score"}
+        for arm in arms[1:]:
+            low, high = split["intervals"]["average_score"][f"{arm} - base-only"]
+            assert low <= high
+            assert len(split["statistics"][arm]["average_score"]["differences"]) == 2
+        assert len(split["verdicts"]) == 2 * (len(tasks) + 1)
+    heterogeneous = summary["routing"]["seed 1"]["MoWE heterogeneous"]
+    pool = settings.pools["MoWE heterogeneous"]
+    assert heterogeneous["encoders"] == [f"{i}:{entry}" for i, entry in enumerate(pool)]
+    assert set(heterogeneous["routers"]) == {"data_independent", "data_dependent"}
+    for fractions in heterogeneous["routers"]["data_dependent"].values():
+        assert len(fractions) == len(pool) and sum(fractions) == pytest.approx(1.0)
+    assert set(summary["routing"]["seed 0"]) == {"MoWE homogeneous", "MoWE heterogeneous"}
+    report = (out / "study.md").read_text()
+    assert "## Far split" in report and "### Seed 1" in report and "### Pooled over seeds" in report
+    assert "## Routing per task on the test split" in report and "### MoWE heterogeneous" in report
+    assert f"| {pool.index('whisper-tiny.en@emotion')}:whisper-tiny.en@emotion |" in report
+    assert "MoWE heterogeneous (both: whisper-tiny.en" in report  # the arms and their pools, under the title
+
+
+def test_study_v2_specialists_learn_from_training_rows_only_and_are_reused(study_v2_run):
+    from modeling_mowe.data import build_benchmark
+    from modeling_mowe.experiments.demo import describe_parts
+    from modeling_mowe.experiments.pools import SPECIALIST_RECORD, resolve_weak_encoders
+    from modeling_mowe.training import specialize
+
+    out, _, settings, calls = study_v2_run
+    # One specialist per task in the pool and seed, each trained once (a second arm or rerun reuses it).
+    assert sorted((c["seed"], c["task"]) for c in calls) == [(0, "emotion"), (0, "gender"), (1, "emotion"),
+                                                             (1, "gender")]
+    for call in calls:
+        seed_settings = dataclasses.replace(settings, seed=call["seed"])
+        train = build_benchmark(out / "cache" / "benchmark", seed_settings.benchmark_config())["train"]
+        expected = sorted(i for i, t in zip(train["id"], train["task"]) if t == call["task"])
+        assert call["splits"] == ["train"] and call["ids"] == expected and call["steps"] == 2
+        assert all(i.startswith(f"train-{call['task']}-") for i in call["ids"])
+
+    arm = dataclasses.replace(settings, seed=0, output_dir=out / "seed-0",
+                              weak_encoders=settings.pools["MoWE heterogeneous"])
+    train = build_benchmark(out / "cache" / "benchmark", arm.benchmark_config())["train"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        folders = resolve_weak_encoders(arm, train)
+        emotion = folders[arm.weak_encoders.index("whisper-tiny.en@emotion")]
+        before = (emotion / "model.safetensors").stat().st_mtime_ns
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a cached specialist was trained again")
+
+        patch.setattr(specialize, "specialize", refuse)
+        assert resolve_weak_encoders(arm, train) == folders
+    assert (emotion / "model.safetensors").stat().st_mtime_ns == before
+    record = json.loads((emotion / SPECIALIST_RECORD).read_text())
+    assert record["task"] == "emotion" and record["seed"] == 0 and record["recipe"]["steps"] == 2
+    assert all(i.startswith("train-emotion-") for i in record["row_ids"])
+
+    described = describe_parts(arm, with_weak_pool=True)
+    index = arm.weak_encoders.index("whisper-tiny.en@emotion")
+    assert described["weak_encoders"][index] == "whisper-tiny.en specialised on emotion by mowe-audio"
+    assert described["licenses"]["weak_encoders"][index] == "MIT"

@@ -8,24 +8,31 @@ from pathlib import Path
 
 from . import demo
 from .demo import LLM_CHOICES, DemoSettings, run_demo
-from .study import StudySettings, run_study
+from .study import STUDY_V2, StudySettings, run_study
 
 
 def study_main(argv: list[str] | None = None) -> dict:
-    """`python -m modeling_mowe.experiments study --seeds 3`: the multi-seed study
-    (docs/RESULTS.md, "Study protocol")."""
-    defaults = StudySettings(output_dir=Path("outputs/study"))
+    """`python -m modeling_mowe.experiments study --seeds 3 [--protocol v2]`: the multi-seed study
+    (docs/RESULTS.md, "Study protocol"); a flag left out takes the protocol's value (`StudySettings`, `STUDY_V2`)."""
     parser = argparse.ArgumentParser(prog="python -m modeling_mowe.experiments study", description=run_study.__doc__)
-    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
-    parser.add_argument("--seeds", type=int, default=defaults.seeds)
-    parser.add_argument("--align-steps", type=int, default=defaults.align_steps)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps of each arm")
-    parser.add_argument("--train-per-task", type=int, default=defaults.train_per_task)
-    parser.add_argument("--test-per-task", type=int, default=defaults.test_per_task)
+    parser.add_argument("--protocol", choices=("v1", "v2"), default="v1",
+                        help="v1: the four router arms on one benchmark draw; v2: base-only, a homogeneous and a "
+                             "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/study (v1), outputs/study-v2")
+    parser.add_argument("--seeds", type=int, default=StudySettings.seeds)
+    parser.add_argument("--align-steps", type=int, default=StudySettings.align_steps)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"fine-tuning steps of each arm (v1 {StudySettings.steps}, v2 {STUDY_V2['steps']})")
+    parser.add_argument("--train-per-task", type=int, default=StudySettings.train_per_task)
+    parser.add_argument("--test-per-task", type=int, default=None,
+                        help=f"(v1 {StudySettings.test_per_task}, v2 {STUDY_V2['test_per_task']})")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: a standard deviation over seeds needs two")
-    return run_study(StudySettings(**vars(args)))
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("protocol", "output_dir")}
+    if args.protocol == "v2":
+        return run_study(StudySettings.v2(output_dir=args.output_dir or Path("outputs/study-v2"), **given))
+    return run_study(StudySettings(output_dir=args.output_dir or Path("outputs/study"), **given))
 
 
 def main(argv: list[str] | None = None) -> dict:

