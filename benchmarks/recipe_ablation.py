@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from modeling_mowe.data import DEFAULT_TASKS, TASKS, BenchmarkConfig, build_benchmark
+from modeling_mowe.data import DEFAULT_TASKS, STUDY_TASKS, BenchmarkConfig, build_benchmark
 from modeling_mowe.evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
 from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task
 from modeling_mowe.experiments.demo import (
@@ -57,7 +57,7 @@ RECIPES = (
     Recipe("demo, 200 steps", steps=200),
     Recipe("demo, fresh parts at 3e-3", fresh_learning_rate=3e-3),
     Recipe("demo, weak columns at 0.1", weak_init_scale=0.1),
-    Recipe("demo, six tasks (emotion added)", tasks=TASKS),
+    Recipe("demo, six tasks (emotion added)", tasks=STUDY_TASKS),
     Recipe("study fine-tuning (200 steps, 3e-3, 0.1)", steps=200, fresh_learning_rate=3e-3, weak_init_scale=0.1),
 )
 
@@ -167,8 +167,8 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
     splits = ["test"] + (["far"] if all("far" in record for record in per_arm.values()) else [])
     for split in splits:
         lines += [f"## {split} split\n",
-                  "| recipe | per seed (points) | pooled (points) | " + " | ".join(TASKS) + " |",
-                  "|---|---|---|" + "---|" * len(TASKS)]
+                  "| recipe | per seed (points) | pooled (points) | " + " | ".join(STUDY_TASKS) + " |",
+                  "|---|---|---|" + "---|" * len(STUDY_TASKS)]
         for recipe in recipes:
             per_seed = [{arm: _split_result(per_arm[s, recipe.name, router], split)
                          for arm, router in (("MoWE", "both"), ("base-only", "none"))} for s in seeds]
@@ -179,7 +179,7 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
             pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
             low, high = intervals["average_score"]["MoWE - base-only"]
             cells = []
-            for task in TASKS:
+            for task in STUDY_TASKS:
                 if task not in pooled["MoWE"]["tasks"]:
                     cells.append("")
                     continue

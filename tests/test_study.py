@@ -28,14 +28,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-    from modeling_mowe.data import TASKS, BenchmarkConfig
+    from modeling_mowe.data import STUDY_TASKS, BenchmarkConfig
 
     out = tmp_path_factory.mktemp("study")
     settings = StudySettings(
         output_dir=out, seeds=2, base_encoder="whisper-tiny.en", weak_encoders=("whisper-tiny.en",) * 2,
         scratch_llm={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
         align_steps=2, steps=2, batch_size=4, bootstrap_samples=200,
-        benchmark=BenchmarkConfig.tiny(tasks=TASKS, validation_per_task=0),
+        benchmark=BenchmarkConfig.tiny(tasks=STUDY_TASKS, validation_per_task=0),
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
@@ -100,7 +100,7 @@ def study_v2_run(tmp_path_factory):
     `specialize` is recorded with the rows its dataset holds."""
     import datasets
 
-    from modeling_mowe.data import TASKS, BenchmarkConfig
+    from modeling_mowe.data import STUDY_TASKS, BenchmarkConfig
     from modeling_mowe.experiments.study import STUDY_V2
     from modeling_mowe.training import specialize
 
@@ -111,7 +111,7 @@ def study_v2_run(tmp_path_factory):
         output_dir=out, seeds=2, base_encoder="whisper-tiny.en", pools=pools,
         scratch_llm={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
         align_steps=2, steps=2, batch_size=4, bootstrap_samples=200,
-        benchmark=BenchmarkConfig.tiny(tasks=TASKS, validation_per_task=0, far_per_task=2),
+        benchmark=BenchmarkConfig.tiny(tasks=STUDY_TASKS, validation_per_task=0, far_per_task=2),
         specialist_recipe={"steps": 2, "batch_size": 4, "learning_rate": 1e-4},
     )
     calls, real = [], specialize.specialize

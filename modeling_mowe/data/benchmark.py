@@ -67,7 +67,9 @@ SPLITS = ("train", "validation", "test", "far")
 """Every split this module can build; ``far`` only when :attr:`BenchmarkConfig.far_per_task` is positive."""
 DEFAULT_TASKS = ("asr", "gender", "language", "rate", "count")
 """The tasks :class:`BenchmarkConfig` builds by default (the demo's)."""
-TASKS = (*DEFAULT_TASKS, "emotion", "same_speaker")
+STUDY_TASKS = (*DEFAULT_TASKS, "emotion")
+"""The demo's tasks and emotion: the study's six (the task its specialists are made for)."""
+TASKS = (*STUDY_TASKS, "same_speaker")
 """Every task this module can build."""
 
 TASK_PROMPTS = {
