@@ -65,7 +65,7 @@ def test_v2_settings_come_from_one_place_and_v1_stays_the_default(tmp_path):
     )
     assert (v2.steps, v2.fresh_learning_rate, v2.weak_init_scale, v2.tasks) == (150, None, 0.0, STUDY_TASKS)
     bench = v2.benchmark_config()
-    assert (bench.seed, bench.tasks, bench.test_per_task, bench.far_per_task) == (2, STUDY_TASKS, 200, 200)
+    assert (bench.seed, bench.tasks, bench.test_per_task, bench.far_per_task) == (2, STUDY_TASKS, 200, 100)
     assert StudySettings.v2(output_dir=tmp_path, steps=300).steps == 300  # a recipe field stays a setting
 
     v1 = StudySettings(output_dir=tmp_path, seed=2)

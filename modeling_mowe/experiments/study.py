@@ -49,7 +49,7 @@ STUDY_V2 = {
     "data_seed": None,  # seed s trains and tests on its own draw, BenchmarkConfig(seed=s)
     "tasks": STUDY_TASKS,
     "test_per_task": 200,
-    "far_per_task": 200,
+    "far_per_task": 100,  # 200 test clips per task decide; the far split checks the direction in less time
     # The fine-tuning recipe (benchmarks/recipe_ablation.py decides it; one line each to change):
     "steps": 150,
     "fresh_learning_rate": None,
