@@ -17,7 +17,7 @@ from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, StudySettings
 
 def test_an_unknown_specialist_task_names_the_valid_tasks(tmp_path):
     with pytest.raises(ValueError, match=r"'nosuchtask'.*valid tasks are \['gender', 'language', 'rate', 'count', "
-                                         r"'emotion'\]"):
+                                         r"'emotion', 'same_speaker'\]"):
         parse_specialist("whisper-tiny.en@nosuchtask")
     with pytest.raises(ValueError, match="nosuchtask"):
         DemoSettings(output_dir=tmp_path, weak_encoders=("whisper-tiny.en@nosuchtask",))
@@ -63,7 +63,7 @@ def test_v2_settings_come_from_one_place_and_v1_stays_the_default(tmp_path):
     assert v2.pool("MoWE heterogeneous") == (
         "whisper-tiny.en", "smart-turn-v3", "whisper-tiny.en@emotion", "whisper-tiny.en@gender"
     )
-    assert (v2.steps, v2.fresh_learning_rate, v2.weak_init_scale, v2.tasks) == (150, None, 0.0, STUDY_TASKS)
+    assert (v2.steps, v2.fresh_learning_rate, v2.weak_init_scale, v2.tasks) == (200, None, 0.0, STUDY_TASKS)
     bench = v2.benchmark_config()
     assert (bench.seed, bench.tasks, bench.test_per_task, bench.far_per_task) == (2, STUDY_TASKS, 200, 100)
     assert StudySettings.v2(output_dir=tmp_path, steps=300).steps == 300  # a recipe field stays a setting

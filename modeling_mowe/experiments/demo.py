@@ -74,7 +74,7 @@ class DemoSettings:
     base_encoder: str = "whisper-base"
     weak_encoders: tuple[str, ...] = ("whisper-tiny.en",) * 4
     align_steps: int = 1200
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 16
     learning_rate: float = 1e-3
     finetune_learning_rate: float = 3e-4

@@ -51,7 +51,7 @@ STUDY_V2 = {
     "test_per_task": 200,
     "far_per_task": 100,  # 200 test clips per task decide; the far split checks the direction in less time
     # The fine-tuning recipe (benchmarks/recipe_ablation.py decides it; one line each to change):
-    "steps": 150,
+    "steps": 200,
     "fresh_learning_rate": None,
     "weak_init_scale": 0.0,
 }
