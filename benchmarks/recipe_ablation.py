@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modeling_mowe.data import DEFAULT_TASKS, STUDY_TASKS, BenchmarkConfig, build_benchmark
-from modeling_mowe.evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
+from modeling_mowe.evaluation import evaluate_model, results_table_markdown
 from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task
 from modeling_mowe.experiments.demo import (
     DemoSettings,
@@ -36,6 +36,7 @@ from modeling_mowe.experiments.demo import (
     start_from_aligned,
     train,
 )
+from modeling_mowe.experiments.study import summarise_split
 from modeling_mowe.modeling_mowe import MoWEForConditionalGeneration
 from modeling_mowe.processing_mowe import MoWEProcessor
 from modeling_mowe.training.feature_cache import FrozenFeatureStore
@@ -172,8 +173,8 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
         for recipe in recipes:
             per_seed = [{arm: _split_result(per_arm[s, recipe.name, router], split)
                          for arm, router in (("MoWE", "both"), ("base-only", "none"))} for s in seeds]
-            pooled = pool_seeds(per_seed)
-            intervals = bootstrap_intervals(pooled, reference="base-only", seed=0)
+            split_summary = summarise_split(per_seed, "base-only", samples=2000)
+            pooled, intervals = split_summary["pooled"], split_summary["intervals"]
             diffs = [r["MoWE"]["summary"]["average_score"] - r["base-only"]["summary"]["average_score"]
                      for r in per_seed]
             pooled_diff = pooled["MoWE"]["summary"]["average_score"] - pooled["base-only"]["summary"]["average_score"]
