@@ -5,11 +5,16 @@ Evidence for which tasks can show MoWE's premise (a pool member knows what the b
     python benchmarks/probe_frozen_features.py --smart-turn --tasks emotion gender rate
     python benchmarks/probe_frozen_features.py --encoders whisper-tiny.en out/tiny-en-emotion --tasks emotion
     python benchmarks/probe_frozen_features.py --tasks emotion --padded         # also Whisper padded to 30 s (slow)
+    python benchmarks/probe_frozen_features.py --tasks gender language rate count emotion same_speaker \
+        --encoders whisper-base whisper-tiny.en smart-turn-v3 whisper-tiny.en@emotion whisper-tiny.en@gender \
+        whisper-tiny.en@same_speaker --plot docs/who-knows-what.png           # who knows what
 
 `--encoders`: convertible parts by name (`python -m modeling_mowe.convert`'s list: whisper-base, whisper-tiny.en,
-smart-turn-v3) or encoder folders (any family `encoders.py` supports, e.g. a specialist saved by
-`python -m modeling_mowe.training.specialize`); `--smart-turn` adds `smart-turn-v3`. Each encoder reads its own
-front-end (log-mels of its size, or the normalised waveform) as MoWE computes it.
+smart-turn-v3), encoder folders (any family `encoders.py` supports, e.g. a specialist saved by
+`python -m modeling_mowe.training.specialize`), or specialist specs `"<part>@<task>"` as the experiments' pools take
+them (`experiments.pools`: the part specialised on this benchmark's training rows of that task, with `--seed`, cached
+beside `--cache-dir`); `--smart-turn` adds `smart-turn-v3`. Each encoder reads its own front-end (log-mels of its
+size, or the normalised waveform) as MoWE computes it.
 
 For each task: the benchmark's training split (its unseen-voice test split held out; `--train-per-task` and
 `--test-per-task` clips), each encoder's last hidden state mean+std pooled over the clip's valid frames
@@ -17,7 +22,7 @@ For each task: the benchmark's training split (its unseen-voice test split held 
 regression (L2, full-batch L-BFGS) fitted on the training clips and scored on the test clips. `--finetune-steps N`
 also fine-tunes `--finetune-encoder` with a linear head on the same pooled features (AdamW, batch 16; what the
 specialisation command trains) and scores that head. Prints one table (accuracy on held-out clips) and writes it as
-JSON to `--output`.
+JSON to `--output`; `--plot` draws it as a heatmap, each task's chance level beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import torch
 from torch import nn
 
 from modeling_mowe.data import TASK_LABELS, BenchmarkConfig, build_benchmark
+from modeling_mowe.experiments.demo import DemoSettings
+from modeling_mowe.experiments.plots import draw_probe_heatmap
+from modeling_mowe.experiments.pools import parse_specialist, specialist_folder
 from modeling_mowe.modeling_mowe import load_audio_encoder
 from modeling_mowe.training.specialize import (
     AudioLabelCollator,
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--encoders",
         nargs="+",
         default=["whisper-base", "whisper-tiny.en"],
-        help="convertible parts by name, or encoder folders",
+        help="convertible parts by name, encoder folders, or specialist specs '<part>@<task>'",
     )
     parser.add_argument("--smart-turn", action="store_true", help="also probe Smart Turn v3 (smart-turn-v3)")
     parser.add_argument("--train-per-task", type=int, default=240)
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/probe/benchmark"))
     parser.add_argument("--output", type=Path, default=Path("outputs/probe/probe.json"))
+    parser.add_argument("--plot", type=Path, help="also draw the table as a heatmap (PNG) here")
+    parser.add_argument("--specialist-steps", type=int, default=60, help="training steps of each '<part>@<task>'")
     args = parser.parse_args(argv)
     encoders = list(dict.fromkeys([*args.encoders, *(["smart-turn-v3"] if args.smart_turn else [])]))
     torch.manual_seed(args.seed)
@@ -129,7 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     splits = build_benchmark(args.cache_dir, config, progress=False)
     modes = [("dynamic", True)] + ([("padded", False)] if args.padded else [])
-    loaded = {name: load_audio_encoder(resolve_encoder(name)).eval() for name in encoders}
+    # A specialist learns from this benchmark's training rows of its task; the held-out voices stay unseen.
+    settings = DemoSettings(output_dir=args.cache_dir.parent, seed=args.seed, benchmark=config)
+    settings.specialist_recipe["steps"] = args.specialist_steps
+    folders = {
+        name: specialist_folder(settings, *spec, splits["train"]) if (spec := parse_specialist(name)) else name
+        for name in encoders
+    }
+    loaded = {name: load_audio_encoder(resolve_encoder(folder)).eval() for name, folder in folders.items()}
     results: dict[str, dict[str, float]] = {}
     for task in args.tasks:
         labels = TASK_LABELS[task]
@@ -161,10 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| task | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for task, row in results.items():
         print(f"| {task} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in columns) + " |")
-    settings = vars(args) | {"cache_dir": str(args.cache_dir), "output": str(args.output), "encoders": encoders}
-    summary = {"settings": settings, "accuracy": results}
+    recorded = vars(args) | {"encoders": encoders, "folders": {n: str(f) for n, f in folders.items()}}
+    summary = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in recorded.items()}, "accuracy": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=1))
+    if args.plot:
+        chance = {task: 1 / len(TASK_LABELS[task]) for task in results}
+        draw_probe_heatmap(results, chance, args.plot)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import probe_frozen_features
 import probe_stages
@@ -26,6 +27,43 @@ def test_frozen_feature_probe_runs_on_any_encoder_folder(tmp_path, capsys):
     assert all(0 <= a <= 1 and (4 * a).is_integer() for a in accuracy.values()), accuracy
     assert json.loads((tmp_path / "probe.json").read_text())["accuracy"] == summary["accuracy"]
     assert "| gender |" in capsys.readouterr().out
+
+
+def test_frozen_feature_probe_trains_specialists_and_draws_who_knows_what(tmp_path, monkeypatch):
+    """A `"<part>@<task>"` entry is specialised on the probe's own training rows of that task (never its held-out
+    clips), cached under the cache folder's parent, probed like any encoder and drawn in the heatmap."""
+    import datasets
+
+    from modeling_mowe import convert
+    from modeling_mowe.training import specialize
+
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "converted"))
+    seen, real = [], specialize.specialize
+
+    def recording(args, training_args):
+        seen.append((args.task, sorted(set(datasets.load_from_disk(args.dataset)["train"]["id"]))))
+        return real(args, training_args)
+
+    monkeypatch.setattr(specialize, "specialize", recording)
+    arguments = [
+        "--encoders", "whisper-tiny.en", "whisper-tiny.en@gender", "--tasks", "gender", "rate",
+        "--train-per-task", "6", "--test-per-task", "4", "--specialist-steps", "1",
+        "--cache-dir", str(tmp_path / "probe" / "bench"), "--output", str(tmp_path / "probe.json"),
+        "--plot", str(tmp_path / "who-knows-what.png"),
+    ]  # fmt: skip
+    summary = probe_frozen_features.main(arguments)
+    assert set(summary["accuracy"]) == {"gender", "rate"}
+    for row in summary["accuracy"].values():
+        assert set(row) == {"whisper-tiny.en frozen, dynamic", "whisper-tiny.en@gender frozen, dynamic"}
+    (bench_folder,) = (tmp_path / "probe" / "bench").iterdir()
+    bench = datasets.load_from_disk(str(bench_folder))
+    gender_train = sorted(bench["train"].filter(lambda t: t == "gender", input_columns="task")["id"])
+    assert seen == [("gender", gender_train)]
+    folder = Path(summary["settings"]["folders"]["whisper-tiny.en@gender"])
+    assert folder.parent == tmp_path / "probe" / "cache" and (folder / "model.safetensors").is_file()
+    assert (tmp_path / "who-knows-what.png").read_bytes().startswith(b"\x89PNG")
+    probe_frozen_features.main(arguments)  # the specialist is cached: a rerun trains nothing
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("router_type", ["both", "none"])

@@ -33,17 +33,36 @@ def draw_plots(histories: dict[str, list[dict]], routing: dict, encoder_names: l
     axes = fig.subplots(1, len(routing), squeeze=False)
     for ax, (router, per_task) in zip(axes[0], routing.items()):
         tasks = list(per_task)
-        grid = [per_task[t] for t in tasks]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(encoder_names)), encoder_names, rotation=30, ha="right")
-        ax.set_yticks(range(len(tasks)), tasks)
+        image = annotated_grid(ax, [per_task[t] for t in tasks], encoder_names, tasks)
         ax.set_title(f"{router} router: chosen encoder")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
     paths.append(save_figure(fig, out / "routing_by_task.png"))
     return paths
+
+
+def annotated_grid(ax, grid: list[list[float]], columns: list[str], rows: list[str]):
+    """`grid` (rows x columns, values in [0, 1]) as a heatmap with each value written in its cell; the image."""
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
+    return image
+
+
+def draw_probe_heatmap(accuracy: dict[str, dict[str, float]], chance: dict[str, float], path: Path) -> Path:
+    """Who knows what: `accuracy[task][encoder]` (held-out probe accuracy) as a heatmap, tasks down and encoders
+    across, with each task's `chance` level as the first column."""
+    tasks = list(accuracy)
+    encoders = list(dict.fromkeys(e for row in accuracy.values() for e in row))
+    grid = [[chance[t], *(accuracy[t].get(e, float("nan")) for e in encoders)] for t in tasks]
+    fig = Figure(figsize=(1.1 * len(encoders) + 3, 0.5 * len(tasks) + 2.2))
+    ax = fig.subplots()
+    image = annotated_grid(ax, grid, ["chance", *(e.removesuffix(", dynamic") for e in encoders)], tasks)
+    ax.set_title("Linear probe on frozen pooled features: held-out accuracy (unseen voices)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return save_figure(fig, Path(path))
 
 
 def draw_study_plots(pooled: dict, intervals: dict, histories: dict, reference: str, out: Path) -> list[Path]:
