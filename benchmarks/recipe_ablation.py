@@ -60,6 +60,7 @@ RECIPES = (
     Recipe("demo, weak columns at 0.1", weak_init_scale=0.1),
     Recipe("demo, six tasks (emotion added)", tasks=STUDY_TASKS),
     Recipe("study fine-tuning (200 steps, 3e-3, 0.1)", steps=200, fresh_learning_rate=3e-3, weak_init_scale=0.1),
+    Recipe("six tasks, 1000 steps", steps=1000, tasks=STUDY_TASKS),
 )
 
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="one benchmark draw for every seed (default: seed S draws with data seed S, as the demo)")
     parser.add_argument("--far-per-task", type=int, default=0,
                         help="also score every arm on this many far-split clips per task (data.BenchmarkConfig)")
+    parser.add_argument("--arms", nargs="+", choices=("none", "both"), default=["none", "both"],
+                        help="router types to train: none (base-only) and both (MoWE); base-only alone is cheap")
     parser.add_argument("--tiny", action="store_true", help="tiny.en in both roles, a one-layer LLM (tests)")
     args = parser.parse_args(argv)
     recipes = [r for r in RECIPES if r.name in args.recipes]
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                 key = f"{recipe.steps}-steps{mix}" if router_type == "none" else recipe.name
                 stem = f"seed{seed}-{router_type}-{key}".replace(" ", "_").replace("/", "-")
                 path = out / "per_arm" / f"{stem}.json"
+                if not path.exists() and router_type not in args.arms:
+                    continue  # an arm not asked for is reported only when an earlier run saved it
                 if not path.exists():
                     splits = build_benchmark(out / "cache" / "benchmark", bench, progress=False)
                     parts = prepare_parts(settings)
@@ -166,11 +171,13 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
              "tasks of accuracy or max(0, 1 - WER); WER differences: lower is better.\n"]
     summary = {recipe.name: {} for recipe in recipes}
     splits = ["test"] + (["far"] if all("far" in record for record in per_arm.values()) else [])
-    for split in splits:
+    compared = [r for r in recipes if all((s, r.name, "both") in per_arm for s in seeds)]
+    lines += _base_only_table(per_arm, seeds, recipes, splits)
+    for split in splits if compared else []:
         lines += [f"## {split} split\n",
                   "| recipe | per seed (points) | pooled (points) | " + " | ".join(STUDY_TASKS) + " |",
                   "|---|---|---|" + "---|" * len(STUDY_TASKS)]
-        for recipe in recipes:
+        for recipe in compared:
             per_seed = [{arm: _split_result(per_arm[s, recipe.name, router], split)
                          for arm, router in (("MoWE", "both"), ("base-only", "none"))} for s in seeds]
             split_summary = summarise_split(per_seed, "base-only", samples=2000)
@@ -197,12 +204,34 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
             if split == "test":
                 summary[recipe.name]["routing"] = {s: per_arm[s, recipe.name, "both"]["routing"] for s in seeds}
         lines.append("")
-    lines.append("Pooled test-split scores per recipe:\n")
-    for recipe in recipes:
+    lines.append("Pooled test-split scores per recipe:\n" if compared else "")
+    for recipe in compared:
         per_seed = [{"MoWE": per_arm[s, recipe.name, "both"], "base-only": per_arm[s, recipe.name, "none"]}
                     for s in seeds]
         lines += [f"### {recipe.name}\n", results_table_markdown(pool_seeds(per_seed)), ""]
     return {"markdown": "\n".join(lines) + "\n", "json": summary}
+
+
+def _base_only_table(per_arm: dict, seeds: list[int], recipes: list[Recipe], splits: list[str]) -> list[str]:
+    """Base-only's score per recipe, task and split: mean and spread over seeds (what the model reads of its frozen
+    base, to set beside the frozen-feature probes of `probe_frozen_features.py`)."""
+    import numpy as np
+
+    lines = ["## Base-only per recipe: mean ± sd over seeds (accuracy; ASR: WER)\n",
+             "| recipe | split | average | " + " | ".join(STUDY_TASKS) + " |",
+             "|---|---|---|" + "---|" * len(STUDY_TASKS)]
+    for recipe in [r for r in recipes if all((s, r.name, "none") in per_arm for s in seeds)]:
+        for split in splits:
+            results = [_split_result(per_arm[s, recipe.name, "none"], split) for s in seeds]
+
+            def cell(values):
+                return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+            tasks = [cell([r["tasks"][t]["value"] for r in results]) if t in results[0]["tasks"] else ""
+                     for t in STUDY_TASKS]
+            average = cell([r["summary"]["average_score"] for r in results])
+            lines.append(f"| {recipe.name} | {split} | {average} | " + " | ".join(tasks) + " |")
+    return [*lines, ""]
 
 
 def _split_result(record: dict, split: str) -> dict:

@@ -64,3 +64,13 @@ def test_recipe_ablation_reports_each_recipe_and_resumes(tmp_path):
     report = json.loads((tmp_path / "out" / "recipe_ablation.json").read_text())
     assert report["demo"]["far"]["pooled"]["MoWE"]["n"] == 2 * 5  # 2 seeds x 5 tasks x 1 clip
     assert "## far split" in (tmp_path / "out" / "recipe_ablation.md").read_text()
+
+    # --arms none trains base-only alone: reported per task beside the earlier recipes, in no difference table.
+    base_only = run(tmp_path / "out", env, "--arms", "none", "--recipes", "demo", "six tasks, 1000 steps")
+    assert base_only.returncode == 0, base_only.stderr[-3000:]
+    new = sorted({p.name for p in (tmp_path / "out" / "per_arm").iterdir()} - set(arms))
+    assert new == ["seed0-none-10-steps-emotion.json", "seed1-none-10-steps-emotion.json"]
+    report = json.loads((tmp_path / "out" / "recipe_ablation.json").read_text())
+    assert "test" in report["demo"] and report["six tasks, 1000 steps"] == {}
+    markdown = (tmp_path / "out" / "recipe_ablation.md").read_text()
+    assert "| six tasks, 1000 steps | test |" in markdown and "| six tasks, 1000 steps | -" not in markdown
