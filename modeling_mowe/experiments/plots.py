@@ -57,10 +57,11 @@ def draw_probe_heatmap(accuracy: dict[str, dict[str, float]], chance: dict[str, 
     tasks = list(accuracy)
     encoders = list(dict.fromkeys(e for row in accuracy.values() for e in row))
     grid = [[chance[t], *(accuracy[t].get(e, float("nan")) for e in encoders)] for t in tasks]
-    fig = Figure(figsize=(1.1 * len(encoders) + 3, 0.5 * len(tasks) + 2.2))
+    fig = Figure(figsize=(0.9 * len(encoders) + 3, 0.5 * len(tasks) + 2.5))
     ax = fig.subplots()
-    image = annotated_grid(ax, grid, ["chance", *(e.removesuffix(", dynamic") for e in encoders)], tasks)
-    ax.set_title("Linear probe on frozen pooled features: held-out accuracy (unseen voices)")
+    names = [e.removesuffix(", dynamic").removesuffix(" frozen") for e in encoders]
+    image = annotated_grid(ax, grid, ["chance", *names], tasks)
+    ax.set_title("Linear probe on frozen features: held-out accuracy", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046)
     return save_figure(fig, Path(path))
 
