@@ -26,7 +26,7 @@ from pathlib import Path
 
 from modeling_mowe.data import DEFAULT_TASKS, STUDY_TASKS, BenchmarkConfig, build_benchmark
 from modeling_mowe.evaluation import evaluate_model, results_table_markdown
-from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task
+from modeling_mowe.experiments.analysis import pool_seeds, routing_by_task, seed_statistics
 from modeling_mowe.experiments.demo import (
     DemoSettings,
     align,
@@ -215,22 +215,16 @@ def summarise(per_arm: dict, seeds: list[int], recipes: list[Recipe]) -> dict:
 def _base_only_table(per_arm: dict, seeds: list[int], recipes: list[Recipe], splits: list[str]) -> list[str]:
     """Base-only's score per recipe, task and split: mean and spread over seeds (what the model reads of its frozen
     base, to set beside the frozen-feature probes of `probe_frozen_features.py`)."""
-    import numpy as np
-
     lines = ["## Base-only per recipe: mean ± sd over seeds (accuracy; ASR: WER)\n",
              "| recipe | split | average | " + " | ".join(STUDY_TASKS) + " |",
              "|---|---|---|" + "---|" * len(STUDY_TASKS)]
     for recipe in [r for r in recipes if all((s, r.name, "none") in per_arm for s in seeds)]:
         for split in splits:
-            results = [_split_result(per_arm[s, recipe.name, "none"], split) for s in seeds]
-
-            def cell(values):
-                return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
-
-            tasks = [cell([r["tasks"][t]["value"] for r in results]) if t in results[0]["tasks"] else ""
-                     for t in STUDY_TASKS]
-            average = cell([r["summary"]["average_score"] for r in results])
-            lines.append(f"| {recipe.name} | {split} | {average} | " + " | ".join(tasks) + " |")
+            per_seed = [{"base-only": _split_result(per_arm[s, recipe.name, "none"], split)} for s in seeds]
+            rows = seed_statistics(per_seed, "base-only")["base-only"]
+            cells = [f"{rows[t]['mean']:.3f} ± {rows[t]['sd']:.3f}" if t in rows else ""
+                     for t in ("average_score", *STUDY_TASKS)]
+            lines.append(f"| {recipe.name} | {split} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
