@@ -27,7 +27,7 @@ Real checkpoints (downloaded from the Hub; an 8B LLM wants a GPU):
 Every `SFTConfig` flag works (`--gradient_checkpointing`, `--bf16`, `--report_to tensorboard`, ...). The frozen base
 encoder encodes each clip once and later epochs read its features from a cache (`--cache_frozen_base auto`, the
 default: on where that is exact; up to `--frozen_base_cache_gb` in memory, the rest in
-`<output_dir>/_frozen_base_features`); hits, misses and bytes are logged as `frozen_base_cache/*`.
+`<output_dir>/_frozen_base_features`); hits, misses and bytes are logged as `frozen_feature_cache/*`.
 """
 
 from __future__ import annotations

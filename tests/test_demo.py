@@ -146,7 +146,7 @@ def test_demo_runs_serve_the_frozen_base_from_one_feature_cache(demo_run):
     out, _ = demo_run
     training = json.loads((out / "training.json").read_text())
     counts = {
-        name: [sum(h.get(f"frozen_base_cache/{k}", 0) for h in run["history"]) for k in ("hits", "misses")]
+        name: [sum(h.get(f"frozen_feature_cache/{k}", 0) for h in run["history"]) for k in ("hits", "misses")]
         for name, run in training.items()
     }
     assert counts["alignment"][1] > 0

@@ -1,5 +1,6 @@
-"""The frozen-base feature cache: exact (padded and dynamic mode, re-batched clips, DDP), keyed by clip and encoder,
-bounded memory with spill to disk, resumable, logged, and refused for a trainable base."""
+"""The frozen-encoder feature cache: exact (padded and dynamic mode, re-batched clips, DDP; the base and a frozen weak
+pool), keyed by clip and encoder, bounded memory with spill to disk, resumable, logged, and refused for a trainable
+encoder."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ from conftest import TINY, make_clip, make_inputs
 
 from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
 from modeling_mowe.training import freeze_for_training, make_sft_trainer
-from modeling_mowe.training.feature_cache import FrozenBaseCache, FrozenFeatureStore, encoder_fingerprint
+from modeling_mowe.training.feature_cache import (
+    FrozenEncoderCache,
+    FrozenFeatureCacheCallback,
+    FrozenFeatureStore,
+    encoder_fingerprint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female?", "Which language? <|audio|>"]
 CLIPS = [(1.1, 0), (1.9, 1), (0.8, 2)]
 
 
-def frozen_model(dynamic: bool, seed: int = 0) -> MoWEForConditionalGeneration:
+def frozen_model(dynamic: bool, seed: int = 0, train_weak_encoders: bool = True) -> MoWEForConditionalGeneration:
     torch.manual_seed(seed)
     model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY, dynamic_audio_length=dynamic))
-    freeze_for_training(model, train_language_model=True)
+    freeze_for_training(model, train_language_model=True, train_weak_encoders=train_weak_encoders)
     return model.train()
 
 
@@ -53,7 +59,7 @@ def processor_for(model) -> MoWEProcessor:
 def test_cached_step_equals_the_plain_encoder_on_rebatched_clips(dynamic):
     plain = frozen_model(dynamic)
     cached = copy.deepcopy(plain)
-    cache = FrozenBaseCache(cached, FrozenFeatureStore())
+    cache = FrozenEncoderCache(cached, FrozenFeatureStore())
     processor = processor_for(plain)
     clips = [make_clip(seconds, seed=seed, kind="sine") for seconds, seed in CLIPS]
     training_step(cached, processor, TEXTS, clips)  # fills the cache
@@ -73,12 +79,47 @@ def test_cached_step_equals_the_plain_encoder_on_rebatched_clips(dynamic):
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["padded", "dynamic"])
+def test_a_frozen_weak_pool_is_cached_and_the_step_is_unchanged(dynamic):
+    """Whisper and HuBERT weak encoders, frozen, served from the base's store: after one pass over the clips, a
+    re-batched step calls no encoder and gives the uncached loss and gradients (weak projections and routers
+    included); the weak encoders get no gradient."""
+    plain = frozen_model(dynamic, train_weak_encoders=False)
+    cached = copy.deepcopy(plain)
+    store = FrozenFeatureStore()
+    tower = cached.get_encoder(modality="audio")
+    caches = [FrozenEncoderCache(cached, store)]
+    caches += [FrozenEncoderCache(cached, store, i) for i in range(len(tower.weak_encoders))]
+    processor = processor_for(plain)
+    clips = [make_clip(seconds, seed=seed, kind="sine") for seconds, seed in CLIPS]
+    inputs = make_inputs(processor, TEXTS, clips)
+    for seed in range(16):  # sampled routing: every weak encoder sees every clip within a few passes
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            cached(**inputs)
+    assert len(store) == 3 + 3 * len(tower.weak_encoders)
+
+    encoder_calls = []
+    for encoder in (tower.base_encoder, *tower.weak_encoders):
+        for layer in list(encoder.modules())[1:]:  # the encoder's own call runs the cache; its layers, the encoder
+            layer.register_forward_pre_hook(lambda *a: encoder_calls.append(1))
+    rebatched = [clips[2], clips[0]]
+    loss, grads = training_step(cached, processor, TEXTS[:2], rebatched)
+    expected_loss, expected_grads = training_step(plain, processor, TEXTS[:2], rebatched)
+    assert encoder_calls == []
+    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    assert any("weak_projections" in n for n in grads) and not any("weak_encoders" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_new_weights_or_feature_settings_miss_the_cache():
     store = FrozenFeatureStore()
     clip = [make_clip(1.2, seed=0, kind="sine")]
 
     def misses_after_one_step(model) -> int:
-        cache = FrozenBaseCache(model, store)
+        cache = FrozenEncoderCache(model, store)
         store.take_counts()
         with torch.no_grad():
             model(**make_inputs(processor_for(model), TEXTS[:1], clip))
@@ -137,7 +178,7 @@ def sft_args(output_dir, **overrides):
 
 
 def cache_logs(trainer) -> list[dict]:
-    return [h for h in trainer.state.log_history if "frozen_base_cache/hits" in h]
+    return [h for h in trainer.state.log_history if "frozen_feature_cache/hits" in h]
 
 
 def test_trainer_logs_counts_and_a_resumed_run_finds_the_spilled_features(rows, tmp_path):
@@ -147,9 +188,9 @@ def test_trainer_logs_counts_and_a_resumed_run_finds_the_spilled_features(rows, 
     full = make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path / "full"), rows)
     full.train()
     logs = cache_logs(full)
-    hits_misses = [(h["frozen_base_cache/hits"], h["frozen_base_cache/misses"]) for h in logs]
+    hits_misses = [(h["frozen_feature_cache/hits"], h["frozen_feature_cache/misses"]) for h in logs]
     assert hits_misses == [(0, 2), (0, 2), (2, 0), (2, 0)]
-    assert logs[-1]["frozen_base_cache/memory_bytes"] > 0
+    assert logs[-1]["frozen_feature_cache/memory_bytes"] > 0
 
     first = make_sft_trainer(
         frozen_model(False), processor, sft_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2),
@@ -159,10 +200,30 @@ def test_trainer_logs_counts_and_a_resumed_run_finds_the_spilled_features(rows, 
     resumed = make_sft_trainer(frozen_model(False, seed=1), processor, sft_args(tmp_path / "run"), rows)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     logs = [h for h in cache_logs(resumed) if h["step"] > 2]  # the history before the checkpoint is the first run's
-    assert [(h["frozen_base_cache/hits"], h["frozen_base_cache/misses"]) for h in logs] == [(2, 0), (2, 0)]
-    assert logs[-1]["frozen_base_cache/disk_bytes"] > 0
+    assert [(h["frozen_feature_cache/hits"], h["frozen_feature_cache/misses"]) for h in logs] == [(2, 0), (2, 0)]
+    assert logs[-1]["frozen_feature_cache/disk_bytes"] > 0
     full_losses = [h["loss"] for h in full.state.log_history if "loss" in h]
     assert [h["loss"] for h in logs] == pytest.approx(full_losses[2:], abs=1e-5)
+
+
+def test_make_sft_trainer_caches_a_frozen_weak_pool_and_not_a_trained_one(rows, tmp_path):
+    processor = MoWEProcessor.from_pretrained(TINY)
+    frozen = make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path), rows, train_language_model=True,
+                              train_weak_encoders=False)
+    tower = frozen.model.get_encoder(modality="audio")
+    assert not any(p.requires_grad for p in tower.weak_encoders.parameters())
+    assert all(p.requires_grad for p in tower.weak_projections.parameters())
+    callback = next(c for c in frozen.callback_handler.callbacks if isinstance(c, FrozenFeatureCacheCallback))
+    assert [cache.encoder for cache in callback.caches] == [tower.base_encoder, *tower.weak_encoders]
+    frozen.train()
+    assert sum(h.get("frozen_feature_cache/misses", 0) for h in frozen.state.log_history) > 4  # weak clips too
+
+    trained = make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path), rows, train_language_model=True)
+    callback = next(c for c in trained.callback_handler.callbacks if isinstance(c, FrozenFeatureCacheCallback))
+    tower = trained.model.get_encoder(modality="audio")
+    assert [cache.encoder for cache in callback.caches] == [tower.base_encoder]
+    with pytest.raises(ValueError, match="weak encoder 0 .*train_weak_encoders=False"):
+        FrozenEncoderCache(trained.model, FrozenFeatureStore(), 0)
 
 
 def test_trainable_base_is_refused_and_not_cached_by_default(rows, tmp_path):
@@ -171,7 +232,7 @@ def test_trainable_base_is_refused_and_not_cached_by_default(rows, tmp_path):
         make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path), rows, train_base_encoder=True,
                          cache_frozen_base=True)
     trainer = make_sft_trainer(frozen_model(False), processor, sft_args(tmp_path), rows, train_base_encoder=True)
-    assert not any(type(c).__name__ == "FrozenBaseCacheCallback" for c in trainer.callback_handler.callbacks)
+    assert not any(type(c).__name__ == "FrozenFeatureCacheCallback" for c in trainer.callback_handler.callbacks)
 
 
 DDP_SCRIPT = """
@@ -184,7 +245,7 @@ cache, result = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 trainer = train_sft.main([*sys.argv[3:], "--output_dir", result + ".out", "--cache_frozen_base", cache])
 flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters() if p.requires_grad])
-hits = torch.tensor(sum(h.get("frozen_base_cache/hits", 0) for h in trainer.state.log_history))
+hits = torch.tensor(sum(h.get("frozen_feature_cache/hits", 0) for h in trainer.state.log_history))
 dist.all_reduce(hits)
 if dist.get_rank() == 0:
     torch.save({{"world": dist.get_world_size(), "weights": flat, "hits": int(hits)}}, result)

@@ -8,21 +8,24 @@ from pathlib import Path
 
 from . import demo
 from .demo import LLM_CHOICES, DemoSettings, run_demo
-from .study import STUDY_V2, StudySettings, run_study
+from .study import STUDY_V2, STUDY_V3, StudySettings, run_study
 
 
 def study_main(argv: list[str] | None = None) -> dict:
     """`python -m modeling_mowe.experiments study --seeds 3 [--protocol v2]`: the multi-seed study
     (docs/RESULTS.md, "Study protocol"); a flag left out takes the protocol's value (`StudySettings`, `STUDY_V2`)."""
     parser = argparse.ArgumentParser(prog="python -m modeling_mowe.experiments study", description=run_study.__doc__)
-    parser.add_argument("--protocol", choices=("v1", "v2"), default="v1",
+    parser.add_argument("--protocol", choices=("v1", "v2", "v3"), default="v1",
                         help="v1: the four router arms on one benchmark draw; v2: base-only, a homogeneous and a "
-                             "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/study (v1), outputs/study-v2")
+                             "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2); v3: base-only "
+                             "and the heterogeneous pool kept frozen, 1000 steps (study.STUDY_V3)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="default: outputs/study (v1), outputs/study-v2, outputs/study-v3")
     parser.add_argument("--seeds", type=int, default=StudySettings.seeds)
     parser.add_argument("--align-steps", type=int, default=StudySettings.align_steps)
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"fine-tuning steps of each arm (v1 {StudySettings.steps}, v2 {STUDY_V2['steps']})")
+                        help=f"fine-tuning steps of each arm (v1 {StudySettings.steps}, v2 {STUDY_V2['steps']}, "
+                             f"v3 {STUDY_V3['steps']})")
     parser.add_argument("--train-per-task", type=int, default=StudySettings.train_per_task)
     parser.add_argument("--test-per-task", type=int, default=None,
                         help=f"(v1 {StudySettings.test_per_task}, v2 {STUDY_V2['test_per_task']})")
@@ -30,8 +33,9 @@ def study_main(argv: list[str] | None = None) -> dict:
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: a standard deviation over seeds needs two")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("protocol", "output_dir")}
-    if args.protocol == "v2":
-        return run_study(StudySettings.v2(output_dir=args.output_dir or Path("outputs/study-v2"), **given))
+    if args.protocol in ("v2", "v3"):
+        make = StudySettings.v2 if args.protocol == "v2" else StudySettings.v3
+        return run_study(make(output_dir=args.output_dir or Path(f"outputs/study-{args.protocol}"), **given))
     return run_study(StudySettings(output_dir=args.output_dir or Path("outputs/study"), **given))
 
 

@@ -66,7 +66,8 @@ class DemoSettings:
 
     `weak_encoders` entries: convertible parts' names, encoder folders, or specialist specs `"<part>@<task>"`
     (`pools.resolve_weak_encoders`), the specialists trained with `specialist_recipe` (specialisation steps, batch size
-    and the encoder's learning rate; the head's is `training.specialize`'s default)."""
+    and the encoder's learning rate; the head's is `training.specialize`'s default). `train_weak_encoders=False` keeps
+    the weak pool frozen in the arms (its projections train) and caches its features like the base's."""
 
     output_dir: Path
     seed: int = 0
@@ -86,8 +87,9 @@ class DemoSettings:
         default_factory=lambda: {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4}
     )
     specialist_recipe: dict = field(default_factory=lambda: {"steps": 60, "batch_size": 16, "learning_rate": 1e-4})
+    train_weak_encoders: bool = True
 
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("specialist_recipe",)
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("specialist_recipe", "train_weak_encoders")
     """Fields that do not change the alignment and came after its cache key was fixed: `align` leaves them out of the
     key, so caches made before them stay valid."""
 
@@ -200,13 +202,15 @@ def train(
     """Fine-tune `model` for `steps`; returns it (LoRA merged) and its parameter counts, time and log history.
 
     The policy, the same for every run: base encoder frozen (its features served from `feature_store`, a
-    `FrozenFeatureStore` shared by the runs); weak pool, routers and projector trained; a from-scratch LLM trained
-    in full, a pretrained one with LoRA. With `fresh_learning_rate`, the parts that start from scratch in a MoWE arm
+    `FrozenFeatureStore` shared by the runs); weak pool (unless `settings.train_weak_encoders` is False: then frozen
+    and served from the store too), routers and projector trained; a from-scratch LLM trained in full, a pretrained
+    one with LoRA. With `fresh_learning_rate`, the parts that start from scratch in a MoWE arm
     (routers, weak projections) train at that rate (`training.set_fresh_learning_rate`)."""
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
         model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps, learning_rate), train_split,
-        use_lora=lora, train_language_model=not lora, cache_frozen_base=feature_store,
+        use_lora=lora, train_language_model=not lora, train_weak_encoders=settings.train_weak_encoders,
+        cache_frozen_base=feature_store,
     )
     if fresh_learning_rate is not None:
         set_fresh_learning_rate(trainer, fresh_learning_rate)

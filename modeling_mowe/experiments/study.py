@@ -2,12 +2,14 @@
 
     python -m modeling_mowe.experiments study --seeds 3                 # protocol v1: the four router arms
     python -m modeling_mowe.experiments study --protocol v2 --seeds 3   # protocol v2: a homogeneous and a mixed pool
+    python -m modeling_mowe.experiments study --protocol v3 --seeds 3   # v3: the mixed pool frozen, 1000 steps
 
 An arm is a name, a router type and a weak pool (`StudySettings.arms` and `.pools`); the first arm is the reference
 every other one is compared with. v1 (`STUDY_ARMS`): base-only and the paper's router ablation, one pool, one
 benchmark draw for every seed. v2 (`STUDY_V2`, `StudySettings.v2()`): base-only, MoWE with 4 x Whisper-tiny.en and
 MoWE with a heterogeneous pool (tiny.en, Smart Turn v3, tiny.en specialised on emotion, on gender; `pools`), each seed
-on its own benchmark draw (data seed = model seed) with a far split, every arm scored on test and far.
+on its own benchmark draw (data seed = model seed) with a far split, every arm scored on test and far. v3
+(`STUDY_V3`): base-only and the heterogeneous pool, that pool frozen (and cached), 1000 steps.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ STUDY_V2 = {
 }
 """Protocol v2's settings, the one place they are written (`StudySettings.v2()` applies them)."""
 
+STUDY_V3 = {
+    **STUDY_V2,
+    "protocol": "v3",
+    "arms": (("base-only", "none"), ("MoWE heterogeneous", "both")),
+    "pools": {"MoWE heterogeneous": STUDY_V2["pools"]["MoWE heterogeneous"]},
+    # What v2 found wanting (docs/RESULTS.md, "Study v3"): arms far from converged, specialists unlearning inside MoWE.
+    "steps": 1000,
+    "train_weak_encoders": False,  # frozen and cached like the base: a 1000-step MoWE arm costs what base-only does
+}
+"""Protocol v3's settings: v2's heterogeneous pool against base-only, the weak pool frozen, 1000 steps
+(`StudySettings.v3()` applies them)."""
+
+STUDY_FEATURE_MEMORY_BYTES = 12 * 2**30
+"""The frozen features a study keeps in memory per benchmark draw: the base's and, with a frozen pool, every weak
+encoder's, for train, test and far clips (about 4 GB for v3's draw); what does not fit is encoded again."""
+
 
 @dataclass
 class StudySettings(DemoSettings):
@@ -104,6 +122,11 @@ class StudySettings(DemoSettings):
     def v2(cls, **overrides) -> StudySettings:
         """Protocol v2's settings (`STUDY_V2`), with `overrides` on top (`output_dir`, `seeds`, a recipe field)."""
         return cls(**{**STUDY_V2, **overrides})
+
+    @classmethod
+    def v3(cls, **overrides) -> StudySettings:
+        """Protocol v3's settings (`STUDY_V3`), with `overrides` on top."""
+        return cls(**{**STUDY_V3, **overrides})
 
     def benchmark_config(self) -> BenchmarkConfig:
         """The benchmark of this seed's run: `benchmark` (with data seed `seed` when `data_seed` is None), else the
@@ -238,7 +261,8 @@ def run_study(settings: StudySettings) -> dict:
         benchmarks.append(bench_config.to_dict())
         splits = build_benchmark(out / "cache" / "benchmark", bench_config, progress=False)
         if bench_config != store_benchmark:  # the frozen base encoder's frames, shared by every arm (and seed) of it
-            feature_store, store_benchmark = FrozenFeatureStore(), bench_config
+            feature_store = FrozenFeatureStore(max_memory_bytes=STUDY_FEATURE_MEMORY_BYTES)
+            store_benchmark = bench_config
         parts = prepare_parts(seed_settings, splits["train"])
         aligned, _ = align(seed_settings, parts, splits["train"], feature_store)
         results, seed_routing = {}, {}

@@ -243,14 +243,16 @@ def add_routing_stats_callback(trainer) -> RoutingStatsCallback:
     return callback
 
 
-def trainable_module_names(model: nn.Module) -> list[str]:
+def trainable_module_names(model: nn.Module, train_weak_encoders: bool = True) -> list[str]:
     """Names, relative to their owner, of the modules MoWE trains in full: the audio tower's parts other than its base
-    encoder (each weak encoder and its projection, the routers) and the base model's parts other than the audio tower
-    and the LLM (the projector). The base encoder stays frozen; the LLM takes LoRA or stays frozen."""
+    encoder (each weak encoder, unless `train_weak_encoders=False`, and its projection, the routers) and the base
+    model's parts other than the audio tower and the LLM (the projector). The base encoder stays frozen; the LLM takes
+    LoRA or stays frozen."""
     tower, language_model = model.get_encoder(modality="audio"), model.get_decoder()
+    frozen = [tower.base_encoder] if train_weak_encoders else [tower.base_encoder, tower.weak_encoders]
     names = []
     for name, child in tower.named_children():
-        if child is not tower.base_encoder:
+        if not any(child is module for module in frozen):
             names += [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name]
     owner = model.base_model
     names += [name for name, child in owner.named_children() if child is not tower and child is not language_model]
@@ -266,13 +268,18 @@ FROZEN_IN_TRAINING: dict[str, tuple[str, ...]] = {
 
 
 def freeze_for_training(
-    model: nn.Module, train_language_model: bool = False, train_base_encoder: bool = False
+    model: nn.Module,
+    train_language_model: bool = False,
+    train_base_encoder: bool = False,
+    train_weak_encoders: bool = True,
 ) -> dict[str, int]:
-    """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool + routers +
-    projector trainable (but for the `FROZEN_IN_TRAINING` parts, e.g. HuBERT's conv feature encoder), the LLM and its
-    head trainable only if `train_language_model`. Returns trainable / total counts."""
+    """The freezing policy without PEFT: base encoder frozen (unless `train_base_encoder`), weak pool (unless
+    `train_weak_encoders=False`: specialists that must keep what they learned, or a pool cached like the base) +
+    weak projections + routers + projector trainable (but for the `FROZEN_IN_TRAINING` parts, e.g. HuBERT's conv
+    feature encoder), the LLM and its head trainable only if `train_language_model`. Returns trainable / total
+    counts."""
     model.requires_grad_(False)
-    trainable = trainable_module_names(model)
+    trainable = trainable_module_names(model, train_weak_encoders)
     for name, module in model.named_modules():
         if any(name == t or name.endswith("." + t) for t in trainable):
             module.requires_grad_(True)
@@ -340,10 +347,14 @@ def set_fresh_learning_rate(trainer, fresh_learning_rate: float) -> None:
     trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)
 
 
-def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
+def lora_config(
+    model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, train_weak_encoders: bool = True,
+    **kwargs,
+):
     """A PEFT `LoraConfig` for the MoWE policy: LoRA on every linear layer of the LLM (and nowhere in the audio
-    encoders, whose attention layers share names like `q_proj`), the weak pool, routers and projector trained in
-    full and saved with the adapter (`modules_to_save`). Pass it as `SFTTrainer(peft_config=...)`."""
+    encoders, whose attention layers share names like `q_proj`), the weak pool (unless `train_weak_encoders=False`),
+    its projections, routers and projector trained in full and saved with the adapter (`modules_to_save`). Pass it as
+    `SFTTrainer(peft_config=...)`."""
     from peft import LoraConfig
 
     language_model = model.get_decoder()
@@ -356,7 +367,7 @@ def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, lora_dropou
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=rf"(.*\.)?{re.escape(prefix)}\..*\.({'|'.join(leaf_names)})",
-        modules_to_save=trainable_module_names(model),
+        modules_to_save=trainable_module_names(model, train_weak_encoders),
         task_type="CAUSAL_LM",
         **kwargs,
     )
@@ -372,15 +383,17 @@ def make_sft_trainer(
     lora_r: int = 16,
     train_language_model: bool = False,
     train_base_encoder: bool = False,
+    train_weak_encoders: bool = True,
     callbacks: list | None = None,
     cache_frozen_base: bool | FrozenFeatureStore | None = None,
     frozen_base_cache_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ):
     """TRL's `SFTTrainer`, set up for MoWE (a `MoWESFTTrainer`, whose loss holds the routers' balancing loss): our
     collator (TRL detects only image columns), no dataset preparation or column removal (the collator reads
-    `audio` + `messages`), the freezing policy or LoRA, routing stats, and the frozen base encoder's features cached
-    per clip (`cache_frozen_base`: None = where exact, the default; True; False; or a `FrozenFeatureStore`), up to
-    `frozen_base_cache_bytes` in memory, the rest spilled to `<output_dir>/_frozen_base_features` (see
+    `audio` + `messages`), the freezing policy or LoRA (`train_weak_encoders=False` keeps the weak pool frozen, its
+    projections trained), routing stats, and the frozen base encoder's features cached per clip, with those of a
+    frozen weak pool (`cache_frozen_base`: None = where exact, the default; True; False; or a `FrozenFeatureStore`),
+    up to `frozen_base_cache_bytes` in memory, the rest spilled to `<output_dir>/_frozen_base_features` (see
     `feature_cache.install_frozen_base_cache`).
 
     A quantized model (`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`) trains
@@ -407,9 +420,9 @@ def make_sft_trainer(
                 module.support_avx512bf16_for_cpu = False
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    peft_config = lora_config(model, r=lora_r) if use_lora else None
+    peft_config = lora_config(model, r=lora_r, train_weak_encoders=train_weak_encoders) if use_lora else None
     if not use_lora:
-        freeze_for_training(model, train_language_model=train_language_model, train_base_encoder=train_base_encoder)
+        freeze_for_training(model, train_language_model, train_base_encoder, train_weak_encoders)
     trainer = MoWESFTTrainer(
         model=model,
         args=training_args,

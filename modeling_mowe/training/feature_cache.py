@@ -1,9 +1,10 @@
-"""The frozen base encoder's features, computed once per clip for a whole training run.
+"""Frozen encoders' features, computed once per clip for a whole training run.
 
 The paper's recipe freezes a large base encoder (Whisper-large-v3) and trains the weak pool, the projector and the
 LLM (or LoRA) for several epochs over the same clips. A frozen encoder gives every clip the same features in every
-epoch, so `FrozenBaseCache` computes them on the clip's first visit and serves them from a `FrozenFeatureStore`
-afterwards. How it stays exact: docs/ARCHITECTURE.md, "The frozen-base feature cache".
+epoch, so `FrozenEncoderCache` computes them on the clip's first visit and serves them from a `FrozenFeatureStore`
+afterwards: the base's, and those of weak encoders kept frozen (`train_weak_encoders=False`: specialists). How it
+stays exact: docs/ARCHITECTURE.md, "The frozen-base feature cache".
 
 Tooling wing: imports the model code, never the other way round.
 """
@@ -152,38 +153,50 @@ def encoder_fingerprint(encoder: nn.Module, config, dynamic_audio_length: bool) 
     return digest.hexdigest()
 
 
-class FrozenBaseCache:
-    """Serves a MoWE model's frozen base encoder from a `FrozenFeatureStore`: each clip (window) is encoded once.
+class FrozenEncoderCache:
+    """Serves one frozen encoder of a MoWE tower (the base, or weak encoder `weak_index`) from a
+    `FrozenFeatureStore`: each clip (window) is encoded once.
 
-    Installed on the model in place (`remove()` undoes it): the base encoder's `forward` is replaced for this
-    instance only, so parameter names, `state_dict`, checkpoints, `save_pretrained` and DDP see the model unchanged.
-    A clip's key is a digest of exactly the inputs the encoder reads for it (the whole window in padded mode; its
-    real frames in `dynamic_audio_length` mode, where the padding is masked) and of the encoder's fingerprint
-    (config, audio-length mode, weights), so new weights or feature settings miss the cache. The store keeps each
-    clip's valid frames only; padded frames come back as zeros, which nothing reads (the router pools and the
-    projector stacks valid frames only). Misses run the encoder in eval mode, without gradients.
+    Installed on the model in place (`remove()` undoes it): the encoder's `forward` is replaced for this instance
+    only, so parameter names, `state_dict`, checkpoints, `save_pretrained` and DDP see the model unchanged. A clip's
+    key is a digest of exactly the inputs the encoder reads for it (the whole window in padded mode; its real frames
+    or samples where an `attention_mask` masks the padding) and of the encoder's fingerprint (config, audio-length
+    mode, weights), so new weights or feature settings miss the cache. The store keeps each clip's valid frames only
+    (for the base: those of the window's length; for a weak encoder: those its `attention_mask` gives, or every
+    frame without one); padded frames come back as zeros, which nothing reads (the router pools and the projector
+    stacks valid frames only; `align_to_frames` clamps to a weak encoder's valid frames). Misses run the encoder in
+    eval mode, without gradients. The keys hold the fingerprint, so the base and the weak encoders (and several runs)
+    may share one store.
 
-    Raises `ValueError` if any base-encoder parameter is trainable.
+    Raises `ValueError` if any parameter of the encoder is trainable.
     """
 
-    def __init__(self, model: nn.Module, store: FrozenFeatureStore):
+    def __init__(self, model: nn.Module, store: FrozenFeatureStore, weak_index: int | None = None):
         tower = model.get_encoder(modality="audio")
-        encoder = tower.base_encoder
+        if weak_index is None:
+            encoder, config, fix = tower.base_encoder, tower.config.base_encoder_config, "train_base_encoder=False"
+        else:
+            encoder, config = tower.weak_encoders[weak_index], tower.config.weak_encoder_configs[weak_index]
+            fix = "train_weak_encoders=False"
         trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
         if trainable:
+            which = "base encoder" if weak_index is None else f"weak encoder {weak_index}"
             raise ValueError(
-                f"The base encoder has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}), so its "
-                "features change every step and cannot be cached; freeze it (train_base_encoder=False) or turn the "
-                "cache off (cache_frozen_base=False)."
+                f"The {which} has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}), so its "
+                f"features change every step and cannot be cached; freeze it ({fix}) or turn the cache off "
+                "(cache_frozen_base=False)."
             )
-        config = tower.config.base_encoder_config
         self.store = store
-        self.tower, self.encoder = tower, encoder
+        self.tower, self.encoder, self.config = tower, encoder, config
         self.spec = encoder_family(config).frame_spec(config)
         self._fingerprint: str | None = None
         self._encoder_forward: Callable = encoder.forward
         self._window_lengths: torch.Tensor | None = None
-        self._hook = tower.register_forward_pre_hook(self._remember_window_lengths, with_kwargs=True)
+        # The base sees every window, so the tower's `audio_lengths` give its valid frames in padded mode too.
+        self._hook = (
+            tower.register_forward_pre_hook(self._remember_window_lengths, with_kwargs=True)
+            if weak_index is None else None
+        )
         encoder.forward = self.forward
 
     @property
@@ -191,9 +204,7 @@ class FrozenBaseCache:
         """The encoder's `encoder_fingerprint`, taken on first use after construction or `refresh()`."""
         if self._fingerprint is None:
             config = self.tower.config
-            self._fingerprint = encoder_fingerprint(
-                self.encoder, config.base_encoder_config, bool(config.dynamic_audio_length)
-            )
+            self._fingerprint = encoder_fingerprint(self.encoder, self.config, bool(config.dynamic_audio_length))
         return self._fingerprint
 
     def refresh(self) -> None:
@@ -202,26 +213,31 @@ class FrozenBaseCache:
         self._fingerprint = None
 
     def remove(self) -> None:
-        """Give the base encoder its own forward back (the store keeps its features)."""
-        self._hook.remove()
+        """Give the encoder its own forward back (the store keeps its features)."""
+        if self._hook is not None:
+            self._hook.remove()
         del self.encoder.forward
 
     def _remember_window_lengths(self, tower, args, kwargs) -> None:
         self._window_lengths = args[2] if len(args) > 2 else kwargs.get("audio_lengths")
 
     def forward(self, *args, **kwargs) -> BaseModelOutput:
-        """The base encoder's forward (same arguments: `(batch, channels, time)` log-mels or `(batch, samples)`
-        waveforms, optional `attention_mask` `(batch, time)`) -> `last_hidden_state` `(batch, frames, hidden)`."""
+        """The encoder's forward (same arguments: `(batch, channels, time)` log-mels or `(batch, samples)` waveforms,
+        optional `attention_mask` `(batch, time)`) -> `last_hidden_state` `(batch, frames, hidden)`."""
         inputs = args[0] if args else kwargs.get("input_features", kwargs.get("input_values"))
         lengths = self._window_lengths
         self._window_lengths = None
-        if inputs is None or lengths is None or len(lengths) != len(inputs):  # not called by the tower
+        base_outside_the_tower = self._hook is not None and (lengths is None or len(lengths) != len(inputs))
+        if inputs is None or base_outside_the_tower:
             return self._encoder_forward(*args, **kwargs)
         mask = kwargs.get("attention_mask")
         width = inputs.shape[-1]
         read = mask.sum(-1).tolist() if mask is not None else [width] * len(inputs)
         output_frames = self.spec.output_frames(width)  # `width` mel frames for Whisper, samples otherwise
-        valid = self.spec.num_frames(lengths.cpu()).clamp(max=output_frames).tolist()
+        if lengths is not None:
+            valid = self.spec.num_frames(lengths.cpu()).clamp(max=output_frames).tolist()
+        else:  # the frames the read inputs give (a Whisper encoder: its mel frames; a waveform one: its samples)
+            valid = [min(int(self.spec.output_frames(steps)), output_frames) for steps in read]
         keys = self._keys(inputs, read)
 
         cached = {i: self.store.get(key) for i, key in enumerate(keys)}
@@ -267,80 +283,89 @@ class FrozenBaseCache:
             self.encoder.train(was_training)
 
 
-class FrozenBaseCacheCallback(TrainerCallback):
-    """Logs the cache's `frozen_base_cache/hits` and `/misses` (since the previous log), `/memory_bytes` and
-    `/disk_bytes`, and writes the features not yet on disk with every checkpoint (so a resumed run finds them) and
-    at the end of training."""
+class FrozenFeatureCacheCallback(TrainerCallback):
+    """Logs the caches' store's `frozen_feature_cache/hits` and `/misses` (since the previous log), `/memory_bytes`
+    and `/disk_bytes`, and writes the features not yet on disk with every checkpoint (so a resumed run finds them)
+    and at the end of training. `caches`: `FrozenEncoderCache`s sharing one store."""
 
-    def __init__(self, cache: FrozenBaseCache):
-        self.cache = cache
+    def __init__(self, caches: list[FrozenEncoderCache]):
+        self.caches = caches
+        self.store = caches[0].store
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.cache.refresh()
+        for cache in self.caches:
+            cache.refresh()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
-        store = self.cache.store
+        store = self.store
         hits, misses = store.take_counts()
         stats = {
-            "frozen_base_cache/hits": hits,
-            "frozen_base_cache/misses": misses,
-            "frozen_base_cache/memory_bytes": store.memory_bytes,
-            "frozen_base_cache/disk_bytes": store.disk_bytes,
+            "frozen_feature_cache/hits": hits,
+            "frozen_feature_cache/misses": misses,
+            "frozen_feature_cache/memory_bytes": store.memory_bytes,
+            "frozen_feature_cache/disk_bytes": store.disk_bytes,
         }
         logs.update(stats)
         if state.log_history:
             state.log_history[-1].update(stats)
 
     def on_save(self, args, state, control, **kwargs):
-        self.cache.store.flush()
+        self.store.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.cache.store.flush()
+        self.store.flush()
 
 
-def cache_is_exact(model: nn.Module) -> bool:
-    """Whether caching `model`'s base encoder gives exactly the uncached training run: the base is frozen and its
-    training-mode forward is not random (no dropout, LayerDrop or SpecAugment)."""
+def cache_is_exact(model: nn.Module, weak_index: int | None = None) -> bool:
+    """Whether caching `model`'s base encoder (or weak encoder `weak_index`) gives exactly the uncached training
+    run: the encoder is frozen and its training-mode forward is not random (no dropout, LayerDrop or SpecAugment)."""
     tower = model.get_encoder(modality="audio")
-    frozen = not any(p.requires_grad for p in tower.base_encoder.parameters())
-    return frozen and not train_mode_randomness(tower.config.base_encoder_config)
+    if weak_index is None:
+        encoder, config = tower.base_encoder, tower.config.base_encoder_config
+    else:
+        encoder, config = tower.weak_encoders[weak_index], tower.config.weak_encoder_configs[weak_index]
+    frozen = not any(p.requires_grad for p in encoder.parameters())
+    return frozen and not train_mode_randomness(config)
 
 
 def install_frozen_base_cache(
     trainer,
     cache_frozen_base: bool | FrozenFeatureStore | None = None,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-) -> FrozenBaseCache | None:
-    """Serve `trainer.model`'s frozen base encoder from a feature cache and log its counts; returns the
-    `FrozenBaseCache`, or None when off.
+) -> list[FrozenEncoderCache]:
+    """Serve `trainer.model`'s frozen base encoder from a feature cache, with every frozen weak encoder whose cache
+    is exact (`cache_is_exact`: `train_weak_encoders=False`) in the same store, and log the store's counts; returns
+    the `FrozenEncoderCache`s, base first (empty when off).
 
     `cache_frozen_base`: None (on where exact, see `cache_is_exact`), False (off), True (on; `ValueError` if the
     base is trainable; a base with dropout then runs without it), or a `FrozenFeatureStore` to use (e.g. one shared
-    by several runs of the same frozen encoder). True and None use a store that keeps up to `max_memory_bytes`
+    by several runs of the same frozen encoders). True and None use a store that keeps up to `max_memory_bytes`
     (default 2 GiB) in memory and spills the rest to `<output_dir>/_frozen_base_features`.
     """
     model = trainer.model
     if cache_frozen_base is False or (cache_frozen_base is None and not cache_is_exact(model)):
-        return None
+        return []
     store = cache_frozen_base
     if not isinstance(store, FrozenFeatureStore):
         store = FrozenFeatureStore(Path(trainer.args.output_dir) / "_frozen_base_features", max_memory_bytes)
-    cache = FrozenBaseCache(model, store)
-    randomness = train_mode_randomness(cache.tower.config.base_encoder_config)
+    caches = [FrozenEncoderCache(model, store)]
+    randomness = train_mode_randomness(caches[0].config)
     if randomness:
         logger.warning(
             "The cached base encoder runs in eval mode: "
             f"its training-mode randomness ({', '.join(randomness)}) is off."
         )
-    trainer.callback_handler.callbacks.insert(0, FrozenBaseCacheCallback(cache))
-    return cache
+    weak_encoders = model.get_encoder(modality="audio").weak_encoders
+    caches += [FrozenEncoderCache(model, store, i) for i in range(len(weak_encoders)) if cache_is_exact(model, i)]
+    trainer.callback_handler.callbacks.insert(0, FrozenFeatureCacheCallback(caches))
+    return caches
 
 
 __all__ = [
-    "FrozenBaseCache",
-    "FrozenBaseCacheCallback",
+    "FrozenEncoderCache",
+    "FrozenFeatureCacheCallback",
     "FrozenFeatureStore",
     "cache_is_exact",
     "encoder_fingerprint",
