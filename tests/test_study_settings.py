@@ -1,5 +1,6 @@
-"""The study's settings and the weak pools' entries, without running anything: protocol v2's defaults and command
-line, specialist specs and their errors, and how the model card describes each kind of entry."""
+"""The study's settings and the weak pools' entries, without running a study: protocol v2's and v3's defaults and
+command line, specialist specs and their errors, how the model card describes each kind of entry, and v3's frozen
+pool in a training run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from modeling_mowe.data import STUDY_TASKS
 from modeling_mowe.experiments import cli
 from modeling_mowe.experiments.demo import DemoSettings, describe_parts
 from modeling_mowe.experiments.pools import describe_weak_encoder, parse_specialist
-from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, StudySettings
+from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, STUDY_V3, StudySettings
 
 
 def test_an_unknown_specialist_task_names_the_valid_tasks(tmp_path):
@@ -79,5 +80,40 @@ def test_the_command_line_picks_the_protocol(monkeypatch):
     assert v2.output_dir == Path("outputs/study-v2") and v2.seeds == 2
     assert {k: getattr(v2, k) for k in STUDY_V2} == STUDY_V2
     assert cli.main(["study", "--protocol", "v2", "--steps", "40"]).steps == 40
+    v3 = cli.main(["study", "--protocol", "v3", "--seeds", "3"])
+    assert v3.output_dir == Path("outputs/study-v3") and {k: getattr(v3, k) for k in STUDY_V3} == STUDY_V3
     v1 = cli.main(["study"])
     assert v1.output_dir == Path("outputs/study") and v1.protocol == "v1" and v1.steps == 200
+
+
+def test_v3_is_v2s_heterogeneous_pool_frozen_for_1000_steps(tmp_path):
+    v2, v3 = StudySettings.v2(output_dir=tmp_path), StudySettings.v3(output_dir=tmp_path)
+    assert [name for name, _ in v3.arms] == ["base-only", "MoWE heterogeneous"]
+    assert v3.pool("MoWE heterogeneous") == v2.pool("MoWE heterogeneous")
+    assert (v3.steps, v3.train_weak_encoders, v2.train_weak_encoders) == (1000, False, True)
+    assert v3.benchmark_config() == v2.benchmark_config()
+
+
+def test_a_frozen_pool_arm_trains_its_projections_and_caches_its_weak_features(tmp_path, benchmark_dir):
+    """`demo.train` with `train_weak_encoders=False` (v3's arms): the weak encoders end as they began, their
+    projections move, and the shared store holds weak features besides the base's."""
+    import datasets
+    import torch
+    from conftest import TINY
+
+    from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcessor
+    from modeling_mowe.experiments.demo import train
+    from modeling_mowe.training.feature_cache import FrozenFeatureStore
+
+    rows = datasets.load_from_disk(str(benchmark_dir))["train"].select(range(8))
+    torch.manual_seed(0)
+    model = MoWEForConditionalGeneration(MoWEConfig.from_pretrained(TINY))
+    tower = model.get_encoder(modality="audio")
+    before = {k: v.clone() for k, v in tower.state_dict().items() if k.startswith(("weak_encoders", "weak_proj"))}
+    settings = StudySettings.v3(output_dir=tmp_path, batch_size=2)
+    store = FrozenFeatureStore()
+    train(settings, "MoWE heterogeneous", model, MoWEProcessor.from_pretrained(TINY), rows, 4, 1e-2, store)
+    after = tower.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("weak_encoders"))
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("weak_proj"))
+    assert len(store) > len(rows)  # every clip's base features, and the weak encoders' of the routed ones
