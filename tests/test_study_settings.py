@@ -117,3 +117,20 @@ def test_a_frozen_pool_arm_trains_its_projections_and_caches_its_weak_features(t
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("weak_encoders"))
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("weak_proj"))
     assert len(store) > len(rows)  # every clip's base features, and the weak encoders' of the routed ones
+
+
+def test_the_alignment_key_holds_what_the_alignment_reads_and_no_setting_of_the_arms(tmp_path):
+    from modeling_mowe.experiments.demo import alignment_key
+
+    rows = list(range(2880))  # only the split's length is read
+    v2 = StudySettings.v2(output_dir=tmp_path, seed=1)
+    same = [StudySettings.v3(output_dir=tmp_path / "other", seed=1),
+            StudySettings.v2(output_dir=tmp_path, seed=1, fresh_learning_rate=3e-3, weak_init_scale=0.1, steps=7,
+                             weak_encoders=("smart-turn-v3",) * 2, bootstrap_samples=10)]
+    assert all(alignment_key(settings, rows) == alignment_key(v2, rows) for settings in same)
+    other = [StudySettings.v2(output_dir=tmp_path, seed=2),
+             StudySettings.v2(output_dir=tmp_path, seed=1, align_steps=9),
+             StudySettings.v2(output_dir=tmp_path, seed=1, train_per_task=10),
+             StudySettings.v2(output_dir=tmp_path, seed=1, learning_rate=1e-2)]
+    assert len({alignment_key(settings, rows) for settings in [v2, *other]}) == 5
+    assert alignment_key(v2, rows[:-1]) != alignment_key(v2, rows)

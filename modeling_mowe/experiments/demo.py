@@ -32,9 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,10 +87,6 @@ class DemoSettings:
     )
     specialist_recipe: dict = field(default_factory=lambda: {"steps": 60, "batch_size": 16, "learning_rate": 1e-4})
     train_weak_encoders: bool = True
-
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("specialist_recipe", "train_weak_encoders")
-    """Fields that do not change the alignment and came after its cache key was fixed: `align` leaves them out of the
-    key, so caches made before them stay valid."""
 
     def __post_init__(self):
         if self.llm not in LLM_CHOICES:
@@ -227,15 +222,22 @@ def train(
 
 
 ALIGNED_PARTS = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
+ALIGNMENT_FIELDS = ("seed", "llm", "base_encoder", "align_steps", "batch_size", "learning_rate", "scratch_llm")
+"""The settings the alignment reads, besides its benchmark: `alignment_key` holds these and nothing the arms use."""
+
+
+def alignment_key(settings: DemoSettings, train_split) -> str:
+    """The alignment cache's key: the benchmark it trains on, its size, and `ALIGNMENT_FIELDS`. Settings of the arms
+    (their pools, steps, learning rates, weak-column start) are not in it, so every recipe of the same draw shares
+    one alignment."""
+    fields = {name: getattr(settings, name) for name in ALIGNMENT_FIELDS}
+    return _fingerprint([fields, settings.benchmark_config().fingerprint(), len(train_split)])
 
 
 def align(settings: DemoSettings, parts: dict, train_split, feature_store) -> tuple[dict, dict]:
     """Stage 3: train a base-only model (LLM and fresh projector; base frozen) on the training split. Returns the
     aligned LLM + projector weights and the run's stats; both are cached on disk."""
-    arms_only = {"output_dir": None, "steps": None, "finetune_learning_rate": None, "bootstrap_samples": None}
-    keyed = {k: v for k, v in (asdict(settings) | arms_only).items() if k not in settings.LATER_FIELDS}
-    key = _fingerprint([keyed, len(train_split)])
-    cache = settings.output_dir / "cache" / f"aligned-{key}"
+    cache = settings.output_dir / "cache" / f"aligned-{alignment_key(settings, train_split)}"
     if (cache / "aligned.safetensors").exists():
         log(f"stage 3: reusing the aligned base-only model from {cache}")
         return load_file(str(cache / "aligned.safetensors")), json.loads((cache / "stats.json").read_text())

@@ -97,8 +97,6 @@ class StudySettings(DemoSettings):
     pools: dict[str, tuple[str, ...]] = field(default_factory=dict)
     protocol: str = "v1"
 
-    LATER_FIELDS = (*DemoSettings.LATER_FIELDS, "far_per_task", "arms", "pools", "protocol")
-
     def __post_init__(self):
         super().__post_init__()
         self.arms = tuple((str(name), str(router)) for name, router in self.arms)
