@@ -227,9 +227,8 @@ class FrozenEncoderCache:
         inputs = args[0] if args else kwargs.get("input_features", kwargs.get("input_values"))
         lengths = self._window_lengths
         self._window_lengths = None
-        base_outside_the_tower = self._hook is not None and (lengths is None or len(lengths) != len(inputs))
-        if inputs is None or base_outside_the_tower:
-            return self._encoder_forward(*args, **kwargs)
+        if inputs is None or (self._hook is not None and (lengths is None or len(lengths) != len(inputs))):
+            return self._encoder_forward(*args, **kwargs)  # not a call the cache can key (the base outside the tower)
         mask = kwargs.get("attention_mask")
         width = inputs.shape[-1]
         read = mask.sum(-1).tolist() if mask is not None else [width] * len(inputs)
