@@ -47,7 +47,7 @@ from modeling_mowe import MoWEConfig, MoWEForConditionalGeneration, MoWEProcesso
 from modeling_mowe.training import exit_distributed_process, make_sft_trainer
 
 # TRL and `set_seed` are imported in main(), after modeling_mowe: they import transformers' Trainer, hence PEFT and
-# bitsandbytes, whose CPU-kernel warning modeling_mowe keeps off the console once it is loaded
+# (PEFT < 0.22) bitsandbytes, whose CPU-kernel warning modeling_mowe keeps off the console once it is loaded
 # (modeling_mowe/__init__).
 if TYPE_CHECKING:
     from trl import SFTConfig
