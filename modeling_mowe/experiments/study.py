@@ -64,9 +64,9 @@ STUDY_V3 = {
     "protocol": "v3",
     "arms": (("base-only", "none"), ("MoWE heterogeneous", "both")),
     "pools": {"MoWE heterogeneous": STUDY_V2["pools"]["MoWE heterogeneous"]},
-    # What v2 found wanting (docs/RESULTS.md, "Study v3"): arms far from converged, specialists unlearning inside MoWE.
+    # What v2 found wanting (docs/RESULTS.md, "Study protocol v3"): arms far from converged, specialists unlearning.
     "steps": 1000,
-    "train_weak_encoders": False,  # frozen and cached like the base: a 1000-step MoWE arm costs what base-only does
+    "train_weak_encoders": False,  # frozen and cached like the base: a MoWE step costs 1.2-1.5x base-only's, not 5x
 }
 """Protocol v3's settings: v2's heterogeneous pool against base-only, the weak pool frozen, 1000 steps
 (`StudySettings.v3()` applies them)."""

@@ -249,10 +249,9 @@ def trainable_module_names(model: nn.Module, train_weak_encoders: bool = True) -
     model's parts other than the audio tower and the LLM (the projector). The base encoder stays frozen; the LLM takes
     LoRA or stays frozen."""
     tower, language_model = model.get_encoder(modality="audio"), model.get_decoder()
-    frozen = [tower.base_encoder] if train_weak_encoders else [tower.base_encoder, tower.weak_encoders]
     names = []
     for name, child in tower.named_children():
-        if not any(child is module for module in frozen):
+        if child is not tower.base_encoder and (train_weak_encoders or child is not tower.weak_encoders):
             names += [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name]
     owner = model.base_model
     names += [name for name, child in owner.named_children() if child is not tower and child is not language_model]

@@ -153,6 +153,13 @@ def encoder_fingerprint(encoder: nn.Module, config, dynamic_audio_length: bool) 
     return digest.hexdigest()
 
 
+def tower_encoder(tower: nn.Module, weak_index: int | None = None) -> tuple[nn.Module, object]:
+    """`(encoder, config)` of a MoWE audio tower's base encoder, or of its weak encoder `weak_index`."""
+    if weak_index is None:
+        return tower.base_encoder, tower.config.base_encoder_config
+    return tower.weak_encoders[weak_index], tower.config.weak_encoder_configs[weak_index]
+
+
 class FrozenEncoderCache:
     """Serves one frozen encoder of a MoWE tower (the base, or weak encoder `weak_index`) from a
     `FrozenFeatureStore`: each clip (window) is encoded once.
@@ -173,14 +180,11 @@ class FrozenEncoderCache:
 
     def __init__(self, model: nn.Module, store: FrozenFeatureStore, weak_index: int | None = None):
         tower = model.get_encoder(modality="audio")
-        if weak_index is None:
-            encoder, config, fix = tower.base_encoder, tower.config.base_encoder_config, "train_base_encoder=False"
-        else:
-            encoder, config = tower.weak_encoders[weak_index], tower.config.weak_encoder_configs[weak_index]
-            fix = "train_weak_encoders=False"
+        encoder, config = tower_encoder(tower, weak_index)
         trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
         if trainable:
-            which = "base encoder" if weak_index is None else f"weak encoder {weak_index}"
+            which, fix = (("base encoder", "train_base_encoder=False") if weak_index is None
+                          else (f"weak encoder {weak_index}", "train_weak_encoders=False"))
             raise ValueError(
                 f"The {which} has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}), so its "
                 f"features change every step and cannot be cached; freeze it ({fix}) or turn the cache off "
@@ -320,11 +324,7 @@ class FrozenFeatureCacheCallback(TrainerCallback):
 def cache_is_exact(model: nn.Module, weak_index: int | None = None) -> bool:
     """Whether caching `model`'s base encoder (or weak encoder `weak_index`) gives exactly the uncached training
     run: the encoder is frozen and its training-mode forward is not random (no dropout, LayerDrop or SpecAugment)."""
-    tower = model.get_encoder(modality="audio")
-    if weak_index is None:
-        encoder, config = tower.base_encoder, tower.config.base_encoder_config
-    else:
-        encoder, config = tower.weak_encoders[weak_index], tower.config.weak_encoder_configs[weak_index]
+    encoder, config = tower_encoder(model.get_encoder(modality="audio"), weak_index)
     frozen = not any(p.requires_grad for p in encoder.parameters())
     return frozen and not train_mode_randomness(config)
 
