@@ -96,8 +96,8 @@ def _smart_turn_installed() -> bool:
 @pytest.fixture(scope="module")
 def study_v2_run(tmp_path_factory):
     """Protocol v2 at a tiny size: its arms and pools (Smart Turn where its package is installed; it converts in a
-    second), a benchmark draw per seed with two far clips per task, specialists of two steps. Every call of
-    `specialize` is recorded with the rows its dataset holds."""
+    second), a benchmark draw per seed with two far clips per task, specialists of two steps, seeds 1 and 2
+    (`first_seed=1`, as v4 starts at 3). Every call of `specialize` is recorded with the rows its dataset holds."""
     import datasets
 
     from modeling_mowe.data import STUDY_TASKS, BenchmarkConfig
@@ -108,7 +108,7 @@ def study_v2_run(tmp_path_factory):
     pools = {arm: tuple(e for e in pool if e != "smart-turn-v3" or _smart_turn_installed())
              for arm, pool in STUDY_V2["pools"].items()}
     settings = StudySettings.v2(
-        output_dir=out, seeds=2, base_encoder="whisper-tiny.en", pools=pools,
+        output_dir=out, seeds=2, first_seed=1, base_encoder="whisper-tiny.en", pools=pools,
         scratch_llm={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1},
         align_steps=2, steps=2, batch_size=4, bootstrap_samples=200,
         benchmark=BenchmarkConfig.tiny(tasks=STUDY_TASKS, validation_per_task=0, far_per_task=2),
@@ -140,8 +140,8 @@ def test_study_v2_scores_every_arm_on_test_and_far_with_routing(study_v2_run):
             assert set(seed[arm]["tasks"]) == set(seed[arm]["far"]["tasks"]) == tasks
             assert seed[arm]["far"]["summary"]["n"] == 2 * len(tasks)
             assert ("routing" in seed[arm]) == (arm != "base-only")
-    # Data seed = model seed: each seed its own draw.
-    assert [b["seed"] for b in summary["benchmarks"]] == [0, 1]
+    # Data seed = model seed: each seed its own draw, from first_seed on.
+    assert [b["seed"] for b in summary["benchmarks"]] == [1, 2]
     for split in (summary, summary["far"]):
         assert set(split["intervals"]) == tasks | {"average_score"}
         for arm in arms[1:]:
@@ -149,15 +149,16 @@ def test_study_v2_scores_every_arm_on_test_and_far_with_routing(study_v2_run):
             assert low <= high
             assert len(split["statistics"][arm]["average_score"]["differences"]) == 2
         assert len(split["verdicts"]) == 2 * (len(tasks) + 1)
-    heterogeneous = summary["routing"]["seed 1"]["MoWE heterogeneous"]
+    heterogeneous = summary["routing"]["seed 2"]["MoWE heterogeneous"]
     pool = settings.pools["MoWE heterogeneous"]
     assert heterogeneous["encoders"] == [f"{i}:{entry}" for i, entry in enumerate(pool)]
     assert set(heterogeneous["routers"]) == {"data_independent", "data_dependent"}
     for fractions in heterogeneous["routers"]["data_dependent"].values():
         assert len(fractions) == len(pool) and sum(fractions) == pytest.approx(1.0)
-    assert set(summary["routing"]["seed 0"]) == {"MoWE homogeneous", "MoWE heterogeneous"}
+    assert set(summary["routing"]["seed 1"]) == {"MoWE homogeneous", "MoWE heterogeneous"}
     report = (out / "study.md").read_text()
-    assert "## Far split" in report and "### Seed 1" in report and "### Pooled over seeds" in report
+    assert "## Far split" in report and "### Seed 2" in report and "### Pooled over seeds" in report
+    assert "## Seed 0" not in report and (out / "seed-2").is_dir() and not (out / "seed-0").exists()
     assert "## Routing per task on the test split" in report and "### MoWE heterogeneous" in report
     assert f"| {pool.index('whisper-tiny.en@emotion')}:whisper-tiny.en@emotion |" in report
     assert "MoWE heterogeneous (both: whisper-tiny.en" in report  # the arms and their pools, under the title
@@ -171,8 +172,8 @@ def test_study_v2_specialists_learn_from_training_rows_only_and_are_reused(study
 
     out, _, settings, calls = study_v2_run
     # One specialist per task in the pool and seed, each trained once (a second arm or rerun reuses it).
-    assert sorted((c["seed"], c["task"]) for c in calls) == [(0, "emotion"), (0, "gender"), (1, "emotion"),
-                                                             (1, "gender")]
+    assert sorted((c["seed"], c["task"]) for c in calls) == [(1, "emotion"), (1, "gender"), (2, "emotion"),
+                                                             (2, "gender")]
     for call in calls:
         seed_settings = dataclasses.replace(settings, seed=call["seed"])
         train = build_benchmark(out / "cache" / "benchmark", seed_settings.benchmark_config())["train"]
@@ -180,7 +181,7 @@ def test_study_v2_specialists_learn_from_training_rows_only_and_are_reused(study
         assert call["splits"] == ["train"] and call["ids"] == expected and call["steps"] == 2
         assert all(i.startswith(f"train-{call['task']}-") for i in call["ids"])
 
-    arm = dataclasses.replace(settings, seed=0, output_dir=out / "seed-0",
+    arm = dataclasses.replace(settings, seed=1, output_dir=out / "seed-1",
                               weak_encoders=settings.pools["MoWE heterogeneous"])
     train = build_benchmark(out / "cache" / "benchmark", arm.benchmark_config())["train"]
     with pytest.MonkeyPatch.context() as patch:
@@ -196,7 +197,7 @@ def test_study_v2_specialists_learn_from_training_rows_only_and_are_reused(study
         assert resolve_weak_encoders(arm, train) == folders
     assert (emotion / "model.safetensors").stat().st_mtime_ns == before
     record = json.loads((emotion / SPECIALIST_RECORD).read_text())
-    assert record["task"] == "emotion" and record["seed"] == 0 and record["recipe"]["steps"] == 2
+    assert record["task"] == "emotion" and record["seed"] == 1 and record["recipe"]["steps"] == 2
     assert all(i.startswith("train-emotion-") for i in record["row_ids"])
 
     described = describe_parts(arm, with_weak_pool=True)

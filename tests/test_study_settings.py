@@ -1,9 +1,10 @@
-"""The study's settings and the weak pools' entries, without running a study: protocol v2's and v3's defaults and
+"""The study's settings and the weak pools' entries, without running a study: protocol v2-v4 defaults and
 command line, specialist specs and their errors, how the model card describes each kind of entry, and v3's frozen
 pool in a training run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from modeling_mowe.data import STUDY_TASKS
 from modeling_mowe.experiments import cli
 from modeling_mowe.experiments.demo import DemoSettings, describe_parts
 from modeling_mowe.experiments.pools import describe_weak_encoder, parse_specialist
-from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, STUDY_V3, StudySettings
+from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, STUDY_V3, STUDY_V4, StudySettings
 
 
 def test_an_unknown_specialist_task_names_the_valid_tasks(tmp_path):
@@ -82,6 +83,11 @@ def test_the_command_line_picks_the_protocol(monkeypatch):
     assert cli.main(["study", "--protocol", "v2", "--steps", "40"]).steps == 40
     v3 = cli.main(["study", "--protocol", "v3", "--seeds", "3"])
     assert v3.output_dir == Path("outputs/study-v3") and {k: getattr(v3, k) for k in STUDY_V3} == STUDY_V3
+    v4 = cli.main(["study", "--protocol", "v4", "--seeds", "3"])
+    assert v4.output_dir == Path("outputs/study-v4") and {k: getattr(v4, k) for k in STUDY_V4} == STUDY_V4
+    assert cli.main(["study", "--protocol", "v4", "--first-seed", "6"]).first_seed == 6
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--protocol", "v4", "--first-seed", "-1"])
     v1 = cli.main(["study"])
     assert v1.output_dir == Path("outputs/study") and v1.protocol == "v1" and v1.steps == 200
 
@@ -92,6 +98,15 @@ def test_v3_is_v2s_heterogeneous_pool_frozen_for_1000_steps(tmp_path):
     assert v3.pool("MoWE heterogeneous") == v2.pool("MoWE heterogeneous")
     assert (v3.steps, v3.train_weak_encoders, v2.train_weak_encoders) == (1000, False, True)
     assert v3.benchmark_config() == v2.benchmark_config()
+
+
+def test_v4_is_v3_with_fresh_parts_at_3e3_on_new_draws(tmp_path):
+    v3, v4 = StudySettings.v3(output_dir=tmp_path), StudySettings.v4(output_dir=tmp_path)
+    changed = {k for k in STUDY_V4 if getattr(v4, k) != getattr(v3, k)}
+    assert changed == {"protocol", "fresh_learning_rate", "first_seed"}
+    assert (v4.fresh_learning_rate, v4.first_seed, v3.first_seed) == (3e-3, 3, 0)
+    # Seed s draws benchmark s, so v4's seeds 3-5 test on draws that chose nothing.
+    assert dataclasses.replace(v4, seed=3).benchmark_config().seed == 3
 
 
 def test_a_frozen_pool_arm_trains_its_projections_and_caches_its_weak_features(tmp_path, benchmark_dir):

@@ -8,20 +8,25 @@ from pathlib import Path
 
 from . import demo
 from .demo import LLM_CHOICES, DemoSettings, run_demo
-from .study import STUDY_V2, STUDY_V3, StudySettings, run_study
+from .study import STUDY_V2, STUDY_V3, STUDY_V4, StudySettings, run_study
+
+PROTOCOLS = {"v1": StudySettings, "v2": StudySettings.v2, "v3": StudySettings.v3, "v4": StudySettings.v4}
 
 
 def study_main(argv: list[str] | None = None) -> dict:
     """`python -m modeling_mowe.experiments study --seeds 3 [--protocol v2]`: the multi-seed study
     (docs/RESULTS.md, "Study protocol"); a flag left out takes the protocol's value (`StudySettings`, `STUDY_V2`)."""
     parser = argparse.ArgumentParser(prog="python -m modeling_mowe.experiments study", description=run_study.__doc__)
-    parser.add_argument("--protocol", choices=("v1", "v2", "v3"), default="v1",
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="v1",
                         help="v1: the four router arms on one benchmark draw; v2: base-only, a homogeneous and a "
                              "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2); v3: base-only "
-                             "and the heterogeneous pool kept frozen, 1000 steps (study.STUDY_V3)")
+                             "and the heterogeneous pool kept frozen, 1000 steps (study.STUDY_V3); v4: v3 with the "
+                             "routers and weak projections at 3e-3, seeds 3-5 (study.STUDY_V4)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="default: outputs/study (v1), outputs/study-v2, outputs/study-v3")
+                        help="default: outputs/study (v1), outputs/study-v2, -v3, -v4")
     parser.add_argument("--seeds", type=int, default=StudySettings.seeds)
+    parser.add_argument("--first-seed", type=int, default=None,
+                        help=f"the seeds are first-seed, first-seed + 1, ... (v1-v3 0, v4 {STUDY_V4['first_seed']})")
     parser.add_argument("--align-steps", type=int, default=StudySettings.align_steps)
     parser.add_argument("--steps", type=int, default=None,
                         help=f"fine-tuning steps of each arm (v1 {StudySettings.steps}, v2 {STUDY_V2['steps']}, "
@@ -33,10 +38,11 @@ def study_main(argv: list[str] | None = None) -> dict:
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: a standard deviation over seeds needs two")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("protocol", "output_dir")}
-    if args.protocol in ("v2", "v3"):
-        make = StudySettings.v2 if args.protocol == "v2" else StudySettings.v3
-        return run_study(make(output_dir=args.output_dir or Path(f"outputs/study-{args.protocol}"), **given))
-    return run_study(StudySettings(output_dir=args.output_dir or Path("outputs/study"), **given))
+    if args.first_seed is not None and args.first_seed < 0:
+        parser.error("--first-seed must be at least 0")
+    default_dir = "outputs/study" if args.protocol == "v1" else f"outputs/study-{args.protocol}"
+    output_dir = args.output_dir or Path(default_dir)
+    return run_study(PROTOCOLS[args.protocol](output_dir=output_dir, **given))
 
 
 def main(argv: list[str] | None = None) -> dict:

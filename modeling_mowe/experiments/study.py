@@ -3,13 +3,15 @@
     python -m modeling_mowe.experiments study --seeds 3                 # protocol v1: the four router arms
     python -m modeling_mowe.experiments study --protocol v2 --seeds 3   # protocol v2: a homogeneous and a mixed pool
     python -m modeling_mowe.experiments study --protocol v3 --seeds 3   # v3: the mixed pool frozen, 1000 steps
+    python -m modeling_mowe.experiments study --protocol v4 --seeds 3   # v4: v3, fresh parts at 3e-3, seeds 3-5
 
 An arm is a name, a router type and a weak pool (`StudySettings.arms` and `.pools`); the first arm is the reference
 every other one is compared with. v1 (`STUDY_ARMS`): base-only and the paper's router ablation, one pool, one
 benchmark draw for every seed. v2 (`STUDY_V2`, `StudySettings.v2()`): base-only, MoWE with 4 x Whisper-tiny.en and
 MoWE with a heterogeneous pool (tiny.en, Smart Turn v3, tiny.en specialised on emotion, on gender; `pools`), each seed
 on its own benchmark draw (data seed = model seed) with a far split, every arm scored on test and far. v3
-(`STUDY_V3`): base-only and the heterogeneous pool, that pool frozen (and cached), 1000 steps.
+(`STUDY_V3`): base-only and the heterogeneous pool, that pool frozen (and cached), 1000 steps. v4 (`STUDY_V4`): v3
+with the routers and weak projections at 3e-3, on new draws (seeds 3-5), to confirm what v3's variant found.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ STUDY_V3 = {
 """Protocol v3's settings: v2's heterogeneous pool against base-only, the weak pool frozen, 1000 steps
 (`StudySettings.v3()` applies them)."""
 
+STUDY_V4 = {
+    **STUDY_V3,
+    "protocol": "v4",
+    "fresh_learning_rate": 3e-3,  # v3's exploratory variant (docs/RESULTS.md, "Study protocol v4")
+    "first_seed": 3,  # new draws: seeds 0-2 chose the variant, so they cannot confirm it
+}
+"""Protocol v4's settings: v3 with the fresh parts at 3e-3, on seeds (and draws) 3, 4, 5 (`StudySettings.v4()`)."""
+
 STUDY_FEATURE_MEMORY_BYTES = 12 * 2**30
 """The frozen features a study keeps in memory per benchmark draw: the base's and, with a frozen pool, every weak
 encoder's, for train, test and far clips (about 4 GB for v3's draw); what does not fit is encoded again."""
@@ -83,9 +93,11 @@ class StudySettings(DemoSettings):
     `arms`: (name, router_type) pairs, the first one the reference. `pools`: an arm's weak pool (entries as
     `DemoSettings.weak_encoders` takes them: names, folders, `"<part>@<task>"` specialists); an arm not listed uses
     `weak_encoders`. `data_seed`: the benchmark draw of every seed, or None for seed s's own draw (data seed s);
-    `far_per_task > 0` adds the far split, on which every arm is scored too."""
+    `far_per_task > 0` adds the far split, on which every arm is scored too. The seeds are `first_seed`,
+    `first_seed + 1`, ... (`seeds` of them)."""
 
     seeds: int = 3
+    first_seed: int = 0
     steps: int = 200
     test_per_task: int = 200
     tasks: tuple[str, ...] = STUDY_TASKS  # the demo's five and emotion
@@ -126,6 +138,11 @@ class StudySettings(DemoSettings):
         """Protocol v3's settings (`STUDY_V3`), with `overrides` on top."""
         return cls(**{**STUDY_V3, **overrides})
 
+    @classmethod
+    def v4(cls, **overrides) -> StudySettings:
+        """Protocol v4's settings (`STUDY_V4`), with `overrides` on top."""
+        return cls(**{**STUDY_V4, **overrides})
+
     def benchmark_config(self) -> BenchmarkConfig:
         """The benchmark of this seed's run: `benchmark` (with data seed `seed` when `data_seed` is None), else the
         study's tasks and sizes drawn with `data_seed`, or with `seed` when `data_seed` is None."""
@@ -143,13 +160,14 @@ class StudySettings(DemoSettings):
 
 
 def study_markdown(
-    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, note: str = ""
+    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, note: str = "",
+    first_seed: int = 0,
 ) -> str:
     """The study's report on one split: per-seed tables, mean ± sd over seeds, the pooled table with intervals and
     verdicts, under a `# MoWE study` title and `note` (`split_sections` gives the sections alone)."""
     title = "# MoWE study: every arm against base-only, several seeds\n"
-    return "\n".join([title, *([note] if note else []), *split_sections(per_seed, statistics, pooled, intervals,
-                                                                         reference)])
+    sections = split_sections(per_seed, statistics, pooled, intervals, reference, first_seed=first_seed)
+    return "\n".join([title, *([note] if note else []), *sections])
 
 
 def arms_note(settings: StudySettings) -> str:
@@ -173,13 +191,15 @@ def arms_note(settings: StudySettings) -> str:
 
 
 def split_sections(
-    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, level: int = 2
+    per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, level: int = 2,
+    first_seed: int = 0,
 ) -> list[str]:
-    """Markdown sections of one split's results, their headings at `level`: per-seed tables, mean ± sd over seeds
-    (with each arm's difference to `reference` per seed), the pooled table with intervals and the verdicts."""
+    """Markdown sections of one split's results, their headings at `level`: per-seed tables (seeds numbered from
+    `first_seed`), mean ± sd over seeds (with each arm's difference to `reference` per seed), the pooled table with
+    intervals and the verdicts."""
     heading = "#" * level
     parts = []
-    for seed, results in enumerate(per_seed):
+    for seed, results in enumerate(per_seed, start=first_seed):
         parts += [f"{heading} Seed {seed}\n", results_table_markdown(results)]
     parts.append(f"{heading} Mean ± sd over seeds (in brackets: the difference to {reference} per seed; ✓ = better in "
                  "every seed)\n")
@@ -249,11 +269,13 @@ def run_study(settings: StudySettings) -> dict:
                           if (spec := parse_specialist(entry)) and spec[1] not in tasks})
     if untrainable:  # before hours of alignment, not after
         raise ValueError(f"Specialists {untrainable} need their task in the benchmark; its tasks are {list(tasks)}.")
-    log(f"study ({settings.protocol}): {settings.seeds} seeds x {len(arm_names)} arms {arm_names}, "
+    log(f"study ({settings.protocol}): seeds {settings.first_seed}-{settings.first_seed + settings.seeds - 1} x "
+        f"{len(arm_names)} arms {arm_names}, "
         f"tasks {list(tasks)}")
     feature_store, store_benchmark = None, None
     per_seed, routing, benchmarks, histories, seconds = [], [], [], {}, {}
-    for seed in range(settings.seeds):
+    seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
+    for seed in seeds:
         seed_settings = dataclasses.replace(settings, seed=seed, output_dir=out / f"seed-{seed}")
         bench_config = seed_settings.benchmark_config()
         benchmarks.append(bench_config.to_dict())
@@ -274,7 +296,7 @@ def run_study(settings: StudySettings) -> dict:
                 arm_settings, name, model, processor, splits["train"], settings.steps,
                 settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
             )
-            if seed == 0 and router_type != "none":
+            if seed == settings.first_seed and router_type != "none":
                 histories[name] = stats["history"]
             model.eval()
             results[name] = evaluate_model(model, processor, splits["test"], progress=False)
@@ -295,7 +317,7 @@ def run_study(settings: StudySettings) -> dict:
 
     test = summarise_split(per_seed, reference, settings.bootstrap_samples)
     markdown = study_markdown(per_seed, test["statistics"], test["pooled"], test["intervals"], reference,
-                              note=arms_note(settings))
+                              note=arms_note(settings), first_seed=settings.first_seed)
     far = None
     if all("far" in result for results in per_seed for result in results.values()):
         far_per_seed = [{name: result["far"] for name, result in results.items()} for results in per_seed]
@@ -303,7 +325,8 @@ def run_study(settings: StudySettings) -> dict:
         markdown += "\n".join([
             "\n## Far split\n", "Voices, rates, beep bands and sentences that neither train nor test holds "
             "(`data.BenchmarkConfig.far_per_task`).\n",
-            *split_sections(far_per_seed, far["statistics"], far["pooled"], far["intervals"], reference, level=3),
+            *split_sections(far_per_seed, far["statistics"], far["pooled"], far["intervals"], reference, level=3,
+                            first_seed=settings.first_seed),
         ])
     if any(routing):
         markdown += "\n" + routing_markdown(routing)
@@ -315,7 +338,7 @@ def run_study(settings: StudySettings) -> dict:
         "benchmark": benchmarks[0], "benchmarks": benchmarks,
         "statistics": test["statistics"], "intervals": test["intervals"], "verdicts": test["verdicts"],
         **({"far": {k: far[k] for k in ("statistics", "intervals", "verdicts")}} if far else {}),
-        "routing": {f"seed {seed}": seed_routing for seed, seed_routing in enumerate(routing)},
+        "routing": {f"seed {seed}": seed_routing for seed, seed_routing in zip(seeds, routing)},
         "seconds": seconds,
         "files": [str(out / "study.md"), str(out / "per_seed.json"), *map(str, plots)],
     }
