@@ -216,15 +216,19 @@ def _base_only_table(per_arm: dict, seeds: list[int], recipes: list[Recipe], spl
     """Base-only's score per recipe, task and split: mean and spread over seeds (what the model reads of its frozen
     base, to set beside the frozen-feature probes of `probe_frozen_features.py`)."""
     lines = ["## Base-only per recipe: mean ± sd over seeds (accuracy; ASR: WER)\n",
-             "| recipe | split | average | " + " | ".join(STUDY_TASKS) + " |",
+             "Recipes with the same task mix and steps share one base-only arm, listed once.\n",
+             "| recipes | split | average | " + " | ".join(STUDY_TASKS) + " |",
              "|---|---|---|" + "---|" * len(STUDY_TASKS)]
+    shared: dict[tuple, list[Recipe]] = {}
     for recipe in [r for r in recipes if all((s, r.name, "none") in per_arm for s in seeds)]:
+        shared.setdefault((recipe.tasks, recipe.steps), []).append(recipe)
+    for group in shared.values():
         for split in splits:
-            per_seed = [{"base-only": _split_result(per_arm[s, recipe.name, "none"], split)} for s in seeds]
+            per_seed = [{"base-only": _split_result(per_arm[s, group[0].name, "none"], split)} for s in seeds]
             rows = seed_statistics(per_seed, "base-only")["base-only"]
             cells = [f"{rows[t]['mean']:.3f} ± {rows[t]['sd']:.3f}" if t in rows else ""
                      for t in ("average_score", *STUDY_TASKS)]
-            lines.append(f"| {recipe.name} | {split} | " + " | ".join(cells) + " |")
+            lines.append(f"| {'; '.join(r.name for r in group)} | {split} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -1,24 +1,23 @@
 """Write hub_configs/: the tiny random preset (config + tokenizer + processor) and the paper's full-size pools.
 
-Run from the repo root: `.venv/bin/python scripts/make_presets.py`. Deterministic; the output is committed.
+Run from the repo root: `.venv/bin/python scripts/make_presets.py [output folder]`. Deterministic; the output is
+committed, and `tests/test_presets.py` checks that the script writes it byte for byte. (The real-weight pool,
+`mowe-gemma3-270m-whisper-base-4x-tiny-en`, is written by `modeling_mowe.convert`, not here.)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import HubertConfig, LlamaConfig, PreTrainedTokenizerFast, WhisperConfig
 
 from modeling_mowe import MoWEConfig, MoWEProcessor
-from modeling_mowe.data import ASR_WORDS, COUNT_WORDS, LANGUAGE_PHRASES, TASK_LABELS, TASK_PROMPTS
 from modeling_mowe.experiments.demo import SCRATCH_TOKENIZER
 
 ROOT = Path(__file__).resolve().parent.parent / "hub_configs"
-SCRATCH_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|audio|>"]
 
 WHISPER_LARGE_V3 = dict(
     num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
@@ -39,23 +38,11 @@ LLAMA3_8B_INSTRUCT = dict(
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE over the demo's vocabulary: every task word is one token, any text still encodes."""
-    corpus = list(TASK_PROMPTS.values()) + ["user assistant system"] * 5
-    corpus += [" ".join(words) for words in ASR_WORDS.values()] * 30
-    corpus += [" ".join(labels) for labels in TASK_LABELS.values() if labels] * 30
-    corpus += [" ".join(COUNT_WORDS)] * 30
-    for parts in LANGUAGE_PHRASES.values():
-        corpus += [" ".join(p) for p in parts.values()] * 3
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=640, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    """The demo's vocabulary: a 640-token byte-level BPE over the task words, every task word one token, any text still
+    encodable. It was trained once (git c3c8c50) and is pinned since, in the package's `scratch_tokenizer/`: every
+    demo figure depends on it, and training again on today's task words would give another vocabulary."""
+    return PreTrainedTokenizerFast(  # the vocabulary alone: the chat template is the processor's default
+        tokenizer_file=str(SCRATCH_TOKENIZER / "tokenizer.json"),
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
         unk_token="<|endoftext|>",
@@ -73,8 +60,8 @@ def save_config_only(config: MoWEConfig, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def tiny_random() -> None:
-    folder = ROOT / "mowe-tiny-random"
+def tiny_random(root: Path) -> None:
+    folder = root / "mowe-tiny-random"
     if folder.exists():
         shutil.rmtree(folder)
     tokenizer = tiny_tokenizer()
@@ -115,9 +102,6 @@ def tiny_random() -> None:
     processor.save_pretrained(folder)
     for code in folder.glob("*.py"):
         code.unlink()
-    # The demo's from-scratch LLM uses the same tokenizer; the package ships a copy (hub_configs/ is not installed).
-    for name in SCRATCH_TOKENIZER_FILES:
-        shutil.copyfile(folder / name, SCRATCH_TOKENIZER / name)
     for name in folder.glob("*.json"):
         data = json.loads(name.read_text())
         if isinstance(data, dict) and _drop_auto_map(data):
@@ -133,7 +117,7 @@ def _drop_auto_map(data: dict) -> bool:
     return found
 
 
-def paper_pool(name: str, weak: list, weak_ids: list[str]) -> None:
+def paper_pool(root: Path, name: str, weak: list, weak_ids: list[str]) -> None:
     # Llama-3's tokenizer uses all 128256 ids, so `<|audio|>` is appended as id 128256 and the embeddings grow by one
     # row, as `from_components` does.
     audio_token_id = LLAMA3_8B_INSTRUCT["vocab_size"]
@@ -152,24 +136,26 @@ def paper_pool(name: str, weak: list, weak_ids: list[str]) -> None:
             "text_model": "meta-llama/Meta-Llama-3-8B-Instruct",
         },
     )
-    save_config_only(config, ROOT / name)
+    save_config_only(config, root / name)
 
 
-def main() -> None:
-    tiny_random()
+def main(root: Path = ROOT) -> None:
+    tiny_random(root)
     paper_pool(
+        root,
         "mowe-llama3-8b-4x-whisper-tiny",
         [WhisperConfig(**WHISPER_TINY) for _ in range(4)],
         ["openai/whisper-tiny"] * 4,
     )
     paper_pool(
+        root,
         "mowe-llama3-8b-2x-whisper-tiny-2x-hubert",
         [WhisperConfig(**WHISPER_TINY), WhisperConfig(**WHISPER_TINY), HubertConfig(**HUBERT_BASE),
          HubertConfig(**HUBERT_BASE, num_labels=4)],
         ["openai/whisper-tiny", "openai/whisper-tiny", "facebook/hubert-base-ls960", "superb/hubert-base-superb-er"],
     )
-    print(f"wrote presets under {ROOT}")
+    print(f"wrote presets under {root}")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)

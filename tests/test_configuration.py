@@ -32,6 +32,25 @@ def test_presets_load_to_the_configs_they_describe():
         assert _comparable(MoWEConfig.from_dict(config.to_dict())) == _comparable(config)
 
 
+def test_make_presets_writes_the_committed_presets(tmp_path):
+    """`scripts/make_presets.py` reproduces what hub_configs/ holds: the same configs once loaded (their JSON spells
+    nested defaults as the transformers of the day saves them) and the tokenizer, template and processor files byte
+    for byte."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_presets.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file())
+    assert len(written) == 7 and {path.parts[0] for path in written} == {
+        "mowe-tiny-random", "mowe-llama3-8b-4x-whisper-tiny", "mowe-llama3-8b-2x-whisper-tiny-2x-hubert"
+    }
+    for path in written:
+        if path.name == "config.json":
+            new, committed = (MoWEConfig.from_pretrained(root / path.parent) for root in (tmp_path, TINY.parent))
+            assert _comparable(new) == _comparable(committed), path
+        else:
+            assert (tmp_path / path).read_bytes() == (TINY.parent / path).read_bytes(), path
+
+
 def test_a_checkpoint_saved_by_the_previous_config_loads_to_the_same_config_and_logits(tmp_path):
     config = MoWEConfig.from_pretrained(TINY)
     config.dynamic_audio_length = True
