@@ -204,3 +204,44 @@ def test_study_v2_specialists_learn_from_training_rows_only_and_are_reused(study
     index = arm.weak_encoders.index("whisper-tiny.en@emotion")
     assert described["weak_encoders"][index] == "whisper-tiny.en specialised on emotion by mowe-audio"
     assert described["licenses"]["weak_encoders"][index] == "MIT"
+
+
+def test_a_study_reads_an_earlier_base_only_arm_instead_of_training_it(study_v2_run, tmp_path):
+    """`reference_from` (`--reference-from`): a MoWE variant on the same draws and recipe is compared with the
+    earlier study's base-only arm, read from its folder; a study that differs in a field base-only depends on, or
+    lacks a seed, is refused before anything trains. Here the variant mixes the whole pool (`router_top_k`)."""
+    from modeling_mowe.experiments import study
+
+    out, _, settings, _ = study_v2_run
+    pool = settings.pools["MoWE heterogeneous"]
+    shutil.copytree(out, tmp_path / "dense")  # its benchmark, alignment and specialist caches
+    dense = dataclasses.replace(
+        settings, output_dir=tmp_path / "dense", arms=(("base-only", "none"), ("MoWE dense", "both")),
+        pools={"MoWE dense": pool}, router_top_k=len(pool), reference_from=out,
+    )
+    trained, real_train = [], study.train
+
+    def recording(arm_settings, name, *args, **kwargs):
+        trained.append(name)
+        return real_train(arm_settings, name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        patch.setattr(study, "train", recording)
+        for refused, match in (({"steps": 3}, "steps"), ({"first_seed": 0}, "no seed 0"),
+                               ({"arms": (("MoWE dense", "both"),)}, "Only a base-only")):
+            with pytest.raises(ValueError, match=match):
+                run_study(dataclasses.replace(dense, **refused))
+        assert trained == []
+        summary = run_study(dense)
+
+    assert trained == ["MoWE dense", "MoWE dense"]  # base-only came from the earlier study, in both seeds
+    earlier = json.loads((out / "per_seed.json").read_text())
+    now = json.loads((tmp_path / "dense" / "per_seed.json").read_text())
+    assert [seed["base-only"] for seed in now] == [seed["base-only"] for seed in earlier]
+    for fractions in summary["routing"]["seed 2"]["MoWE dense"]["routers"]["data_dependent"].values():
+        assert sum(fractions) == pytest.approx(len(pool))  # every window sees every weak encoder
+    assert "MoWE dense - base-only" in summary["intervals"]["average_score"]
+    report = (tmp_path / "dense" / "study.md").read_text()
+    assert f"each router selecting {len(pool)} weak encoders per clip" in report
+    assert f"The base-only arm's results are read from {out}" in report

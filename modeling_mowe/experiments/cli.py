@@ -28,6 +28,11 @@ def study_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--first-seed", type=int, default=None,
                         help=f"the seeds are first-seed, first-seed + 1, ... (v1-v3 0, v4 {STUDY_V4['first_seed']})")
     parser.add_argument("--align-steps", type=int, default=StudySettings.align_steps)
+    parser.add_argument("--router-top-k", type=int, default=None,
+                        help="weak encoders each router selects per clip (default 1; the pool size mixes them all)")
+    parser.add_argument("--reference-from", type=Path, default=None,
+                        help="an earlier study's folder whose base-only arm (same draws and recipe) is read, not "
+                             "trained again (study.REFERENCE_FIELDS)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"fine-tuning steps of each arm (v1 {StudySettings.steps}, v2 {STUDY_V2['steps']}, "
                              f"v3 {STUDY_V3['steps']})")

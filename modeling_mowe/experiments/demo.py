@@ -87,6 +87,7 @@ class DemoSettings:
     )
     specialist_recipe: dict = field(default_factory=lambda: {"steps": 60, "batch_size": 16, "learning_rate": 1e-4})
     train_weak_encoders: bool = True
+    router_top_k: int = 1
 
     def __post_init__(self):
         if self.llm not in LLM_CHOICES:
@@ -144,6 +145,8 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str):
     # Whisper would pad every 1-3 s clip to 30 s; encoding only the clip is ~15x cheaper. The frozen base then
     # sees shorter inputs than in its pretraining (its features move, cosine 0.9); both arms see the same ones.
     kwargs = {"router_type": router_type, "dynamic_audio_length": True}
+    if weak:
+        kwargs["router_top_k"] = settings.router_top_k
     processor = MoWEProcessor.from_components(parts["base_encoder"], weak, parts["text_model"], **kwargs)
     model = MoWEForConditionalGeneration.from_components(
         parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs,

@@ -26,7 +26,7 @@ from ..data import STUDY_TASKS, BenchmarkConfig, build_benchmark
 from ..evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
 from ..training.feature_cache import FrozenFeatureStore
 from .analysis import difference_verdicts, pool_seeds, routing_by_task, seed_statistics
-from .demo import DemoSettings, align, build_model, log, prepare_parts, start_from_aligned, train
+from .demo import ALIGNMENT_FIELDS, DemoSettings, align, build_model, log, prepare_parts, start_from_aligned, train
 from .plots import draw_study_plots
 from .pools import check_weak_encoder, parse_specialist, resolve_weak_encoders
 
@@ -94,7 +94,8 @@ class StudySettings(DemoSettings):
     `DemoSettings.weak_encoders` takes them: names, folders, `"<part>@<task>"` specialists); an arm not listed uses
     `weak_encoders`. `data_seed`: the benchmark draw of every seed, or None for seed s's own draw (data seed s);
     `far_per_task > 0` adds the far split, on which every arm is scored too. The seeds are `first_seed`,
-    `first_seed + 1`, ... (`seeds` of them)."""
+    `first_seed + 1`, ... (`seeds` of them). `reference_from`: an earlier study's folder whose base-only reference
+    arm, trained with the same draws and recipe (`REFERENCE_FIELDS`), is read instead of trained again."""
 
     seeds: int = 3
     first_seed: int = 0
@@ -108,6 +109,7 @@ class StudySettings(DemoSettings):
     arms: tuple[tuple[str, str], ...] = STUDY_ARMS
     pools: dict[str, tuple[str, ...]] = field(default_factory=dict)
     protocol: str = "v1"
+    reference_from: Path | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,6 +161,43 @@ class StudySettings(DemoSettings):
         return self.pools.get(arm, self.weak_encoders)
 
 
+REFERENCE_FIELDS = (*(f for f in ALIGNMENT_FIELDS if f != "seed"), "steps", "finetune_learning_rate", "tasks",
+                    "test_per_task", "far_per_task", "train_per_task", "data_seed")
+"""What a base-only arm's results depend on besides its benchmark draws: an earlier study whose values match can lend
+its base-only arm (`StudySettings.reference_from`). The fresh parts' learning rate, the weak-column start, the pools
+and `router_top_k` only change MoWE arms."""
+
+
+def reference_results(settings: StudySettings) -> list[dict]:
+    """Per seed of `settings`, the reference arm's results from the study in `settings.reference_from`; a clear error
+    when that study cannot stand in for training the arm here (another arm type, recipe, seed or draw)."""
+    folder = Path(settings.reference_from)
+    try:
+        earlier = json.loads((folder / "study.json").read_text())
+        per_seed = json.loads((folder / "per_seed.json").read_text())
+    except FileNotFoundError as error:
+        message = f"reference_from={folder} holds no finished study (study.json, per_seed.json): {error}"
+        raise ValueError(message) from error
+    name, router_type = settings.arms[0]
+    if router_type != "none":
+        raise ValueError(f"Only a base-only reference arm can be reused; the first arm is {name!r} ({router_type}).")
+    theirs, ours = earlier["settings"], asdict(settings)
+    differing = [f for f in REFERENCE_FIELDS if json.loads(json.dumps(ours[f])) != theirs.get(f)]
+    if differing or [name, router_type] not in theirs.get("arms", []):
+        raise ValueError(f"The study in {folder} cannot stand in for this one's {name!r} arm: it differs in "
+                         f"{differing or ['its arms']}. Train the arm here (leave out reference_from).")
+    first = theirs.get("first_seed", 0)
+    picked = []
+    for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
+        index = seed - first
+        bench = dataclasses.replace(settings, seed=seed).benchmark_config().to_dict()
+        if not 0 <= index < len(per_seed) or earlier["benchmarks"][index] != json.loads(json.dumps(bench)):
+            raise ValueError(f"The study in {folder} has no seed {seed} on this benchmark draw; it ran seeds "
+                             f"{first}-{first + len(per_seed) - 1}.")
+        picked.append(per_seed[index][name])
+    return picked
+
+
 def study_markdown(
     per_seed: list[dict], statistics: dict, pooled: dict, intervals: dict, reference: str, note: str = "",
     first_seed: int = 0,
@@ -177,7 +216,12 @@ def arms_note(settings: StudySettings) -> str:
     fresh = settings.fresh_learning_rate or settings.finetune_learning_rate
     lines = [f"Protocol {settings.protocol}: {data}; every arm fine-tuned {settings.steps} steps at "
              f"{settings.finetune_learning_rate:g} (fresh routers and weak projections at {fresh:g}), the weak "
-             f"columns started at {settings.weak_init_scale:g} x the aligned spread. Arms (router type: weak pool):\n"]
+             f"columns started at {settings.weak_init_scale:g} x the aligned spread, each router selecting "
+             f"{settings.router_top_k} weak encoder{'s' if settings.router_top_k > 1 else ''} per clip. Arms (router "
+             "type: weak pool):\n"]
+    if settings.reference_from:
+        lines.append(f"The {settings.arms[0][0]} arm's results are read from {settings.reference_from} (same draws "
+                     "and recipe), not trained again.\n")
     for name, router_type in settings.arms:
         pool = settings.pool(name) if router_type != "none" else ()
         counted = ", ".join(f"{pool.count(e)} x {e}" if pool.count(e) > 1 else e for e in dict.fromkeys(pool))
@@ -275,7 +319,8 @@ def run_study(settings: StudySettings) -> dict:
     feature_store, store_benchmark = None, None
     per_seed, routing, benchmarks, histories, seconds = [], [], [], {}, {}
     seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
-    for seed in seeds:
+    lent = reference_results(settings) if settings.reference_from else None  # before hours of training, not after
+    for seed_index, seed in enumerate(seeds):
         seed_settings = dataclasses.replace(settings, seed=seed, output_dir=out / f"seed-{seed}")
         bench_config = seed_settings.benchmark_config()
         benchmarks.append(bench_config.to_dict())
@@ -287,6 +332,10 @@ def run_study(settings: StudySettings) -> dict:
         aligned, _ = align(seed_settings, parts, splits["train"], feature_store)
         results, seed_routing = {}, {}
         for name, router_type in settings.arms:
+            if lent and name == reference:
+                log(f"study seed {seed}: {name} from {settings.reference_from}")
+                results[name] = lent[seed_index]
+                continue
             log(f"study seed {seed}: {name}")
             arm_settings = dataclasses.replace(seed_settings, weak_encoders=settings.pool(name))
             weak = resolve_weak_encoders(arm_settings, splits["train"]) if router_type != "none" else []
