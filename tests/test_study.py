@@ -161,6 +161,7 @@ def test_study_v2_scores_every_arm_on_test_and_far_with_routing(study_v2_run):
     assert "## Seed 0" not in report and (out / "seed-2").is_dir() and not (out / "seed-0").exists()
     assert "## Routing per task on the test split" in report and "### MoWE heterogeneous" in report
     assert f"| {pool.index('whisper-tiny.en@emotion')}:whisper-tiny.en@emotion |" in report
+    assert "| data_dependent | emotion | selected |" in report and "| data_dependent | emotion | weight |" in report
     assert "MoWE heterogeneous (both: whisper-tiny.en" in report  # the arms and their pools, under the title
 
 
@@ -239,8 +240,11 @@ def test_a_study_reads_an_earlier_base_only_arm_instead_of_training_it(study_v2_
     earlier = json.loads((out / "per_seed.json").read_text())
     now = json.loads((tmp_path / "dense" / "per_seed.json").read_text())
     assert [seed["base-only"] for seed in now] == [seed["base-only"] for seed in earlier]
-    for fractions in summary["routing"]["seed 2"]["MoWE dense"]["routers"]["data_dependent"].values():
-        assert sum(fractions) == pytest.approx(len(pool))  # every window sees every weak encoder
+    routing = summary["routing"]["seed 2"]["MoWE dense"]
+    for fractions in routing["routers"]["data_dependent"].values():
+        assert fractions == pytest.approx([1.0] * len(pool))  # every window sees every weak encoder
+    for weights in routing["weights"]["data_dependent"].values():  # ... and the router still weighs them
+        assert sum(weights) == pytest.approx(1.0) and min(weights) > 0
     assert "MoWE dense - base-only" in summary["intervals"]["average_score"]
     report = (tmp_path / "dense" / "study.md").read_text()
     assert f"each router selecting {len(pool)} weak encoders per clip" in report

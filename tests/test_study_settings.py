@@ -14,7 +14,7 @@ from modeling_mowe.data import STUDY_TASKS
 from modeling_mowe.experiments import cli
 from modeling_mowe.experiments.demo import DemoSettings, describe_parts
 from modeling_mowe.experiments.pools import describe_weak_encoder, parse_specialist
-from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, STUDY_V3, STUDY_V4, StudySettings
+from modeling_mowe.experiments.study import STUDY_ARMS, STUDY_V2, STUDY_V3, STUDY_V4, STUDY_V5, StudySettings
 
 
 def test_an_unknown_specialist_task_names_the_valid_tasks(tmp_path):
@@ -86,6 +86,8 @@ def test_the_command_line_picks_the_protocol(monkeypatch):
     v4 = cli.main(["study", "--protocol", "v4", "--seeds", "3"])
     assert v4.output_dir == Path("outputs/study-v4") and {k: getattr(v4, k) for k in STUDY_V4} == STUDY_V4
     assert cli.main(["study", "--protocol", "v4", "--first-seed", "6"]).first_seed == 6
+    v5 = cli.main(["study", "--protocol", "v5"])
+    assert v5.output_dir == Path("outputs/study-v5") and {k: getattr(v5, k) for k in STUDY_V5} == STUDY_V5
     with pytest.raises(SystemExit):
         cli.main(["study", "--protocol", "v4", "--first-seed", "-1"])
     v1 = cli.main(["study"])
@@ -107,6 +109,13 @@ def test_v4_is_v3_with_fresh_parts_at_3e3_on_new_draws(tmp_path):
     assert (v4.fresh_learning_rate, v4.first_seed, v3.first_seed) == (3e-3, 3, 0)
     # Seed s draws benchmark s, so v4's seeds 3-5 test on draws that chose nothing.
     assert dataclasses.replace(v4, seed=3).benchmark_config().seed == 3
+
+
+def test_v5_is_v4_with_the_whole_pool_in_every_clip_on_new_draws(tmp_path):
+    v4, v5 = StudySettings.v4(output_dir=tmp_path), StudySettings.v5(output_dir=tmp_path)
+    assert {k for k in STUDY_V5 if getattr(v5, k) != getattr(v4, k)} == {"protocol", "router_top_k", "first_seed"}
+    assert (v5.router_top_k, v4.router_top_k) == (len(v5.pool("MoWE heterogeneous")), 1)
+    assert v5.first_seed == v4.first_seed + v4.seeds  # draws neither v4 nor its dense variant saw
 
 
 def test_a_frozen_pool_arm_trains_its_projections_and_caches_its_weak_features(tmp_path, benchmark_dir):

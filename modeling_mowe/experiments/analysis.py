@@ -8,9 +8,12 @@ import torch
 from ..evaluation import prompt_messages, task_score
 
 
-def routing_by_task(model, processor, dataset, per_task: int = 50) -> dict:
-    """Fraction of test windows each router sent to each weak encoder, per task (rows sum to `router_top_k`), over
-    the first `per_task` clips of each task."""
+def routing_by_task(model, processor, dataset, per_task: int = 50, measure: str = "selected") -> dict:
+    """Per router and task, over the first `per_task` clips of each task: with `measure="selected"`, the fraction of
+    windows the router sent to each weak encoder (rows sum to `router_top_k`); with `measure="weight"`, its mean
+    probability on each (rows sum to 1), which still tells encoders apart when every window selects the whole pool."""
+    if measure not in ("selected", "weight"):
+        raise ValueError(f"measure must be 'selected' or 'weight', got {measure!r}")
     tower = model.get_encoder(modality="audio")
     table = {router: {} for router in tower.routers}
     for task in sorted(set(dataset["task"])):
@@ -21,8 +24,12 @@ def routing_by_task(model, processor, dataset, per_task: int = 50) -> dict:
             return_tensors="pt", padding=True,
         )
         with torch.no_grad():
-            selected = model(**inputs).router_indices  # [windows, routers, top_k]
-        chosen = torch.nn.functional.one_hot(selected, len(tower.weak_encoders)).sum(-2).float().mean(0)
+            output = model(**inputs)
+        if measure == "weight":
+            chosen = output.router_logits.float().softmax(-1).mean(0)  # [routers, weak encoders]
+        else:  # router_indices: [windows, routers, top_k] -> one-hot [windows, routers, top_k, weak encoders]
+            one_hot = torch.nn.functional.one_hot(output.router_indices, len(tower.weak_encoders))
+            chosen = one_hot.sum(-2).float().mean(0)
         for r, router in enumerate(tower.routers):
             table[router][task] = chosen[r].tolist()  # [weak encoders]
     return table

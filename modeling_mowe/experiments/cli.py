@@ -8,9 +8,10 @@ from pathlib import Path
 
 from . import demo
 from .demo import LLM_CHOICES, DemoSettings, run_demo
-from .study import STUDY_V2, STUDY_V3, STUDY_V4, StudySettings, run_study
+from .study import STUDY_V2, STUDY_V3, STUDY_V4, STUDY_V5, StudySettings, run_study
 
-PROTOCOLS = {"v1": StudySettings, "v2": StudySettings.v2, "v3": StudySettings.v3, "v4": StudySettings.v4}
+PROTOCOLS = {"v1": StudySettings, "v2": StudySettings.v2, "v3": StudySettings.v3, "v4": StudySettings.v4,
+             "v5": StudySettings.v5}
 
 
 def study_main(argv: list[str] | None = None) -> dict:
@@ -21,15 +22,18 @@ def study_main(argv: list[str] | None = None) -> dict:
                         help="v1: the four router arms on one benchmark draw; v2: base-only, a homogeneous and a "
                              "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2); v3: base-only "
                              "and the heterogeneous pool kept frozen, 1000 steps (study.STUDY_V3); v4: v3 with the "
-                             "routers and weak projections at 3e-3, seeds 3-5 (study.STUDY_V4)")
+                             "routers and weak projections at 3e-3, seeds 3-5 (study.STUDY_V4); v5: v4 with every "
+                             "weak encoder mixed into every clip, seeds 6-8 (study.STUDY_V5)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="default: outputs/study (v1), outputs/study-v2, -v3, -v4")
+                        help="default: outputs/study (v1), outputs/study-v2, -v3, -v4, -v5")
     parser.add_argument("--seeds", type=int, default=StudySettings.seeds)
     parser.add_argument("--first-seed", type=int, default=None,
-                        help=f"the seeds are first-seed, first-seed + 1, ... (v1-v3 0, v4 {STUDY_V4['first_seed']})")
+                        help=f"the seeds are first-seed, first-seed + 1, ... (v1-v3 0, "
+                             f"v4 {STUDY_V4['first_seed']}, v5 {STUDY_V5['first_seed']})")
     parser.add_argument("--align-steps", type=int, default=StudySettings.align_steps)
     parser.add_argument("--router-top-k", type=int, default=None,
-                        help="weak encoders each router selects per clip (default 1; the pool size mixes them all)")
+                        help=f"weak encoders each router selects per clip (default 1, v5 "
+                             f"{STUDY_V5['router_top_k']}: the pool size mixes them all)")
     parser.add_argument("--reference-from", type=Path, default=None,
                         help="an earlier study's folder whose base-only arm (same draws and recipe) is read, not "
                              "trained again (study.REFERENCE_FIELDS)")

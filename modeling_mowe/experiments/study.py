@@ -4,6 +4,7 @@
     python -m modeling_mowe.experiments study --protocol v2 --seeds 3   # protocol v2: a homogeneous and a mixed pool
     python -m modeling_mowe.experiments study --protocol v3 --seeds 3   # v3: the mixed pool frozen, 1000 steps
     python -m modeling_mowe.experiments study --protocol v4 --seeds 3   # v4: v3, fresh parts at 3e-3, seeds 3-5
+    python -m modeling_mowe.experiments study --protocol v5 --seeds 3   # v5: v4, every clip sees the whole pool
 
 An arm is a name, a router type and a weak pool (`StudySettings.arms` and `.pools`); the first arm is the reference
 every other one is compared with. v1 (`STUDY_ARMS`): base-only and the paper's router ablation, one pool, one
@@ -11,7 +12,8 @@ benchmark draw for every seed. v2 (`STUDY_V2`, `StudySettings.v2()`): base-only,
 MoWE with a heterogeneous pool (tiny.en, Smart Turn v3, tiny.en specialised on emotion, on gender; `pools`), each seed
 on its own benchmark draw (data seed = model seed) with a far split, every arm scored on test and far. v3
 (`STUDY_V3`): base-only and the heterogeneous pool, that pool frozen (and cached), 1000 steps. v4 (`STUDY_V4`): v3
-with the routers and weak projections at 3e-3, on new draws (seeds 3-5), to confirm what v3's variant found.
+with the routers and weak projections at 3e-3, on new draws (seeds 3-5), to confirm what v3's variant found. v5
+(`STUDY_V5`): v4 with each router selecting the whole pool (`router_top_k` 4), on seeds 6-8.
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ STUDY_V4 = {
 }
 """Protocol v4's settings: v3 with the fresh parts at 3e-3, on seeds (and draws) 3, 4, 5 (`StudySettings.v4()`)."""
 
+STUDY_V5 = {
+    **STUDY_V4,
+    "protocol": "v5",
+    "router_top_k": 4,  # every clip sees every weak encoder, weighted by the routers (docs/RESULTS.md, "... v5")
+    "first_seed": 6,  # seeds 3-5 chose the dense pool, so they cannot confirm it
+}
+"""Protocol v5's settings: v4 with the whole pool mixed into every clip, on seeds (and draws) 6, 7, 8."""
+
 STUDY_FEATURE_MEMORY_BYTES = 12 * 2**30
 """The frozen features a study keeps in memory per benchmark draw: the base's and, with a frozen pool, every weak
 encoder's, for train, test and far clips (about 4 GB for v3's draw); what does not fit is encoded again."""
@@ -144,6 +154,11 @@ class StudySettings(DemoSettings):
     def v4(cls, **overrides) -> StudySettings:
         """Protocol v4's settings (`STUDY_V4`), with `overrides` on top."""
         return cls(**{**STUDY_V4, **overrides})
+
+    @classmethod
+    def v5(cls, **overrides) -> StudySettings:
+        """Protocol v5's settings (`STUDY_V5`), with `overrides` on top."""
+        return cls(**{**STUDY_V5, **overrides})
 
     def benchmark_config(self) -> BenchmarkConfig:
         """The benchmark of this seed's run: `benchmark` (with data seed `seed` when `data_seed` is None), else the
@@ -267,20 +282,22 @@ def split_sections(
 
 
 def routing_markdown(routing: list[dict]) -> str:
-    """Per MoWE arm, the fraction of each task's test windows each router sent to each weak encoder, averaged over
-    seeds (`routing`: per seed, `{arm: {"encoders": [...], "routers": routing_by_task(...)}}`)."""
+    """Per MoWE arm, averaged over seeds: the fraction of each task's test windows each router sent to each weak
+    encoder, then each router's mean weight on each (`routing`: per seed, `{arm: {"encoders": [...], "routers":
+    routing_by_task(...), "weights": routing_by_task(..., measure="weight")}}`; "weights" may be absent)."""
     parts = [f"## Routing per task on the test split (mean over {len(routing)} seeds)\n",
-             "Fraction of each task's windows (its first 50 test clips) that each router sends to each weak encoder; "
-             "a row sums to the routers' top-k.\n"]
+             "Per router and task (its first 50 test clips): the fraction of windows sent to each weak encoder, a row "
+             "summing to the routers' top-k; then the router's mean probability on each, a row summing to 1.\n"]
     for arm, first in routing[0].items():
         encoders = first["encoders"]
-        lines = [f"### {arm}\n", "| router | task | " + " | ".join(encoders) + " |",
-                 "|---|---|" + "---:|" * len(encoders)]
-        for router, per_task in first["routers"].items():
-            for task in per_task:
-                values = [sum(seed[arm]["routers"][router][task][i] for seed in routing) / len(routing)
-                          for i in range(len(encoders))]
-                lines.append(f"| {router} | {task} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        lines = [f"### {arm}\n", "| router | task | measure | " + " | ".join(encoders) + " |",
+                 "|---|---|---|" + "---:|" * len(encoders)]
+        for key, measure in (("routers", "selected"), ("weights", "weight")):
+            for router, per_task in first.get(key, {}).items():
+                for task in per_task:
+                    values = [sum(seed[arm][key][router][task][i] for seed in routing) / len(routing)
+                              for i in range(len(encoders))]
+                    lines.append(f"| {router} | {task} | {measure} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -357,6 +374,7 @@ def run_study(settings: StudySettings) -> dict:
                 seed_routing[name] = results[name]["routing"] = {
                     "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
                     "routers": routing_by_task(model, processor, splits["test"]),
+                    "weights": routing_by_task(model, processor, splits["test"], measure="weight"),
                 }
             results[name]["train_seconds"] = stats["seconds"]
         per_seed.append(results)
