@@ -8,14 +8,12 @@ import torch
 from ..evaluation import prompt_messages, task_score
 
 
-def routing_by_task(model, processor, dataset, per_task: int = 50, measure: str = "selected") -> dict:
-    """Per router and task, over the first `per_task` clips of each task: with `measure="selected"`, the fraction of
-    windows the router sent to each weak encoder (rows sum to `router_top_k`); with `measure="weight"`, its mean
+def routing_tables(model, processor, dataset, per_task: int = 50) -> dict:
+    """Per router and task, over the first `per_task` clips of each task, from one forward each: `"selected"`, the
+    fraction of windows the router sent to each weak encoder (rows sum to `router_top_k`), and `"weight"`, its mean
     probability on each (rows sum to 1), which still tells encoders apart when every window selects the whole pool."""
-    if measure not in ("selected", "weight"):
-        raise ValueError(f"measure must be 'selected' or 'weight', got {measure!r}")
     tower = model.get_encoder(modality="audio")
-    table = {router: {} for router in tower.routers}
+    tables = {measure: {router: {} for router in tower.routers} for measure in ("selected", "weight")}
     for task in sorted(set(dataset["task"])):
         rows = dataset.filter(lambda t, task=task: t == task, input_columns="task")
         rows = rows.select(range(min(per_task, len(rows))))
@@ -25,14 +23,20 @@ def routing_by_task(model, processor, dataset, per_task: int = 50, measure: str 
         )
         with torch.no_grad():
             output = model(**inputs)
-        if measure == "weight":
-            chosen = output.router_logits.float().softmax(-1).mean(0)  # [routers, weak encoders]
-        else:  # router_indices: [windows, routers, top_k] -> one-hot [windows, routers, top_k, weak encoders]
-            one_hot = torch.nn.functional.one_hot(output.router_indices, len(tower.weak_encoders))
-            chosen = one_hot.sum(-2).float().mean(0)
+        # router_indices: [windows, routers, top_k] -> one-hot [windows, routers, top_k, weak encoders]
+        one_hot = torch.nn.functional.one_hot(output.router_indices, len(tower.weak_encoders))
+        selected = one_hot.sum(-2).float().mean(0)  # [routers, weak encoders]
+        weight = output.router_logits.float().softmax(-1).mean(0)
         for r, router in enumerate(tower.routers):
-            table[router][task] = chosen[r].tolist()  # [weak encoders]
-    return table
+            tables["selected"][router][task] = selected[r].tolist()
+            tables["weight"][router][task] = weight[r].tolist()
+    return tables
+
+
+def routing_by_task(model, processor, dataset, per_task: int = 50) -> dict:
+    """Fraction of test windows each router sent to each weak encoder, per task (rows sum to `router_top_k`), over
+    the first `per_task` clips of each task (`routing_tables`' `"selected"`)."""
+    return routing_tables(model, processor, dataset, per_task)["selected"]
 
 
 WER_ROWS = ("asr",)

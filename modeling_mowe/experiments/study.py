@@ -27,7 +27,7 @@ from pathlib import Path
 from ..data import STUDY_TASKS, BenchmarkConfig, build_benchmark
 from ..evaluation import bootstrap_intervals, evaluate_model, results_table_markdown
 from ..training.feature_cache import FrozenFeatureStore
-from .analysis import difference_verdicts, pool_seeds, routing_by_task, seed_statistics
+from .analysis import difference_verdicts, pool_seeds, routing_tables, seed_statistics
 from .demo import ALIGNMENT_FIELDS, DemoSettings, align, build_model, log, prepare_parts, start_from_aligned, train
 from .plots import draw_study_plots
 from .pools import check_weak_encoder, parse_specialist, resolve_weak_encoders
@@ -284,7 +284,7 @@ def split_sections(
 def routing_markdown(routing: list[dict]) -> str:
     """Per MoWE arm, averaged over seeds: the fraction of each task's test windows each router sent to each weak
     encoder, then each router's mean weight on each (`routing`: per seed, `{arm: {"encoders": [...], "routers":
-    routing_by_task(...), "weights": routing_by_task(..., measure="weight")}}`; "weights" may be absent)."""
+    routing_tables(...)["selected"], "weights": routing_tables(...)["weight"]}}`; "weights" may be absent)."""
     parts = [f"## Routing per task on the test split (mean over {len(routing)} seeds)\n",
              "Per router and task (its first 50 test clips): the fraction of windows sent to each weak encoder, a row "
              "summing to the routers' top-k; then the router's mean probability on each, a row summing to 1.\n"]
@@ -371,10 +371,10 @@ def run_study(settings: StudySettings) -> dict:
                 results[name]["far"] = evaluate_model(model, processor, splits["far"], progress=False)
                 results[name]["far"].pop("predictions")
             if router_type != "none":
+                tables = routing_tables(model, processor, splits["test"])
                 seed_routing[name] = results[name]["routing"] = {
                     "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
-                    "routers": routing_by_task(model, processor, splits["test"]),
-                    "weights": routing_by_task(model, processor, splits["test"], measure="weight"),
+                    "routers": tables["selected"], "weights": tables["weight"],
                 }
             results[name]["train_seconds"] = stats["seconds"]
         per_seed.append(results)
