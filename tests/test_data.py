@@ -147,6 +147,29 @@ def test_far_split_shares_no_condition_with_train_or_test():
     assert {s["answer"] for s in specs["far"] if s["task"] == "rate"} == set(data.TASK_LABELS["rate"])
 
 
+def test_training_pitch_moves_only_training_speech_and_leaves_every_other_draw(cache_root):
+    plain = data.BenchmarkConfig(tasks=data.TASKS, validation_per_task=40, test_per_task=100, far_per_task=50)
+    varied = data.BenchmarkConfig(**{**plain.to_dict(), "train_pitch_range": (30, 70)})
+    for split in ("train", "validation", "test", "far"):
+        for task in data.TASKS:
+            before, after = data._row_specs(plain, split, task), data._row_specs(varied, split, task)
+            changed = {key for b, a in zip(before, after, strict=True) for key in b if b[key] != a[key]}
+            moved = split in ("train", "validation") and task != "count"
+            assert changed == ({"pitch"} if moved else set()), (split, task)
+            if moved:
+                assert all(30 <= s["pitch"] <= 70 for s in after) and len({s["pitch"] for s in after}) > 10
+    # Unset, the field is absent from the settings, so every earlier draw keeps its fingerprint (and its cache).
+    assert "train_pitch_range" not in plain.to_dict() and varied.to_dict()["train_pitch_range"] == [30, 70]
+    assert plain.fingerprint() != varied.fingerprint()
+    config = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0, train_pitch_range=(10, 90))
+    heard = data.build_benchmark(cache_root, config, progress=False)["train"]
+    own = data.build_benchmark(cache_root, data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0),
+                               progress=False)["train"]
+    assert all(10 <= pitch <= 90 for pitch in heard["pitch"]) and set(own["pitch"]) == {-1}
+    assert heard["voice"] == own["voice"] and heard["sentence"] == own["sentence"]
+    assert all(a["bytes"] != b["bytes"] for a, b in zip(heard["audio"], own["audio"]))
+
+
 def test_far_split_is_built_only_when_asked(tmp_path):
     assert "far" not in data.BenchmarkConfig().splits
     config = data.BenchmarkConfig.tiny(tasks=("gender", "count"), validation_per_task=0, far_per_task=2)
@@ -253,6 +276,9 @@ def test_config_validation():
         data.BenchmarkConfig(languages=("english", "klingon"))
     with pytest.raises(ValueError):
         data.BenchmarkConfig(train_per_task=-1)
+    for pitch in ((70, 30), (0, 100), (50,)):
+        with pytest.raises(ValueError, match="train_pitch_range"):
+            data.BenchmarkConfig(train_pitch_range=pitch)
     assert data.BenchmarkConfig(scale=0.5).num_rows("train") == 150
     assert data.BenchmarkConfig(scale=0.001).num_rows("test") == 1
 

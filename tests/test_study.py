@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -249,3 +250,37 @@ def test_a_study_reads_an_earlier_base_only_arm_instead_of_training_it(study_v2_
     report = (tmp_path / "dense" / "study.md").read_text()
     assert f"each router selecting {len(pool)} weak encoders per clip" in report
     assert f"The base-only arm's results are read from {out}" in report
+
+
+def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_clips(study_v2_run, tmp_path):
+    """`benchmarks/pitch_varied_training.py`: base-only trained on the study's draws with each training speech clip's
+    pitch moved, against the study's own base-only arm (read, not trained again) on the same test and far clips;
+    a study of another recipe is refused before anything trains."""
+    import datasets
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pitch_varied_training.py"
+    spec = importlib.util.spec_from_file_location("pitch_varied_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, _, settings, _ = study_v2_run
+    plain = dataclasses.replace(settings, output_dir=tmp_path, arms=(("base-only", "none"),), pools={},
+                                reference_from=out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        with pytest.raises(ValueError, match="steps"):
+            module.compare_pitch_varied(dataclasses.replace(plain, steps=3), (30, 70))
+        assert not (tmp_path / "per_seed.json").exists()
+        summary = module.compare_pitch_varied(plain, (30, 70))
+
+    name = "base-only, training pitch 30-70"
+    now = json.loads((tmp_path / "per_seed.json").read_text())
+    earlier = json.loads((out / "per_seed.json").read_text())
+    assert [seed["base-only"] for seed in now] == [seed["base-only"] for seed in earlier]
+    assert all(seed[name]["far"]["summary"]["n"] == seed["base-only"]["far"]["summary"]["n"] for seed in now)
+    for split in ("test", "far"):
+        assert f"{name} - base-only" in summary[split]["intervals"]["average_score"]
+    for folder in (tmp_path / "cache" / "benchmark").iterdir():  # what the new arm trained on: moved pitches
+        train = datasets.load_from_disk(str(folder))["train"]
+        pitches = [p for p, task in zip(train["pitch"], train["task"]) if task != "count"]
+        assert pitches and all(30 <= p <= 70 for p in pitches)
+    assert "espeak-ng base pitch drawn from 30-70" in (tmp_path / "pitch_varied.md").read_text()

@@ -217,6 +217,7 @@ LANGUAGE_PHRASES = {
 
 _SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 _TASK_INDEX = {name: i for i, name in enumerate(TASKS)}
+_PITCH_STREAM = 1000  # the seed-sequence entry of the training pitch draws, apart from every other stream
 
 
 @dataclass
@@ -231,6 +232,9 @@ class BenchmarkConfig:
         sampling_rate: Output sampling rate in Hz (the wav bytes' rate).
         tasks: Which tasks to build, a subset of :data:`TASKS` (default: :data:`DEFAULT_TASKS`).
         languages: Languages of the ``language`` task, a subset of :data:`ESPEAK_LANGUAGE`'s keys.
+        train_pitch_range: ``(low, high)``, espeak-ng ``-p`` base pitch (0-99) drawn uniformly per ``train`` and
+            ``validation`` speech clip, so a handful of voices sounds like many; ``None`` (default): each voice's
+            own. Drawn from a stream of its own, so every other choice (and ``test``, ``far``) stays the same.
     """
 
     seed: int = 0
@@ -242,10 +246,17 @@ class BenchmarkConfig:
     sampling_rate: int = SAMPLING_RATE
     tasks: tuple[str, ...] = DEFAULT_TASKS
     languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
+    train_pitch_range: tuple[int, int] | None = None
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
         self.languages = tuple(self.languages)
+        if self.train_pitch_range is not None:
+            pitch = tuple(self.train_pitch_range)
+            if len(pitch) != 2 or not 0 <= pitch[0] <= pitch[1] <= 99:
+                raise ValueError(f"train_pitch_range must be (low, high) with 0 <= low <= high <= 99 (espeak-ng -p), "
+                                 f"got {self.train_pitch_range}")
+            self.train_pitch_range = (int(pitch[0]), int(pitch[1]))
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
@@ -281,6 +292,10 @@ class BenchmarkConfig:
         out = dataclasses.asdict(self)
         out["tasks"] = list(self.tasks)
         out["languages"] = list(self.languages)
+        if self.train_pitch_range is None:  # absent, so the fingerprints of earlier configs (and caches) hold
+            del out["train_pitch_range"]
+        else:
+            out["train_pitch_range"] = list(self.train_pitch_range)
         return out
 
     def fingerprint(self) -> str:
@@ -521,6 +536,12 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
     if task == "language":
         labels = config.languages
     answers = _balanced_labels(labels, n, rng) if labels else [None] * n
+    pitch_range, pitch_rng = None, rng
+    if split == "far":
+        pitch_range = FAR_PITCH_RANGE  # drawn from the split's own stream
+    elif group == "train" and config.train_pitch_range is not None:
+        pitch_range = config.train_pitch_range
+        pitch_rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], _PITCH_STREAM])
     specs = []
     for i, answer in enumerate(answers):
         spec = {
@@ -568,8 +589,8 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
                 jitter = rng.integers(-EMOTION_JITTER, EMOTION_JITTER + 1, size=len(EMOTION_PROSODY[answer]))
                 profile = {k: int(v + j) for (k, v), j in zip(EMOTION_PROSODY[answer].items(), jitter)}
                 spec["ssml"] = prosody_markup(sentence, profile)
-            if split == "far":
-                spec["pitch"] = int(rng.integers(FAR_PITCH_RANGE[0], FAR_PITCH_RANGE[1] + 1))
+            if pitch_range is not None:
+                spec["pitch"] = int(pitch_rng.integers(pitch_range[0], pitch_range[1] + 1))
         spec["answer"] = answer
         specs.append(spec)
     return specs

@@ -311,6 +311,36 @@ def summarise_split(per_seed: list[dict], reference: str, samples: int) -> dict:
             "verdicts": difference_verdicts(intervals, reference)}
 
 
+def run_arm(
+    settings: StudySettings, name: str, router_type: str, parts: dict, aligned: dict, splits, feature_store
+) -> tuple[dict, list[dict]]:
+    """One arm of one seed (`settings` is that seed's): its pool, fine-tuned from the seed's alignment, scored on the
+    test split and the far split (when `splits` has one), and for a MoWE arm its routing per task. Returns the
+    results (`train_seconds` added) and the training log history."""
+    arm_settings = dataclasses.replace(settings, weak_encoders=settings.pool(name))
+    weak = resolve_weak_encoders(arm_settings, splits["train"]) if router_type != "none" else []
+    model, processor = build_model(arm_settings, {**parts, "weak_encoders": weak}, router_type)
+    start_from_aligned(model, aligned, weak_init_scale=settings.weak_init_scale)
+    model, stats = train(
+        arm_settings, name, model, processor, splits["train"], settings.steps,
+        settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
+    )
+    model.eval()
+    results = evaluate_model(model, processor, splits["test"], progress=False)
+    results.pop("predictions")
+    if "far" in splits:
+        results["far"] = evaluate_model(model, processor, splits["far"], progress=False)
+        results["far"].pop("predictions")
+    if router_type != "none":
+        tables = routing_tables(model, processor, splits["test"])
+        results["routing"] = {
+            "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
+            "routers": tables["selected"], "weights": tables["weight"],
+        }
+    results["train_seconds"] = stats["seconds"]
+    return results, stats["history"]
+
+
 def run_study(settings: StudySettings) -> dict:
     """Every arm of `settings.arms` for `settings.seeds` seeds: per seed, its benchmark (one draw for every seed, or
     its own), a base-only alignment and each arm fine-tuned from it with its pool and the same steps, data order and
@@ -354,29 +384,11 @@ def run_study(settings: StudySettings) -> dict:
                 results[name] = lent[seed_index]
                 continue
             log(f"study seed {seed}: {name}")
-            arm_settings = dataclasses.replace(seed_settings, weak_encoders=settings.pool(name))
-            weak = resolve_weak_encoders(arm_settings, splits["train"]) if router_type != "none" else []
-            model, processor = build_model(arm_settings, {**parts, "weak_encoders": weak}, router_type)
-            start_from_aligned(model, aligned, weak_init_scale=settings.weak_init_scale)
-            model, stats = train(
-                arm_settings, name, model, processor, splits["train"], settings.steps,
-                settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
-            )
+            results[name], history = run_arm(seed_settings, name, router_type, parts, aligned, splits, feature_store)
             if seed == settings.first_seed and router_type != "none":
-                histories[name] = stats["history"]
-            model.eval()
-            results[name] = evaluate_model(model, processor, splits["test"], progress=False)
-            results[name].pop("predictions")
-            if "far" in splits:
-                results[name]["far"] = evaluate_model(model, processor, splits["far"], progress=False)
-                results[name]["far"].pop("predictions")
-            if router_type != "none":
-                tables = routing_tables(model, processor, splits["test"])
-                seed_routing[name] = results[name]["routing"] = {
-                    "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
-                    "routers": tables["selected"], "weights": tables["weight"],
-                }
-            results[name]["train_seconds"] = stats["seconds"]
+                histories[name] = history
+            if "routing" in results[name]:
+                seed_routing[name] = results[name]["routing"]
         per_seed.append(results)
         routing.append(seed_routing)
         seconds[f"seed {seed}"] = round(time.perf_counter() - started, 1)
