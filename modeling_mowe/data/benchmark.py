@@ -33,7 +33,8 @@ their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosse
 (built only when ``far_per_task > 0``) moves further from the training conditions than ``test`` and shares none of
 train's or test's conditions: its own voice variants, each with its base pitch moved (espeak-ng ``-p``), speaking
 rates outside every training and test range, beep bands below and above all others, and the validation pool's
-sentences. :func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`.
+sentences. :func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`. With
+``BenchmarkConfig.train_pitch_range`` the training clips' pitch moves too (so far's pitch moves are no longer unseen).
 
 This module belongs to the tooling wing; it reads audio with the model's own helpers (``feature_extraction_mowe``).
 """
