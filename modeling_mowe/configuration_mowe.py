@@ -61,6 +61,9 @@ class MoWEConfig(PreTrainedConfig):
             Consecutive encoder frames stacked into one audio token (Whisper: 50 frames/s -> 12.5 tokens/s).
         projector_hidden_act (`str`, defaults to `"gelu"`):
             Activation between the projector's two linear layers.
+        projector_window_summary (`bool`, defaults to `False`):
+            Add a linear map of each audio window's mean and standard deviation over its frames to every audio
+            token of that window (before the projector's activation), so each token carries clip-level statistics.
         audio_token_id (`int`, *optional*):
             Id of the `<|audio|>` placeholder token in the LLM's vocabulary: `processor.audio_token_id` (the
             processor's tokenizer appends `<|audio|>`). `MoWEForConditionalGeneration.from_components` sets it and
@@ -90,6 +93,7 @@ class MoWEConfig(PreTrainedConfig):
     weak_hidden_size: int = 256
     stack_factor: int = 4
     projector_hidden_act: str = "gelu"
+    projector_window_summary: bool = False
     audio_token_id: int | None = None
     dynamic_audio_length: bool = False
     component_checkpoints: dict | None = None

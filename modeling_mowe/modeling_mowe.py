@@ -350,13 +350,18 @@ class MoWEAudioTower(nn.Module):
 
 
 class MoWEProjector(nn.Module):
-    """Stack `stack_factor` consecutive frames, then Linear -> activation -> Linear into the LLM's hidden size."""
+    """Stack `stack_factor` consecutive frames, then Linear -> activation -> Linear into the LLM's hidden size.
+
+    With `config.projector_window_summary`, `window_summary` maps each window's mean and standard deviation over its
+    valid frames to one vector added to every token of that window before the activation: the clip-level statistics
+    a linear probe reads speaker traits from, put where every audio token carries them."""
 
     def __init__(self, config: MoWEConfig, input_size: int):
         super().__init__()
         hidden_size = config.text_config.hidden_size
         self.stack_factor = config.stack_factor
         self.linear_1 = nn.Linear(input_size * config.stack_factor, hidden_size)
+        self.window_summary = nn.Linear(2 * input_size, hidden_size) if config.projector_window_summary else None
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
@@ -367,13 +372,29 @@ class MoWEProjector(nn.Module):
         num_windows, frames, dim = hidden.shape
         frame_valid = torch.arange(frames, device=hidden.device)[None, :] < valid_frames[:, None]
         hidden = hidden * frame_valid[..., None].to(hidden.dtype)
+        summary = None
+        if self.window_summary is not None:
+            summary = self.window_summary(window_statistics(hidden, valid_frames).to(self.window_summary.weight.dtype))
         pad = -frames % self.stack_factor
         hidden = nn.functional.pad(hidden, (0, 0, 0, pad))
         stacked = hidden.reshape(num_windows, -1, dim * self.stack_factor)
         tokens_per_window = -(-valid_frames // self.stack_factor)
         token_valid = torch.arange(stacked.shape[1], device=hidden.device)[None, :] < tokens_per_window[:, None]
         stacked = stacked[token_valid].to(self.linear_1.weight.dtype)
-        return self.linear_2(self.act(self.linear_1(stacked)))
+        hidden_tokens = self.linear_1(stacked)
+        if summary is not None:
+            hidden_tokens = hidden_tokens + summary.repeat_interleave(tokens_per_window, dim=0)
+        return self.linear_2(self.act(hidden_tokens))
+
+
+def window_statistics(frames: torch.Tensor, valid_frames: torch.Tensor) -> torch.Tensor:
+    """Frames [N, T, D] -> each window's mean and standard deviation over its first `valid_frames` [N] frames,
+    [N, 2 * D], in float32; padded frames do not count."""
+    frame_valid = (torch.arange(frames.shape[1], device=frames.device)[None, :] < valid_frames[:, None])[..., None]
+    count = valid_frames.clamp(min=1).to(torch.float32)[:, None]
+    mean = (frames.float() * frame_valid).sum(dim=1) / count
+    variance = (((frames.float() - mean[:, None]) ** 2) * frame_valid).sum(dim=1) / count
+    return torch.cat([mean, (variance + 1e-6).sqrt()], dim=-1)  # + 1e-6: a finite gradient for a one-frame window
 
 
 def check_mel_bins(input_features: torch.Tensor, front_ends: list[dict]) -> None:

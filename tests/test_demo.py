@@ -125,6 +125,32 @@ def test_mowe_arm_starts_as_the_aligned_base_only_function(tiny_config, processo
     assert weak_columns.abs().sum() == 0
 
 
+def test_a_window_summary_starts_at_zero_from_the_alignment_and_trains_with_the_fresh_parts(tiny_config, processor):
+    """A base-only arm whose projector has a window summary starts as the aligned function (the summary at zero) and
+    trains the summary at the fresh parts' learning rate."""
+    import torch
+    from conftest import build_model, make_clip, make_inputs
+
+    from modeling_mowe.experiments.demo import ALIGNED_PARTS, start_from_aligned
+    from modeling_mowe.training import learning_rate_groups
+
+    tiny_config.dynamic_audio_length = True
+    tiny_config.router_type = "none"
+    aligned_model = build_model(tiny_config, seed=2)
+    tiny_config.projector_window_summary = True
+    summarised = build_model(tiny_config, seed=3)
+    aligned = {k: v for k, v in aligned_model.state_dict().items() if k.startswith(ALIGNED_PARTS)}
+    start_from_aligned(summarised, aligned)
+    summarised.get_encoder(modality="audio").load_state_dict(aligned_model.get_encoder(modality="audio").state_dict())
+    inputs = make_inputs(processor, ["<|audio|>hi"], [make_clip(1.3, 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(summarised(**inputs).logits, aligned_model(**inputs).logits, atol=1e-5, rtol=1e-5)
+    summary = summarised.model.multi_modal_projector.window_summary
+    plain, fresh = learning_rate_groups(summarised, 3e-4, 3e-3)
+    assert fresh["lr"] == 3e-3 and {id(p) for p in fresh["params"]} == {id(p) for p in summary.parameters()}
+    assert id(summarised.model.multi_modal_projector.linear_1.weight) in {id(p) for p in plain["params"]}
+
+
 def test_demo_with_gemma_names_its_licence(tmp_path):
     from modeling_mowe.experiments.demo import describe_parts
     from modeling_mowe.publishing import _card_license

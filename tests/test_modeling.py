@@ -250,6 +250,42 @@ def test_padded_batch_gives_the_same_logits_as_each_row_alone(tiny_config, proce
             torch.testing.assert_close(batch[row, valid], alone, atol=1e-5, rtol=1e-4)
 
 
+def test_window_summary_adds_each_windows_mean_and_spread_to_its_tokens_whatever_the_batch(tiny_config, processor):
+    """`projector_window_summary`: every audio token of a window gets a linear map of that window's mean and
+    standard deviation over its valid frames (padding and batch-mates excluded), before the activation."""
+    from modeling_mowe.modeling_mowe import window_statistics
+
+    tiny_config.dynamic_audio_length = True
+    tiny_config.projector_window_summary = True
+    model = build_model(tiny_config, seed=12)
+    projector = model.model.multi_modal_projector
+    frames = torch.randn(2, 9, 5)
+    statistics = window_statistics(frames, torch.tensor([6, 9]))
+    for window, valid in enumerate((6, 9)):
+        mine = frames[window, :valid]
+        expected = torch.cat([mine.mean(0), (mine.var(0, unbiased=False) + 1e-6).sqrt()])
+        torch.testing.assert_close(statistics[window], expected)
+
+    clips = [make_clip(0.6, seed=1), make_clip(2.5, seed=2, kind="sine")]
+    texts = ["<|audio|>", "Q: <|audio|> what is it?"]
+    with torch.no_grad():
+        batch_inputs = make_inputs(processor, texts, clips)
+        batch = model(**batch_inputs).logits
+        for row, (text, clip) in enumerate(zip(texts, clips)):
+            alone = model(**make_inputs(processor, [text], [clip])).logits[0]
+            valid = batch_inputs["attention_mask"][row].bool()
+            torch.testing.assert_close(batch[row, valid], alone, atol=1e-5, rtol=1e-4)
+        projector.window_summary.weight.zero_()
+        projector.window_summary.bias.zero_()
+        without = model(**batch_inputs).logits
+    assert not torch.allclose(batch, without, atol=1e-4)  # the summary reaches the answer
+    tiny_config.projector_window_summary = False
+    plain = build_model(tiny_config, seed=12)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "window_summary" not in k})
+    with torch.no_grad():  # zero summary weights: exactly the projector without one
+        torch.testing.assert_close(plain(**batch_inputs).logits, without, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batched_generate_gives_the_same_tokens_as_each_row_alone(fast_config, processor, family):
     model = build_model(_config_with_text_model(fast_config, family), seed=13)
@@ -478,7 +514,9 @@ def test_idle_calls_leave_the_training_loss_unchanged(fast_config, processor, pr
 # ---------------------------------------------------------------- persistence
 
 
-def test_save_and_load_round_trip_is_bit_exact_with_safetensors(tiny_config, processor, tmp_path):
+@pytest.mark.parametrize("window_summary", [False, True], ids=["projector", "projector_with_window_summary"])
+def test_save_and_load_round_trip_is_bit_exact_with_safetensors(tiny_config, processor, tmp_path, window_summary):
+    tiny_config.projector_window_summary = window_summary
     model = build_model(tiny_config, seed=23)
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
@@ -489,6 +527,7 @@ def test_save_and_load_round_trip_is_bit_exact_with_safetensors(tiny_config, pro
         assert m.lm_head.weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
     original_state, loaded_state = model.state_dict(), loaded.state_dict()
     assert original_state.keys() == loaded_state.keys()
+    assert any("window_summary" in key for key in loaded_state) == window_summary
     for key in original_state:
         assert torch.equal(original_state[key], loaded_state[key]), key
     inputs = make_inputs(processor, TEXTS, two_clips())

@@ -284,3 +284,35 @@ def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_cl
         pitches = [p for p, task in zip(train["pitch"], train["task"]) if task != "count"]
         assert pitches and all(30 <= p <= 70 for p in pitches)
     assert "espeak-ng base pitch drawn from 30-70" in (tmp_path / "pitch_varied.md").read_text()
+
+
+def test_an_arm_sets_its_own_options_beside_the_studys_base_only_arm(study_v2_run, tmp_path):
+    """`arm_options`: an arm trains with its own `DemoSettings` fields (here a projector window summary, as protocol
+    `window-summary` has it) while the reference arm keeps the study's; options naming no arm or no field are refused
+    before anything trains."""
+    from modeling_mowe.experiments import study
+
+    out, _, settings, _ = study_v2_run
+    shutil.copytree(out, tmp_path / "summary")  # its benchmark and alignment caches
+    name = "base-only + window summary"
+    variant = dataclasses.replace(
+        settings, output_dir=tmp_path / "summary", arms=(("base-only", "none"), (name, "none")), pools={},
+        arm_options={name: {"projector_window_summary": True}}, reference_from=out,
+    )
+    trained, real_train = [], study.train
+
+    def recording(arm_settings, arm, model, *args, **kwargs):
+        trained.append((arm, model.config.projector_window_summary, arm_settings.projector_window_summary))
+        return real_train(arm_settings, arm, model, *args, **kwargs)
+
+    for options, match in (({"MoWE": {"steps": 3}}, "name no arm"), ({name: {"banana": 1}}, "banana")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(variant, arm_options=options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(pretrained.CACHE_ENV, str(out / "converted"))
+        patch.setattr(study, "train", recording)
+        summary = run_study(variant)
+
+    assert trained == [(name, True, True)] * 2  # base-only read from the earlier study in both seeds
+    assert f"{name} - base-only" in summary["intervals"]["average_score"]
+    assert f"- {name} (none; projector_window_summary=True)" in (tmp_path / "summary" / "study.md").read_text()

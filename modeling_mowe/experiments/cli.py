@@ -11,7 +11,7 @@ from .demo import LLM_CHOICES, DemoSettings, run_demo
 from .study import STUDY_V2, STUDY_V3, STUDY_V4, STUDY_V5, StudySettings, run_study
 
 PROTOCOLS = {"v1": StudySettings, "v2": StudySettings.v2, "v3": StudySettings.v3, "v4": StudySettings.v4,
-             "v5": StudySettings.v5}
+             "v5": StudySettings.v5, "window-summary": StudySettings.window_summary}
 
 
 def study_main(argv: list[str] | None = None) -> dict:
@@ -23,9 +23,11 @@ def study_main(argv: list[str] | None = None) -> dict:
                              "heterogeneous pool, a draw per seed with a far split (study.STUDY_V2); v3: base-only "
                              "and the heterogeneous pool kept frozen, 1000 steps (study.STUDY_V3); v4: v3 with the "
                              "routers and weak projections at 3e-3, seeds 3-5 (study.STUDY_V4); v5: v4 with every "
-                             "weak encoder mixed into every clip, seeds 6-8 (study.STUDY_V5)")
+                             "weak encoder mixed into every clip, seeds 6-8 (study.STUDY_V5); window-summary: v5's "
+                             "base-only against base-only whose projector adds each window's mean and spread "
+                             "(study.STUDY_WINDOW_SUMMARY)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="default: outputs/study (v1), outputs/study-v2, -v3, -v4, -v5")
+                        help="default: outputs/study (v1), outputs/study-<protocol> (v2, ...)")
     parser.add_argument("--seeds", type=int, default=StudySettings.seeds)
     parser.add_argument("--first-seed", type=int, default=None,
                         help=f"the seeds are first-seed, first-seed + 1, ... (v1-v3 0, "

@@ -88,6 +88,7 @@ class DemoSettings:
     specialist_recipe: dict = field(default_factory=lambda: {"steps": 60, "batch_size": 16, "learning_rate": 1e-4})
     train_weak_encoders: bool = True
     router_top_k: int = 1
+    projector_window_summary: bool = False
 
     def __post_init__(self):
         if self.llm not in LLM_CHOICES:
@@ -150,6 +151,7 @@ def build_model(settings: DemoSettings, parts: dict, router_type: str):
     processor = MoWEProcessor.from_components(parts["base_encoder"], weak, parts["text_model"], **kwargs)
     model = MoWEForConditionalGeneration.from_components(
         parts["base_encoder"], weak, parts["text_model"], processor=processor, **kwargs,
+        projector_window_summary=settings.projector_window_summary,
         component_checkpoints=describe_parts(settings, with_weak_pool=bool(weak)),
     )
     return model, processor
@@ -203,7 +205,7 @@ def train(
     `FrozenFeatureStore` shared by the runs); weak pool (unless `settings.train_weak_encoders` is False: then frozen
     and served from the store too), routers and projector trained; a from-scratch LLM trained in full, a pretrained
     one with LoRA. With `fresh_learning_rate`, the parts that start from scratch in a MoWE arm
-    (routers, weak projections) train at that rate (`training.set_fresh_learning_rate`)."""
+    (routers, weak projections, a window summary) train at that rate (`training.set_fresh_learning_rate`)."""
     lora = settings.llm != "scratch"
     trainer = make_sft_trainer(
         model, processor, sft_config(settings, settings.output_dir / "runs" / name, steps, learning_rate), train_split,
@@ -260,7 +262,8 @@ def align(settings: DemoSettings, parts: dict, train_split, feature_store) -> tu
 def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor], weak_init_scale: float = 0.0) -> None:
     """Load the aligned LLM and projector into `model`. A MoWE projector is wider (its input frames hold the base
     features, then the routed weak blocks): its base columns get the aligned weights and its weak columns zeros,
-    so the model starts as exactly the aligned base-only function and the weak pool's share grows from there.
+    so the model starts as exactly the aligned base-only function and the weak pool's share grows from there. A
+    projector's `window_summary`, when it has one, starts at zero for the same reason.
 
     `weak_init_scale > 0` starts the weak columns at random instead, with `weak_init_scale` times the standard
     deviation of the aligned base columns: the start moves slightly off the aligned function, but the LM loss
@@ -277,6 +280,9 @@ def start_from_aligned(model: nn.Module, aligned: dict[str, torch.Tensor], weak_
         base_columns = state[key][:, k * base_width : (k + 1) * base_width]
         weight[:, k * frame_width : k * frame_width + base_width] = base_columns
     state[key] = weight
+    if projector.window_summary is not None:
+        for name, parameter in projector.window_summary.named_parameters():
+            state[f"model.multi_modal_projector.window_summary.{name}"] = torch.zeros_like(parameter)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(ALIGNED_PARTS) for k in missing):
         raise RuntimeError(f"aligned weights do not fit: missing {missing}, unexpected {unexpected}")

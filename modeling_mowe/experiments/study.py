@@ -91,6 +91,17 @@ STUDY_V5 = {
 }
 """Protocol v5's settings: v4 with the whole pool mixed into every clip, on seeds (and draws) 6, 7, 8."""
 
+STUDY_WINDOW_SUMMARY = {
+    **STUDY_V5,
+    "protocol": "window-summary",
+    "arms": (("base-only", "none"), ("base-only + window summary", "none")),
+    "pools": {},
+    "arm_options": {"base-only + window summary": {"projector_window_summary": True}},
+}
+"""Does base-only read gender once every audio token carries its window's mean and spread? v5's recipe and draws
+(seeds 6-8): its base-only arm against one whose projector adds a window summary (docs/RESULTS.md, "Window
+summary")."""
+
 STUDY_FEATURE_MEMORY_BYTES = 12 * 2**30
 """The frozen features a study keeps in memory per benchmark draw: the base's and, with a frozen pool, every weak
 encoder's, for train, test and far clips (about 4 GB for v3's draw); what does not fit is encoded again."""
@@ -102,7 +113,9 @@ class StudySettings(DemoSettings):
 
     `arms`: (name, router_type) pairs, the first one the reference. `pools`: an arm's weak pool (entries as
     `DemoSettings.weak_encoders` takes them: names, folders, `"<part>@<task>"` specialists); an arm not listed uses
-    `weak_encoders`. `data_seed`: the benchmark draw of every seed, or None for seed s's own draw (data seed s);
+    `weak_encoders`. `arm_options`: the `DemoSettings` fields an arm sets for itself (e.g.
+    `{"projector_window_summary": True}`); the other arms keep the study's. `data_seed`: the benchmark draw of every
+    seed, or None for seed s's own draw (data seed s);
     `far_per_task > 0` adds the far split, on which every arm is scored too. The seeds are `first_seed`,
     `first_seed + 1`, ... (`seeds` of them). `reference_from`: an earlier study's folder whose base-only reference
     arm, trained with the same draws and recipe (`REFERENCE_FIELDS`), is read instead of trained again."""
@@ -118,6 +131,7 @@ class StudySettings(DemoSettings):
     far_per_task: int = 0
     arms: tuple[tuple[str, str], ...] = STUDY_ARMS
     pools: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    arm_options: dict[str, dict] = field(default_factory=dict)
     protocol: str = "v1"
     reference_from: Path | None = None
 
@@ -131,9 +145,14 @@ class StudySettings(DemoSettings):
         unknown = [router for _, router in self.arms if router not in ROUTER_TYPES]
         if unknown:
             raise ValueError(f"router types must be among {ROUTER_TYPES}, got {unknown}")
-        strays = [name for name in self.pools if name not in names]
+        strays = [name for name in (*self.pools, *self.arm_options) if name not in names]
         if strays:
-            raise ValueError(f"pools {strays} name no arm; the arms are {names}")
+            raise ValueError(f"pools or arm_options {strays} name no arm; the arms are {names}")
+        settable = {f.name for f in dataclasses.fields(DemoSettings)} - {"output_dir", "seed", "weak_encoders"}
+        for name, options in self.arm_options.items():
+            if unknown := sorted(set(options) - settable):
+                raise ValueError(f"arm_options[{name!r}] sets {unknown}, which are not DemoSettings fields an arm can "
+                                 f"set; choose among {sorted(settable)} (an arm's pool goes in `pools`).")
         for pool in self.pools.values():
             if not pool:
                 raise ValueError("a pool needs at least one weak encoder")
@@ -159,6 +178,11 @@ class StudySettings(DemoSettings):
     def v5(cls, **overrides) -> StudySettings:
         """Protocol v5's settings (`STUDY_V5`), with `overrides` on top."""
         return cls(**{**STUDY_V5, **overrides})
+
+    @classmethod
+    def window_summary(cls, **overrides) -> StudySettings:
+        """The window-summary protocol's settings (`STUDY_WINDOW_SUMMARY`), with `overrides` on top."""
+        return cls(**{**STUDY_WINDOW_SUMMARY, **overrides})
 
     def benchmark_config(self) -> BenchmarkConfig:
         """The benchmark of this seed's run: `benchmark` (with data seed `seed` when `data_seed` is None), else the
@@ -240,7 +264,8 @@ def arms_note(settings: StudySettings) -> str:
     for name, router_type in settings.arms:
         pool = settings.pool(name) if router_type != "none" else ()
         counted = ", ".join(f"{pool.count(e)} x {e}" if pool.count(e) > 1 else e for e in dict.fromkeys(pool))
-        lines.append(f"- {name} ({router_type}{': ' + counted if counted else ''})")
+        options = "".join(f"; {key}={value}" for key, value in settings.arm_options.get(name, {}).items())
+        lines.append(f"- {name} ({router_type}{': ' + counted if counted else ''}{options})")
     if any(parse_specialist(e) for name, router in settings.arms if router != "none" for e in settings.pool(name)):
         recipe = settings.specialist_recipe
         lines.append(f"\n`<part>@<task>`: the part specialised on the task's training clips of the seed's draw "
@@ -317,13 +342,14 @@ def run_arm(
     """One arm of one seed (`settings` is that seed's): its pool, fine-tuned from the seed's alignment, scored on the
     test split and the far split (when `splits` has one), and for a MoWE arm its routing per task. Returns the
     results (`train_seconds` added) and the training log history."""
-    arm_settings = dataclasses.replace(settings, weak_encoders=settings.pool(name))
-    weak = resolve_weak_encoders(arm_settings, splits["train"]) if router_type != "none" else []
-    model, processor = build_model(arm_settings, {**parts, "weak_encoders": weak}, router_type)
-    start_from_aligned(model, aligned, weak_init_scale=settings.weak_init_scale)
+    options = settings.arm_options.get(name, {})
+    arm = dataclasses.replace(settings, weak_encoders=settings.pool(name), **options)
+    weak = resolve_weak_encoders(arm, splits["train"]) if router_type != "none" else []
+    model, processor = build_model(arm, {**parts, "weak_encoders": weak}, router_type)
+    start_from_aligned(model, aligned, weak_init_scale=arm.weak_init_scale)
     model, stats = train(
-        arm_settings, name, model, processor, splits["train"], settings.steps,
-        settings.finetune_learning_rate, feature_store, fresh_learning_rate=settings.fresh_learning_rate,
+        arm, name, model, processor, splits["train"], arm.steps, arm.finetune_learning_rate, feature_store,
+        fresh_learning_rate=arm.fresh_learning_rate,
     )
     model.eval()
     results = evaluate_model(model, processor, splits["test"], progress=False)
@@ -334,7 +360,7 @@ def run_arm(
     if router_type != "none":
         tables = routing_tables(model, processor, splits["test"])
         results["routing"] = {
-            "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm_settings.weak_encoders)],
+            "encoders": [f"{i}:{entry}" for i, entry in enumerate(arm.weak_encoders)],
             "routers": tables["selected"], "weights": tables["weight"],
         }
     results["train_seconds"] = stats["seconds"]

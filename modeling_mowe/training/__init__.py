@@ -298,12 +298,13 @@ def freeze_for_training(
 
 
 def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_rate: float) -> list[dict]:
-    """Optimizer parameter groups: the trainable parts that start from scratch in a MoWE model (the routers and the
-    weak projections) at `fresh_learning_rate`, every other trainable parameter at `learning_rate`. For a base-only
-    model (no routers) there is one group."""
+    """Optimizer parameter groups: the trainable parts that start from scratch in a MoWE model (the routers, the
+    weak projections and the projector's window summary) at `fresh_learning_rate`, every other trainable parameter at
+    `learning_rate`. For a model without any of them (base-only, no window summary) there is one group."""
     tower = model.get_encoder(modality="audio")
+    summary = model.get_submodule("model.multi_modal_projector").window_summary
     fresh_modules = [
-        m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections) if m is not None
+        m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections, summary) if m is not None
     ]
     fresh_ids = {id(p) for m in fresh_modules for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -336,7 +337,7 @@ def exit_distributed_process(exit_code: int = 0) -> None:
 
 def set_fresh_learning_rate(trainer, fresh_learning_rate: float) -> None:
     """Give `trainer` its own optimizer (`args.optim`: fused AdamW by default) over `learning_rate_groups`: the
-    routers and weak projections at `fresh_learning_rate`, the rest at `args.learning_rate`, no weight decay.
+    fresh parts (`learning_rate_groups`) at `fresh_learning_rate`, the rest at `args.learning_rate`, no weight decay.
     Call before `trainer.train()`, which then keeps it (and builds its scheduler over both groups)."""
     from transformers import Trainer
 
