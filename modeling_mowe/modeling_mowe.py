@@ -383,7 +383,8 @@ class MoWEProjector(nn.Module):
         stacked = stacked[token_valid].to(self.linear_1.weight.dtype)
         hidden_tokens = self.linear_1(stacked)
         if summary is not None:
-            hidden_tokens = hidden_tokens + summary.repeat_interleave(tokens_per_window, dim=0)
+            window_of_token = torch.arange(num_windows, device=hidden.device)[:, None].expand_as(token_valid)
+            hidden_tokens = hidden_tokens + summary[window_of_token[token_valid]]
         return self.linear_2(self.act(hidden_tokens))
 
 

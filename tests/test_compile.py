@@ -8,11 +8,13 @@ included. `benchmarks/bench_model.py` times the default Inductor backend against
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import build_model, make_clip, make_inputs
 
-from modeling_mowe.modeling_mowe import check_audio_inputs
+from modeling_mowe.modeling_mowe import MoWEProjector, check_audio_inputs
 
 TEXTS = ["Transcribe the audio. <|audio|>", "<|audio|> Is the speaker male or female?"]
 
@@ -52,6 +54,8 @@ def test_every_part_of_the_tower_compiles_without_graph_breaks_but_the_sparse_di
     base = features.last_hidden_state[..., : tower.base_hidden_size]
     frames, rows = base.shape[1], torch.tensor([1])
     base_config, base_inputs = config.base_encoder_config, tower.encoder_inputs(config.base_encoder_config, *audio[:2])
+    summary_config = copy.deepcopy(config)
+    summary_config.projector_window_summary = True
     steps = {
         "base encoder": (
             lambda x, n: tower.run_encoder(base_config, tower.base_encoder, x, n).last_hidden_state,
@@ -62,6 +66,10 @@ def test_every_part_of_the_tower_compiles_without_graph_breaks_but_the_sparse_di
         "weak hubert": (lambda r, *a: tower.weak_features(2, r, *a, frames), (rows, *audio)),
         "idle call": (lambda *a: tower.idle_weak_features(1, *a), audio[:2]),
         "projector": (model.model.multi_modal_projector, (features.last_hidden_state, features.valid_frames)),
+        "projector with a window summary": (
+            MoWEProjector(summary_config, tower.output_size).eval(),
+            (features.last_hidden_state, features.valid_frames),
+        ),
     }
     torch._dynamo.reset()
     with torch.no_grad():
