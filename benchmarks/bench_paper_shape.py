@@ -163,6 +163,8 @@ def main() -> None:
     )
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2: the per-round ratios' quartiles need two rounds")
     seconds = [2.0, 3.0]
     torch.set_num_threads(args.threads)
     if args.ddp_worker:

@@ -52,6 +52,34 @@ def test_bench_training_compares_mowe_with_base_only():
     assert ratio(output, "MoWE / base-only peak memory:") >= 1.0
 
 
+def test_bench_paper_shape_keeps_the_papers_proportions_and_compares_the_ddp_policies():
+    output = run_benchmark("bench_paper_shape.py", "--repeats", "2", "--ddp-steps", "2")
+    assert ratio(output, "MoWE / base-only train step (LoRA, base frozen)") > 0
+    assert ratio(output, "DDP step: find_unused=True / idle calls") > 0
+    for part in ("weak", "llm"):  # the scaled-down parts hold the paper's proportions to the base within 5 %
+        shares = re.search(rf"{part} [0-9.]+ M \(([0-9.]+)x base; paper ([0-9.]+)x\)", output)
+        ours, paper = float(shares.group(1)), float(shares.group(2))
+        assert ours == pytest.approx(paper, rel=0.05), part
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install '.[quant]'")
+def test_bench_quantization_memory_quantizes_the_llm_and_only_what_each_setting_names():
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_quantization.py"), "memory"], capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCHMARKS.parent)},
+        timeout=600, check=True,
+    ).stdout
+    rows = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    presets = {row["preset"] for row in rows}
+    assert len(presets) >= 2
+    for preset in presets:
+        gb = {row["setting"]: row for row in rows if row["preset"] == preset}
+        assert gb["4-bit LLM"]["LLM GB"] < gb["8-bit LLM"]["LLM GB"] < gb["all bf16"]["LLM GB"]
+        assert gb["4-bit LLM"]["base encoder GB"] == gb["all bf16"]["base encoder GB"]
+        assert gb["4-bit LLM + 4-bit base"]["base encoder GB"] < 0.4 * gb["all bf16"]["base encoder GB"]
+        assert len({row["weak pool GB"] for name, row in gb.items() if "QLoRA" not in name}) == 1  # never quantized
+
+
 @needs_espeak
 def test_routing_exploration_reports_usage_and_entropy_per_router():
     output = run_benchmark("routing_exploration.py", "--steps", "4")
