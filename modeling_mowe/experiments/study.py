@@ -254,7 +254,7 @@ def arms_note(settings: StudySettings) -> str:
             else f"one benchmark draw (data seed {settings.benchmark_config().seed}) for every seed")
     fresh = settings.fresh_learning_rate or settings.finetune_learning_rate
     lines = [f"Protocol {settings.protocol}: {data}; every arm fine-tuned {settings.steps} steps at "
-             f"{settings.finetune_learning_rate:g} (fresh routers and weak projections at {fresh:g}), the weak "
+             f"{settings.finetune_learning_rate:g} (fresh parts at {fresh:g}), the weak "
              f"columns started at {settings.weak_init_scale:g} x the aligned spread, each router selecting "
              f"{settings.router_top_k} weak encoder{'s' if settings.router_top_k > 1 else ''} per clip. Arms (router "
              "type: weak pool):\n"]
