@@ -287,9 +287,9 @@ def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_cl
 
 
 def test_an_arm_sets_its_own_options_beside_the_studys_base_only_arm(study_v2_run, tmp_path):
-    """`arm_options`: an arm trains with its own `DemoSettings` fields (here a projector window summary, as protocol
-    `window-summary` has it) while the reference arm keeps the study's; options naming no arm or no field are refused
-    before anything trains."""
+    """`arm_options`: an arm trains with its own settings (here a projector window summary, as protocol
+    `window-summary` has it) while the reference arm keeps the study's; options naming no arm, or a setting every arm
+    of a seed shares (its alignment's), are refused before anything trains."""
     from modeling_mowe.experiments import study
 
     out, _, settings, _ = study_v2_run
@@ -305,7 +305,7 @@ def test_an_arm_sets_its_own_options_beside_the_studys_base_only_arm(study_v2_ru
         trained.append((arm, model.config.projector_window_summary, arm_settings.projector_window_summary))
         return real_train(arm_settings, arm, model, *args, **kwargs)
 
-    for options, match in (({"MoWE": {"steps": 3}}, "name no arm"), ({name: {"banana": 1}}, "banana")):
+    for options, match in (({"MoWE": {"steps": 3}}, "name no arm"), ({name: {"align_steps": 3}}, "align_steps")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(variant, arm_options=options)
     with pytest.MonkeyPatch.context() as patch:

@@ -102,6 +102,11 @@ STUDY_WINDOW_SUMMARY = {
 (seeds 6-8): its base-only arm against one whose projector adds a window summary (docs/RESULTS.md, "Window
 summary")."""
 
+ARM_OPTIONS = ("steps", "finetune_learning_rate", "fresh_learning_rate", "weak_init_scale", "router_top_k",
+               "train_weak_encoders", "specialist_recipe", "projector_window_summary")
+"""The settings an arm may set for itself in `StudySettings.arm_options`: how it is fine-tuned from the seed's
+alignment. What every arm of a seed shares (the benchmark draw, the alignment's `ALIGNMENT_FIELDS`) is not."""
+
 STUDY_FEATURE_MEMORY_BYTES = 12 * 2**30
 """The frozen features a study keeps in memory per benchmark draw: the base's and, with a frozen pool, every weak
 encoder's, for train, test and far clips (about 4 GB for v3's draw); what does not fit is encoded again."""
@@ -113,7 +118,7 @@ class StudySettings(DemoSettings):
 
     `arms`: (name, router_type) pairs, the first one the reference. `pools`: an arm's weak pool (entries as
     `DemoSettings.weak_encoders` takes them: names, folders, `"<part>@<task>"` specialists); an arm not listed uses
-    `weak_encoders`. `arm_options`: the `DemoSettings` fields an arm sets for itself (e.g.
+    `weak_encoders`. `arm_options`: the `ARM_OPTIONS` an arm sets for itself (e.g.
     `{"projector_window_summary": True}`); the other arms keep the study's. `data_seed`: the benchmark draw of every
     seed, or None for seed s's own draw (data seed s);
     `far_per_task > 0` adds the far split, on which every arm is scored too. The seeds are `first_seed`,
@@ -148,11 +153,11 @@ class StudySettings(DemoSettings):
         strays = [name for name in (*self.pools, *self.arm_options) if name not in names]
         if strays:
             raise ValueError(f"pools or arm_options {strays} name no arm; the arms are {names}")
-        settable = {f.name for f in dataclasses.fields(DemoSettings)} - {"output_dir", "seed", "weak_encoders"}
         for name, options in self.arm_options.items():
-            if unknown := sorted(set(options) - settable):
-                raise ValueError(f"arm_options[{name!r}] sets {unknown}, which are not DemoSettings fields an arm can "
-                                 f"set; choose among {sorted(settable)} (an arm's pool goes in `pools`).")
+            if unknown := sorted(set(options) - set(ARM_OPTIONS)):
+                raise ValueError(f"arm_options[{name!r}] sets {unknown}, which an arm cannot set for itself (the draw "
+                                 f"and the alignment are the seed's); choose among {list(ARM_OPTIONS)}, and put an "
+                                 "arm's pool in `pools`.")
         for pool in self.pools.values():
             if not pool:
                 raise ValueError("a pool needs at least one weak encoder")
@@ -222,6 +227,8 @@ def reference_results(settings: StudySettings) -> list[dict]:
         raise ValueError(f"Only a base-only reference arm can be reused; the first arm is {name!r} ({router_type}).")
     theirs, ours = earlier["settings"], asdict(settings)
     differing = [f for f in REFERENCE_FIELDS if json.loads(json.dumps(ours[f])) != theirs.get(f)]
+    if ours["arm_options"].get(name, {}) != theirs.get("arm_options", {}).get(name, {}):
+        differing.append(f"arm_options[{name!r}]")
     if differing or [name, router_type] not in theirs.get("arms", []):
         raise ValueError(f"The study in {folder} cannot stand in for this one's {name!r} arm: it differs in "
                          f"{differing or ['its arms']}. Train the arm here (leave out reference_from).")
