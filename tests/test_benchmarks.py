@@ -65,10 +65,10 @@ def test_bench_feature_cache_trains_the_same_with_the_cache_and_collates_short_l
     assert plain["epoch"] == cached["epoch"] == "3" and plain["train_loss"] == cached["train_loss"]
 
 
-def test_bench_paper_shape_keeps_the_papers_proportions_and_compares_the_ddp_policies():
-    output = run_benchmark("bench_paper_shape.py", "--repeats", "2", "--ddp-steps", "2")
+def test_bench_paper_shape_keeps_the_papers_proportions():
+    # --skip-ddp: the DDP policies themselves are tested by tests/test_distributed.py, with two real ranks.
+    output = run_benchmark("bench_paper_shape.py", "--repeats", "2", "--skip-ddp")
     assert ratio(output, "MoWE / base-only train step (LoRA, base frozen)") > 0
-    assert ratio(output, "DDP step: find_unused=True / idle calls") > 0
     for part in ("weak", "llm"):  # the scaled-down parts hold the paper's proportions to the base within 5 %
         shares = re.search(rf"{part} [0-9.]+ M \(([0-9.]+)x base; paper ([0-9.]+)x\)", output)
         ours, paper = float(shares.group(1)), float(shares.group(2))
