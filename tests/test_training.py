@@ -416,6 +416,22 @@ def test_sft_trainer_loss_holds_the_balancing_loss_scaled_like_the_lm_loss(split
     torch.testing.assert_close(router_grads(0.5, accumulation=4), with_aux / 4, atol=1e-7, rtol=1e-4)
 
 
+def test_fresh_parts_are_found_in_a_lora_wrapped_model_too():
+    """`learning_rate_groups` on a PEFT model (the demo with a pretrained LLM): the routers, weak projections and a
+    window summary in the fresh group, wherever the wrapper nests them."""
+    from peft import get_peft_model
+
+    from modeling_mowe.training import learning_rate_groups, lora_config
+
+    model = tiny_model(projector_window_summary=True)
+    wrapped = get_peft_model(model, lora_config(model))
+    _, fresh = learning_rate_groups(wrapped, 1e-4, 3e-2)
+    tower = model.model.audio_tower
+    expected = [*tower.router_dependent.parameters(), *tower.router_independent.parameters(),
+                *tower.weak_projections.parameters(), *model.model.multi_modal_projector.window_summary.parameters()]
+    assert {id(p) for p in fresh["params"]} == {id(p) for p in expected if p.requires_grad}
+
+
 def test_fresh_learning_rate_keeps_the_trainers_optimizer_with_a_rate_for_the_fresh_parts(splits, processor, tmp_path):
     """The demo's MoWE arms train the routers and weak projections at their own rate, with the optimizer the Trainer
     would build (fused AdamW by default, as the base-only arm gets), and the Trainer keeps it."""

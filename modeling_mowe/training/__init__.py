@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..encoders import WaveformEncoderFamily
+from ..modeling_mowe import MoWEProjector
 from ..processing_mowe import audio_part_data, fill_audio_parts
 from ..routing import routing_entropy
 from .feature_cache import DEFAULT_MAX_MEMORY_BYTES, FrozenFeatureStore, install_frozen_base_cache
@@ -302,10 +303,10 @@ def learning_rate_groups(model: nn.Module, learning_rate: float, fresh_learning_
     weak projections and the projector's window summary) at `fresh_learning_rate`, every other trainable parameter at
     `learning_rate`. For a model without any of them (base-only, no window summary) there is one group."""
     tower = model.get_encoder(modality="audio")
-    summary = model.get_submodule("model.multi_modal_projector").window_summary
-    fresh_modules = [
-        m for m in (tower.router_independent, tower.router_dependent, tower.weak_projections, summary) if m is not None
-    ]
+    # By type, not by path: a PEFT-wrapped model nests the projector deeper.
+    summaries = [m.window_summary for m in model.modules() if isinstance(m, MoWEProjector)]
+    candidates = (tower.router_independent, tower.router_dependent, tower.weak_projections, *summaries)
+    fresh_modules = [m for m in candidates if m is not None]
     fresh_ids = {id(p) for m in fresh_modules for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
