@@ -1,16 +1,20 @@
 """Does base-only read gender from unseen voices once its training voices vary? Base-only trained on a study's draws
 with every training speech clip's base pitch moved (espeak-ng `-p`, `BenchmarkConfig.train_pitch_range`), against
-that study's own base-only arm, on the same test and far clips.
+that study's own base-only arm, on the same test and far clips; with `--formant-range`, each training clip's formants
+move too (`BenchmarkConfig.train_formant_range`), so that no two clips share a voice.
 
     python benchmarks/pitch_varied_training.py --study outputs/study-v5 --protocol v5 --pitch-range 30 70 \
         --output-dir outputs/pitch-varied
+    python benchmarks/pitch_varied_training.py --study outputs/study-window-summary --protocol window-summary \
+        --pitch-range 30 70 --formant-range 0.92 1.08 --output-dir outputs/formant-varied
 
 The training split has 16 voices; base-only answers 0.98 of their gender clips and 0.72 of unseen voices', whose
 frozen base features a linear probe reads at 0.95-0.97 (docs/RESULTS.md, "Does the model read what its base
-knows?"). Moving each training clip's pitch makes those voices sound like many more. The pitches come from a random
-stream of their own, so train differs from the study's only in them and test and far are the study's clips (checked
-here clip by clip). Per seed: the pitch-varied draw, its alignment and base-only fine-tuned with the protocol's recipe;
-then both base-only arms paired per clip and pooled over seeds, as the study reports its arms (`pitch_varied.md`).
+knows?"). Moving each training clip's pitch (and formants) makes those voices sound like many more. The pitches (and
+formant factors) come from random streams of their own, so train differs from the study's only in them and test and
+far are the study's clips (checked here clip by clip). Per seed: the varied draw, its alignment and base-only
+fine-tuned with the protocol's recipe; then both base-only arms paired per clip and pooled over seeds, as the study
+reports its arms (`pitch_varied.md`).
 """
 
 from __future__ import annotations
@@ -46,18 +50,24 @@ def same_clips(ours, theirs) -> None:
             raise ValueError("the held-out audio differs from the study's: they cannot be paired")
 
 
-def compare_pitch_varied(plain: StudySettings, pitch_range: tuple[int, int]) -> dict:
-    """Base-only with `pitch_range` training pitches against the base-only arm of the study in
-    `plain.reference_from`; `plain` is that study's settings with the base-only arm alone, its output folder ours.
+def compare_pitch_varied(
+    plain: StudySettings, pitch_range: tuple[int, int], formant_range: tuple[float, float] | None = None
+) -> dict:
+    """Base-only with `pitch_range` training pitches (and `formant_range` formant factors) against the base-only arm
+    of the study in `plain.reference_from`; `plain` is that study's settings with the base-only arm alone, its output
+    folder ours.
     Writes `per_seed.json`, `pitch_varied.md` and `pitch_varied.json` there and returns the summary."""
     out = plain.output_dir
     out.mkdir(parents=True, exist_ok=True)
     reference = reference_results(plain)  # refuses a study of other draws or another recipe, before any training
     name = f"base-only, training pitch {pitch_range[0]}-{pitch_range[1]}"
+    if formant_range is not None:
+        name += f", formants x{formant_range[0]}-{formant_range[1]}"
     per_seed = []
     for index, seed in enumerate(range(plain.first_seed, plain.first_seed + plain.seeds)):
         theirs = dataclasses.replace(plain, seed=seed).benchmark_config()
-        ours = dataclasses.replace(theirs, train_pitch_range=tuple(pitch_range))
+        ours = dataclasses.replace(theirs, train_pitch_range=tuple(pitch_range),
+                                   train_formant_range=formant_range and tuple(formant_range))
         settings = dataclasses.replace(plain, seed=seed, output_dir=out / f"seed-{seed}", benchmark=ours,
                                        data_seed=seed, reference_from=None)
         splits = build_benchmark(out / "cache" / "benchmark", ours, progress=False)
@@ -77,7 +87,10 @@ def compare_pitch_varied(plain: StudySettings, pitch_range: tuple[int, int]) -> 
     far = summarise_split(far_per_seed, REFERENCE, plain.bootstrap_samples)
     note = (f"Base-only of {plain.reference_from} (protocol {plain.protocol}) against base-only trained on the same "
             f"draws with each training speech clip's espeak-ng base pitch drawn from {pitch_range[0]}-"
-            f"{pitch_range[1]} (`BenchmarkConfig.train_pitch_range`); the same test and far clips.\n")
+            f"{pitch_range[1]} (`BenchmarkConfig.train_pitch_range`)"
+            + (f" and its voice's formant frequencies scaled by a factor drawn from {formant_range[0]}-"
+               f"{formant_range[1]} (`BenchmarkConfig.train_formant_range`)" if formant_range else "")
+            + "; the same test and far clips.\n")
     markdown = study_markdown(per_seed, test["statistics"], test["pooled"], test["intervals"], REFERENCE, note=note,
                               first_seed=plain.first_seed)
     far_sections = split_sections(far_per_seed, far["statistics"], far["pooled"], far["intervals"], REFERENCE,
@@ -97,11 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), required=True, help="that study's protocol")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pitch-range", type=int, nargs=2, default=(30, 70), metavar=("LOW", "HIGH"))
+    parser.add_argument("--formant-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="scale each training clip's formant frequencies by a factor drawn from LOW-HIGH")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/pitch-varied"))
     args = parser.parse_args(argv)
     plain = PROTOCOLS[args.protocol](output_dir=args.output_dir, seeds=args.seeds, arms=((REFERENCE, "none"),),
-                                     pools={}, reference_from=args.study)
-    summary = compare_pitch_varied(plain, tuple(args.pitch_range))
+                                     pools={}, arm_options={}, reference_from=args.study)
+    summary = compare_pitch_varied(plain, tuple(args.pitch_range), args.formant_range and tuple(args.formant_range))
     print((args.output_dir / "pitch_varied.md").read_text())
     return summary
 

@@ -170,6 +170,31 @@ def test_training_pitch_moves_only_training_speech_and_leaves_every_other_draw(c
     assert all(a["bytes"] != b["bytes"] for a, b in zip(heard["audio"], own["audio"]))
 
 
+def test_training_formants_give_every_training_clip_its_own_voice_and_leave_every_other_draw(cache_root):
+    plain = data.BenchmarkConfig(tasks=data.TASKS, validation_per_task=40, test_per_task=100, far_per_task=50)
+    varied = data.BenchmarkConfig(**{**plain.to_dict(), "train_formant_range": (0.9, 1.1)})
+    for split in ("train", "validation", "test", "far"):
+        for task in data.TASKS:
+            before, after = data._row_specs(plain, split, task), data._row_specs(varied, split, task)
+            moved = split in ("train", "validation") and task != "count"
+            assert all(a == {**b, **({"formant_scale": a["formant_scale"]} if moved else {})}
+                       for b, a in zip(before, after, strict=True)), (split, task)
+            if moved:
+                scales = [s["formant_scale"] for s in after]
+                assert all(0.9 <= s <= 1.1 for s in scales) and len(set(scales)) > 10
+    assert "train_formant_range" not in plain.to_dict() and plain.fingerprint() != varied.fingerprint()
+    # A factor of 1 rewrites the variant file and speaks the same bytes; another moves the voice's spectrum.
+    own, _ = data.synthesize("the cat sees a house", "en+f2", 170)
+    same, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=1.0)
+    lower, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=0.9)
+    assert np.array_equal(own, same) and not np.array_equal(own, lower)
+    config = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0, train_formant_range=(0.9, 1.1))
+    built = data.build_benchmark(cache_root, config, progress=False)
+    assert set(built["train"].column_names) == set(data.build_benchmark(
+        cache_root, data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0), progress=False
+    )["train"].column_names)
+
+
 def test_far_split_is_built_only_when_asked(tmp_path):
     assert "far" not in data.BenchmarkConfig().splits
     config = data.BenchmarkConfig.tiny(tasks=("gender", "count"), validation_per_task=0, far_per_task=2)
@@ -279,6 +304,9 @@ def test_config_validation():
     for pitch in ((70, 30), (0, 100), (50,)):
         with pytest.raises(ValueError, match="train_pitch_range"):
             data.BenchmarkConfig(train_pitch_range=pitch)
+    for scale in ((1.1, 0.9), (0.5, 1.0), (1.0,)):
+        with pytest.raises(ValueError, match="train_formant_range"):
+            data.BenchmarkConfig(train_formant_range=scale)
     assert data.BenchmarkConfig(scale=0.5).num_rows("train") == 150
     assert data.BenchmarkConfig(scale=0.001).num_rows("test") == 1
 

@@ -254,8 +254,8 @@ def test_a_study_reads_an_earlier_base_only_arm_instead_of_training_it(study_v2_
 
 def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_clips(study_v2_run, tmp_path):
     """`benchmarks/pitch_varied_training.py`: base-only trained on the study's draws with each training speech clip's
-    pitch moved, against the study's own base-only arm (read, not trained again) on the same test and far clips;
-    a study of another recipe is refused before anything trains."""
+    pitch and formants moved, against the study's own base-only arm (read, not trained again) on the same test and
+    far clips; a study of another recipe is refused before anything trains."""
     import datasets
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "pitch_varied_training.py"
@@ -270,9 +270,9 @@ def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_cl
         with pytest.raises(ValueError, match="steps"):
             module.compare_pitch_varied(dataclasses.replace(plain, steps=3), (30, 70))
         assert not (tmp_path / "per_seed.json").exists()
-        summary = module.compare_pitch_varied(plain, (30, 70))
+        summary = module.compare_pitch_varied(plain, (30, 70), (0.92, 1.08))
 
-    name = "base-only, training pitch 30-70"
+    name = "base-only, training pitch 30-70, formants x0.92-1.08"
     now = json.loads((tmp_path / "per_seed.json").read_text())
     earlier = json.loads((out / "per_seed.json").read_text())
     assert [seed["base-only"] for seed in now] == [seed["base-only"] for seed in earlier]
@@ -283,7 +283,8 @@ def test_pitch_varied_training_is_paired_with_the_studys_base_only_arm_on_its_cl
         train = datasets.load_from_disk(str(folder))["train"]
         pitches = [p for p, task in zip(train["pitch"], train["task"]) if task != "count"]
         assert pitches and all(30 <= p <= 70 for p in pitches)
-    assert "espeak-ng base pitch drawn from 30-70" in (tmp_path / "pitch_varied.md").read_text()
+    report = (tmp_path / "pitch_varied.md").read_text()
+    assert "espeak-ng base pitch drawn from 30-70 (" in report and "scaled by a factor drawn from 0.92-1.08" in report
 
 
 def test_an_arm_sets_its_own_options_beside_the_studys_base_only_arm(study_v2_run, tmp_path):

@@ -34,7 +34,8 @@ their text (70 % train, 10 % validation, 20 % test pools), so no sentence crosse
 train's or test's conditions: its own voice variants, each with its base pitch moved (espeak-ng ``-p``), speaking
 rates outside every training and test range, beep bands below and above all others, and the validation pool's
 sentences. :func:`split_overlap` measures all of this on a built :class:`datasets.DatasetDict`. With
-``BenchmarkConfig.train_pitch_range`` the training clips' pitch moves too (so far's pitch moves are no longer unseen).
+``BenchmarkConfig.train_pitch_range`` the training clips' pitch moves too (so far's pitch moves are no longer unseen);
+with ``BenchmarkConfig.train_formant_range`` their formants too, so that no two training clips share a voice.
 
 This module belongs to the tooling wing; it reads audio with the model's own helpers (``feature_extraction_mowe``).
 """
@@ -50,6 +51,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,6 +221,7 @@ LANGUAGE_PHRASES = {
 _SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 _TASK_INDEX = {name: i for i, name in enumerate(TASKS)}
 _PITCH_STREAM = 1000  # the seed-sequence entry of the training pitch draws, apart from every other stream
+_FORMANT_STREAM = 1001  # the same for the training formant draws
 
 
 @dataclass
@@ -236,6 +239,9 @@ class BenchmarkConfig:
         train_pitch_range: ``(low, high)``, espeak-ng ``-p`` base pitch (0-99) drawn uniformly per ``train`` and
             ``validation`` speech clip, so a handful of voices sounds like many; ``None`` (default): each voice's
             own. Drawn from a stream of its own, so every other choice (and ``test``, ``far``) stays the same.
+        train_formant_range: ``(low, high)``, a factor drawn uniformly per ``train`` and ``validation`` speech clip
+            (to 0.01) by which every formant frequency of the clip's espeak-ng voice variant is scaled, as a longer
+            or shorter vocal tract would; ``None`` (default): the variant's own. A stream of its own, as the pitch.
     """
 
     seed: int = 0
@@ -248,6 +254,7 @@ class BenchmarkConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     languages: tuple[str, ...] = tuple(ESPEAK_LANGUAGE)
     train_pitch_range: tuple[int, int] | None = None
+    train_formant_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
@@ -258,6 +265,12 @@ class BenchmarkConfig:
                 raise ValueError(f"train_pitch_range must be (low, high) with 0 <= low <= high <= 99 (espeak-ng -p), "
                                  f"got {self.train_pitch_range}")
             self.train_pitch_range = (int(pitch[0]), int(pitch[1]))
+        if self.train_formant_range is not None:
+            scale = tuple(self.train_formant_range)
+            if len(scale) != 2 or not 0.7 <= scale[0] <= scale[1] <= 1.3:
+                raise ValueError(f"train_formant_range must be (low, high) with 0.7 <= low <= high <= 1.3 (a factor "
+                                 f"on the voice's formant frequencies), got {self.train_formant_range}")
+            self.train_formant_range = (float(scale[0]), float(scale[1]))
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
@@ -293,10 +306,11 @@ class BenchmarkConfig:
         out = dataclasses.asdict(self)
         out["tasks"] = list(self.tasks)
         out["languages"] = list(self.languages)
-        if self.train_pitch_range is None:  # absent, so the fingerprints of earlier configs (and caches) hold
-            del out["train_pitch_range"]
-        else:
-            out["train_pitch_range"] = list(self.train_pitch_range)
+        for name in ("train_pitch_range", "train_formant_range"):
+            if out[name] is None:  # absent, so the fingerprints of earlier configs (and caches) hold
+                del out[name]
+            else:
+                out[name] = list(out[name])
         return out
 
     def fingerprint(self) -> str:
@@ -331,17 +345,64 @@ def espeak_version() -> str:
     return " ".join(out.split("Data at:")[0].split())
 
 
+_VARIANT_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _variant_overlay() -> Path:
+    """A temporary espeak-ng data folder (for ``--path``): links to every entry of the installed one, with a
+    ``voices/!v`` folder of its own to which :func:`_scaled_variant` adds variant files."""
+    out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    installed = Path(out.split("Data at:")[-1].strip())
+    overlay = Path(tempfile.mkdtemp(prefix="mowe-espeak-"))
+    for entry in installed.iterdir():
+        if entry.name != "voices":
+            (overlay / entry.name).symlink_to(entry)
+    for entry in (installed / "voices").iterdir():
+        if entry.name != "!v":
+            (overlay / "voices").mkdir(exist_ok=True)
+            (overlay / "voices" / entry.name).symlink_to(entry)
+    (overlay / "voices" / "!v").mkdir(parents=True, exist_ok=True)
+    for entry in (installed / "voices" / "!v").iterdir():
+        (overlay / "voices" / "!v" / entry.name).symlink_to(entry)
+    return overlay
+
+
+def _scaled_variant(variant: str, scale: float) -> str:
+    """The name of a variant file in :func:`_variant_overlay` that is ``variant`` with its formants 0-8 (espeak-ng's
+    ``formant N freq% height% width%``) at ``scale`` times their frequency; written on first use."""
+    name = f"{variant}-formants{round(scale * 100)}"
+    folder = _variant_overlay() / "voices" / "!v"
+    with _VARIANT_LOCK:
+        if not (folder / name).exists():
+            lines = (folder / variant).read_text(errors="replace").splitlines()
+            formants = {int(line.split()[1]): line.split()[2:] for line in lines if line.startswith("formant ")}
+            kept = [line for line in lines if not line.startswith(("formant ", "name "))]
+            scaled = [
+                f"formant {k} {round(int(f) * scale)} {h} {w}"
+                for k, (f, h, w) in ((k, formants.get(k, ("100", "100", "100"))[:3]) for k in range(9))
+            ]
+            (folder / name).write_text("\n".join([f"name {name}", *kept, *scaled]) + "\n")
+    return name
+
+
 def synthesize(
-    text: str, voice: str, rate: int, ssml: bool = False, pitch: int | None = None
+    text: str, voice: str, rate: int, ssml: bool = False, pitch: int | None = None, formant_scale: float | None = None
 ) -> tuple[np.ndarray, int]:
     """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en+m3"``) at ``rate`` words per minute; with ``ssml``,
-    ``text`` is SSML markup (espeak-ng ``-m``); ``pitch`` (0-99) moves the voice's base pitch (default: its own).
+    ``text`` is SSML markup (espeak-ng ``-m``); ``pitch`` (0-99) moves the voice's base pitch (default: its own);
+    ``formant_scale`` scales the variant's formant frequencies (a variant file written for it).
 
     Returns:
         ``(waveform, sampling_rate)``: float32 mono samples in [-1, 1], shape ``[num_samples]``, and espeak-ng's
         native rate (22050 Hz).
     """
-    cmd = [_espeak_binary(), *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate))]
+    path = []
+    if formant_scale is not None:
+        language, _, variant = voice.partition("+")
+        voice = f"{language}+{_scaled_variant(variant, formant_scale)}"
+        path = [f"--path={_variant_overlay()}"]
+    cmd = [_espeak_binary(), *path, *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate))]
     cmd += [*(["-p", str(int(pitch))] if pitch is not None else []), "--stdout", text]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
@@ -366,14 +427,14 @@ def _finish(wave: np.ndarray, sr: int, rng: np.random.Generator, noise: tuple[fl
 
 def make_speech(
     text: str, voice: str, rate: int, sampling_rate: int, rng: np.random.Generator, ssml: bool = False,
-    pitch: int | None = None,
+    pitch: int | None = None, formant_scale: float | None = None,
 ) -> np.ndarray:
     """A speech clip: espeak-ng, silences trimmed, resampled to ``sampling_rate``, padded, peak-normalised, noisy.
 
     Returns:
         float32 samples, shape ``[num_samples]``.
     """
-    wave, sr = synthesize(text, voice, rate, ssml=ssml, pitch=pitch)
+    wave, sr = synthesize(text, voice, rate, ssml=ssml, pitch=pitch, formant_scale=formant_scale)
     wave = _trim(wave)
     wave = resample(wave, sr, sampling_rate)
     return _finish(wave, sampling_rate, rng, noise=(0.0005, 0.003))
@@ -543,6 +604,8 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
     elif group == "train" and config.train_pitch_range is not None:
         pitch_range = config.train_pitch_range
         pitch_rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], _PITCH_STREAM])
+    formant_range = config.train_formant_range if group == "train" else None
+    formant_rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split], _TASK_INDEX[task], _FORMANT_STREAM])
     specs = []
     for i, answer in enumerate(answers):
         spec = {
@@ -592,6 +655,8 @@ def _row_specs(config: BenchmarkConfig, split: str, task: str) -> list[dict[str,
                 spec["ssml"] = prosody_markup(sentence, profile)
             if pitch_range is not None:
                 spec["pitch"] = int(pitch_rng.integers(pitch_range[0], pitch_range[1] + 1))
+            if formant_range is not None:  # kept out of the row's columns, so every draw keeps one schema
+                spec["formant_scale"] = round(float(formant_rng.uniform(*formant_range)), 2)
         spec["answer"] = answer
         specs.append(spec)
     return specs
@@ -604,14 +669,16 @@ def _make_row(spec: dict[str, Any], sampling_rate: int) -> dict[str, Any]:
         wave, _ = make_beeps(spec["num_beeps"], spec["beep_hz"], sampling_rate, rng)
     else:
         pitch = spec["pitch"] if spec["pitch"] >= 0 else None
+        formant_scale = spec.get("formant_scale")
         texts = [spec["ssml"]] if spec["ssml"] else spec["sentence"].split(SENTENCE_SEPARATOR)
         voices = spec["voice"].split(",")  # same_speaker: one sentence per voice, one after the other
         wave = np.concatenate([
-            make_speech(text, voice, spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]), pitch=pitch)
+            make_speech(text, voice, spec["rate"], sampling_rate, rng, ssml=bool(spec["ssml"]), pitch=pitch,
+                        formant_scale=formant_scale)
             for text, voice in zip(texts, voices, strict=True)
         ])
     prompt = TASK_PROMPTS[spec["task"]]
-    row = {k: v for k, v in spec.items() if k not in ("render_seed", "ssml")}
+    row = {k: v for k, v in spec.items() if k not in ("render_seed", "ssml", "formant_scale")}
     row.update(
         audio={"bytes": to_wav_bytes(wave, sampling_rate), "path": f"{spec['id']}.wav"},
         prompt=prompt,
