@@ -42,6 +42,7 @@ This module belongs to the tooling wing; it reads audio with the model's own hel
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -349,41 +350,46 @@ _VARIANT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
-def _variant_overlay() -> Path:
-    """A temporary espeak-ng data folder (for ``--path``): links to every entry of the installed one, with a
-    ``voices/!v`` folder of its own to which :func:`_scaled_variant` adds variant files."""
+def _espeak_data() -> Path:
     out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
-    installed = Path(out.split("Data at:")[-1].strip())
-    overlay = Path(tempfile.mkdtemp(prefix="mowe-espeak-"))
+    return Path(out.split("Data at:")[-1].strip())
+
+
+@functools.cache
+def _formant_overlay(percent: int) -> Path:
+    """A temporary espeak-ng data folder (for ``--path``) in which every variant has its formants at ``percent`` %
+    of their frequency: links to the installed folder's entries, and a ``voices/!v`` of its own to which
+    :func:`_formant_variant` writes the variants used. One folder per factor, with the variants' own names, keeps
+    espeak-ng's list of voices below its limit of 350."""
+    installed = _espeak_data()
+    overlay = Path(tempfile.mkdtemp(prefix=f"mowe-espeak-formants{percent}-"))
+    atexit.register(shutil.rmtree, overlay, ignore_errors=True)
     for entry in installed.iterdir():
         if entry.name != "voices":
             (overlay / entry.name).symlink_to(entry)
+    (overlay / "voices" / "!v").mkdir(parents=True)
     for entry in (installed / "voices").iterdir():
         if entry.name != "!v":
-            (overlay / "voices").mkdir(exist_ok=True)
             (overlay / "voices" / entry.name).symlink_to(entry)
-    (overlay / "voices" / "!v").mkdir(parents=True, exist_ok=True)
-    for entry in (installed / "voices" / "!v").iterdir():
-        (overlay / "voices" / "!v" / entry.name).symlink_to(entry)
     return overlay
 
 
-def _scaled_variant(variant: str, scale: float) -> str:
-    """The name of a variant file in :func:`_variant_overlay` that is ``variant`` with its formants 0-8 (espeak-ng's
-    ``formant N freq% height% width%``) at ``scale`` times their frequency; written on first use."""
-    name = f"{variant}-formants{round(scale * 100)}"
-    folder = _variant_overlay() / "voices" / "!v"
+def _formant_variant(variant: str, scale: float) -> Path:
+    """The espeak-ng data folder in which variant ``variant`` has its formants 0-8 (espeak-ng's ``formant N freq%
+    height% width%``) at ``scale`` times their frequency (to 1 %); the variant file is written on first use."""
+    overlay = _formant_overlay(round(scale * 100))
     with _VARIANT_LOCK:
-        if not (folder / name).exists():
-            lines = (folder / variant).read_text(errors="replace").splitlines()
-            formants = {int(line.split()[1]): line.split()[2:] for line in lines if line.startswith("formant ")}
-            kept = [line for line in lines if not line.startswith(("formant ", "name "))]
-            scaled = [
-                f"formant {k} {round(int(f) * scale)} {h} {w}"
-                for k, (f, h, w) in ((k, formants.get(k, ("100", "100", "100"))[:3]) for k in range(9))
-            ]
-            (folder / name).write_text("\n".join([f"name {name}", *kept, *scaled]) + "\n")
-    return name
+        target = overlay / "voices" / "!v" / variant
+        if not target.exists():
+            lines = (_espeak_data() / "voices" / "!v" / variant).read_text(errors="replace").splitlines()
+            formants = {int(line.split()[1]): line.split()[2:5] for line in lines if line.startswith("formant ")}
+            kept = [line for line in lines if not line.startswith("formant ")]
+            scaled = []
+            for k in range(9):
+                frequency, height, width = formants.get(k, ("100", "100", "100"))
+                scaled.append(f"formant {k} {round(int(frequency) * scale)} {height} {width}")
+            target.write_text("\n".join([*kept, *scaled]) + "\n")
+    return overlay
 
 
 def synthesize(
@@ -399,9 +405,7 @@ def synthesize(
     """
     path = []
     if formant_scale is not None:
-        language, _, variant = voice.partition("+")
-        voice = f"{language}+{_scaled_variant(variant, formant_scale)}"
-        path = [f"--path={_variant_overlay()}"]
+        path = [f"--path={_formant_variant(voice.partition('+')[2], formant_scale)}"]
     cmd = [_espeak_binary(), *path, *(["-m"] if ssml else []), "-v", voice, "-s", str(int(rate))]
     cmd += [*(["-p", str(int(pitch))] if pitch is not None else []), "--stdout", text]
     proc = subprocess.run(cmd, capture_output=True, check=False)
