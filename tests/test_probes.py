@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import probe_frozen_features
 import probe_stages
 import pytest
+import router_ceiling
 from conftest import TINY, tiny_hubert, tiny_whisper
 
 
@@ -101,3 +103,23 @@ def test_stage_probe_refuses_tasks_without_classes(benchmark_dir, tmp_path):
 
     with pytest.raises(ValueError, match="'asr' has no class labels"):
         probe_stages.probe_stages(model, processor, datasets.load_from_disk(str(benchmark_dir)), ["asr"])
+
+
+def test_router_ceiling_measures_how_well_the_routers_input_tells_the_tasks_apart(tmp_path, capsys):
+    tiny_whisper(num_mel_bins=80, d_model=16).save_pretrained(tmp_path / "whisper")
+    summary = router_ceiling.main([
+        "--encoder", str(tmp_path / "whisper"), "--tasks", "asr", "gender", "emotion", "--train-per-task", "6",
+        "--test-per-task", "4", "--cache-dir", str(tmp_path / "bench"), "--output", str(tmp_path / "ceiling.json"),
+    ])  # fmt: skip
+    recall = summary["recognised_as_own_task"]
+    assert set(recall) == {"mean (the router's input)", "mean+std"}
+    for row in recall.values():
+        labels = {f"emotion: {label}" for label in ("angry", "happy", "neutral", "sad")}
+        assert set(row) == {"asr", "gender", "emotion", *labels, "all clips"}
+        # 4 held-out clips per task, one per emotion label, 12 in all
+        assert all((4 * row[t]).is_integer() for t in ("asr", "gender", "emotion"))
+        assert (12 * row["all clips"]).is_integer()
+        assert all(row[label] in (0.0, 1.0) for label in labels)
+        assert row["emotion"] == np.mean([row[label] for label in labels])
+    assert json.loads((tmp_path / "ceiling.json").read_text())["recognised_as_own_task"] == recall
+    assert "| mean (the router's input) |" in capsys.readouterr().out
