@@ -1,5 +1,6 @@
 """The synthetic benchmark: determinism, held-out splits, schema, cache, audio reading, beep counts."""
 
+import dataclasses
 import importlib.util
 import io
 import shutil
@@ -147,20 +148,28 @@ def test_far_split_shares_no_condition_with_train_or_test():
     assert {s["answer"] for s in specs["far"] if s["task"] == "rate"} == set(data.TASK_LABELS["rate"])
 
 
-def test_training_pitch_moves_only_training_speech_and_leaves_every_other_draw(cache_root):
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [("train_pitch_range", (30, 70), "pitch"), ("train_formant_range", (0.9, 1.1), "formant_scale")],
+)
+def test_training_voice_variation_moves_only_training_speech_and_leaves_every_other_draw(field, value, key):
     plain = data.BenchmarkConfig(tasks=data.TASKS, validation_per_task=40, test_per_task=100, far_per_task=50)
-    varied = data.BenchmarkConfig(**{**plain.to_dict(), "train_pitch_range": (30, 70)})
+    varied = data.BenchmarkConfig(**{**plain.to_dict(), field: value})
     for split in ("train", "validation", "test", "far"):
         for task in data.TASKS:
             before, after = data._row_specs(plain, split, task), data._row_specs(varied, split, task)
-            changed = {key for b, a in zip(before, after, strict=True) for key in b if b[key] != a[key]}
+            changed = {k for b, a in zip(before, after, strict=True) for k in b | a if b.get(k) != a.get(k)}
             moved = split in ("train", "validation") and task != "count"
-            assert changed == ({"pitch"} if moved else set()), (split, task)
+            assert changed == ({key} if moved else set()), (split, task)
             if moved:
-                assert all(30 <= s["pitch"] <= 70 for s in after) and len({s["pitch"] for s in after}) > 10
+                drawn = [s[key] for s in after]
+                assert all(value[0] <= d <= value[1] for d in drawn) and len(set(drawn)) > 10
     # Unset, the field is absent from the settings, so every earlier draw keeps its fingerprint (and its cache).
-    assert "train_pitch_range" not in plain.to_dict() and varied.to_dict()["train_pitch_range"] == [30, 70]
+    assert field not in plain.to_dict() and varied.to_dict()[field] == list(value)
     assert plain.fingerprint() != varied.fingerprint()
+
+
+def test_training_pitch_is_heard_and_recorded(cache_root):
     config = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0, train_pitch_range=(10, 90))
     heard = data.build_benchmark(cache_root, config, progress=False)["train"]
     own = data.build_benchmark(cache_root, data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0),
@@ -170,29 +179,18 @@ def test_training_pitch_moves_only_training_speech_and_leaves_every_other_draw(c
     assert all(a["bytes"] != b["bytes"] for a, b in zip(heard["audio"], own["audio"]))
 
 
-def test_training_formants_give_every_training_clip_its_own_voice_and_leave_every_other_draw(cache_root):
-    plain = data.BenchmarkConfig(tasks=data.TASKS, validation_per_task=40, test_per_task=100, far_per_task=50)
-    varied = data.BenchmarkConfig(**{**plain.to_dict(), "train_formant_range": (0.9, 1.1)})
-    for split in ("train", "validation", "test", "far"):
-        for task in data.TASKS:
-            before, after = data._row_specs(plain, split, task), data._row_specs(varied, split, task)
-            moved = split in ("train", "validation") and task != "count"
-            assert all(a == {**b, **({"formant_scale": a["formant_scale"]} if moved else {})}
-                       for b, a in zip(before, after, strict=True)), (split, task)
-            if moved:
-                scales = [s["formant_scale"] for s in after]
-                assert all(0.9 <= s <= 1.1 for s in scales) and len(set(scales)) > 10
-    assert "train_formant_range" not in plain.to_dict() and plain.fingerprint() != varied.fingerprint()
+def test_training_formants_are_heard_and_keep_the_columns(cache_root):
     # A factor of 1 rewrites the variant file and speaks the same bytes; another moves the voice's spectrum.
     own, _ = data.synthesize("the cat sees a house", "en+f2", 170)
     same, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=1.0)
     lower, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=0.9)
     assert np.array_equal(own, same) and not np.array_equal(own, lower)
-    config = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0, train_formant_range=(0.9, 1.1))
-    built = data.build_benchmark(cache_root, config, progress=False)
-    assert set(built["train"].column_names) == set(data.build_benchmark(
-        cache_root, data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0), progress=False
-    )["train"].column_names)
+    plain = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0)
+    heard = data.build_benchmark(cache_root, dataclasses.replace(plain, train_formant_range=(0.9, 0.95)),
+                                 progress=False)["train"]
+    own = data.build_benchmark(cache_root, plain, progress=False)["train"]
+    assert heard.column_names == own.column_names and heard["voice"] == own["voice"]
+    assert all(a["bytes"] != b["bytes"] for a, b in zip(heard["audio"], own["audio"]))
 
 
 def test_far_split_is_built_only_when_asked(tmp_path):
