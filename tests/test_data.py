@@ -185,6 +185,8 @@ def test_training_formants_are_heard_and_keep_the_columns(cache_root):
     same, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=1.0)
     lower, _ = data.synthesize("the cat sees a house", "en+f2", 170, formant_scale=0.9)
     assert np.array_equal(own, same) and not np.array_equal(own, lower)
+    with pytest.raises(ValueError, match="variant"):
+        data.synthesize("the cat sees a house", "en", 170, formant_scale=0.9)
     plain = data.BenchmarkConfig.tiny(tasks=("gender",), validation_per_task=0)
     heard = data.build_benchmark(cache_root, dataclasses.replace(plain, train_formant_range=(0.9, 0.95)),
                                  progress=False)["train"]

@@ -377,7 +377,10 @@ def _formant_overlay(percent: int) -> Path:
 def _formant_variant(variant: str, scale: float) -> Path:
     """The espeak-ng data folder in which variant ``variant`` has its formants 0-8 (espeak-ng's ``formant N freq%
     height% width%``) at ``scale`` times their frequency (to 1 %); the variant file is written on first use."""
-    overlay = _formant_overlay(round(scale * 100))
+    if not variant:
+        raise ValueError("formant_scale needs a voice with an espeak-ng variant, '<language>+<variant>' ('en+m3')")
+    percent = round(scale * 100)
+    overlay = _formant_overlay(percent)
     with _VARIANT_LOCK:
         target = overlay / "voices" / "!v" / variant
         if not target.exists():
@@ -387,7 +390,7 @@ def _formant_variant(variant: str, scale: float) -> Path:
             scaled = []
             for k in range(9):
                 frequency, height, width = formants.get(k, ("100", "100", "100"))
-                scaled.append(f"formant {k} {round(int(frequency) * scale)} {height} {width}")
+                scaled.append(f"formant {k} {round(int(frequency) * percent / 100)} {height} {width}")
             target.write_text("\n".join([*kept, *scaled]) + "\n")
     return overlay
 
