@@ -67,8 +67,8 @@ def measure_step(preset: str, router_type: str | None, device: torch.device, sec
         optimizer.step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-    result = {"step_s": statistics.median(times[1:]), "peak_gib": peak / 2**30}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None  # none measured on CPU
+    result = {"step_s": statistics.median(times[1:]), "peak_gib": peak}
     if router_type is None:
         result["generate_tokens_per_s"] = measure_generate(model.get_base_model().eval(), inputs, device)
     del model, optimizer
@@ -91,14 +91,14 @@ def measure_generate(model, inputs: dict, device: torch.device, new_tokens: int 
     return generated / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="hub_configs/mowe-llama3-8b-4x-whisper-tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     seconds = [5.0 + 5.0 * (i % 4) for i in range(args.batch_size)]  # 5-20 s clips
     mowe = measure_step(args.preset, None, device, seconds, args.steps)
@@ -107,18 +107,21 @@ def main() -> None:
     figures = {
         "preset": args.preset, "device": name, "batch": args.batch_size, "clips_s": seconds,
         "mowe": mowe, "base_only": base,
-        "step_time_ratio": mowe["step_s"] / base["step_s"], "peak_memory_ratio": mowe["peak_gib"] / base["peak_gib"],
+        "step_time_ratio": mowe["step_s"] / base["step_s"],
+        "peak_memory_ratio": mowe["peak_gib"] / base["peak_gib"] if device.type == "cuda" else None,
     }
+    memory = (f"peak memory {figures['peak_memory_ratio']:.3f}x ({mowe['peak_gib']:.1f} vs {base['peak_gib']:.1f} GiB)"
+              if device.type == "cuda" else "peak memory not measured on CPU")
     print(json.dumps(figures, indent=2))
     print(
         f"{Path(args.preset).name} on {name}: MoWE / base-only step time {figures['step_time_ratio']:.3f}x "
-        f"({mowe['step_s']:.2f} s vs {base['step_s']:.2f} s), peak memory {figures['peak_memory_ratio']:.3f}x "
-        f"({mowe['peak_gib']:.1f} vs {base['peak_gib']:.1f} GiB), generate {mowe['generate_tokens_per_s']:.1f} new "
-        f"tokens/s (batch {args.batch_size})"
+        f"({mowe['step_s']:.2f} s vs {base['step_s']:.2f} s), {memory}, generate "
+        f"{mowe['generate_tokens_per_s']:.1f} new tokens/s (batch {args.batch_size})"
     )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(figures, indent=2))
+    return figures
 
 
 if __name__ == "__main__":

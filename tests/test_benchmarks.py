@@ -107,3 +107,16 @@ def test_weak_column_start_at_zero_preserves_the_aligned_function_and_blocks_the
     assert set(rows) == {0.0, 0.1}, output
     assert rows[0.0] == [0.0] * 5  # zero columns: the aligned logits, and no LM-loss gradient reaches the pool
     assert rows[0.1][0] > 0 and all(norm > 0 for norm in rows[0.1][1:])
+
+
+def test_bench_gpu_runs_on_cpu_with_the_tiny_preset(tmp_path):
+    """As its docstring says, `--device cpu` with the tiny preset checks the script where no GPU is lent: both arms
+    step, generate runs, and the JSON is strict (no NaN for the memory a CPU does not measure)."""
+    preset = str(BENCHMARKS.parent / "hub_configs" / "mowe-tiny-random")
+    output = tmp_path / "gpu.json"
+    printed = run_benchmark("bench_gpu.py", "--device", "cpu", "--preset", preset, "--steps", "1", "--batch-size", "2",
+                            "--output", str(output))
+    figures = json.loads(output.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert figures["device"] == "cpu" and figures["peak_memory_ratio"] is None
+    assert figures["step_time_ratio"] > 0 and figures["mowe"]["generate_tokens_per_s"] > 0
+    assert "mowe-tiny-random on cpu: MoWE / base-only step time" in printed
