@@ -66,8 +66,7 @@ def compare_pitch_varied(
     per_seed = []
     for index, seed in enumerate(range(plain.first_seed, plain.first_seed + plain.seeds)):
         theirs = dataclasses.replace(plain, seed=seed).benchmark_config()
-        ours = dataclasses.replace(theirs, train_pitch_range=tuple(pitch_range),
-                                   train_formant_range=formant_range and tuple(formant_range))
+        ours = dataclasses.replace(theirs, train_pitch_range=tuple(pitch_range), train_formant_range=formant_range)
         settings = dataclasses.replace(plain, seed=seed, output_dir=out / f"seed-{seed}", benchmark=ours,
                                        data_seed=seed, reference_from=None)
         splits = build_benchmark(out / "cache" / "benchmark", ours, progress=False)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     plain = PROTOCOLS[args.protocol](output_dir=args.output_dir, seeds=args.seeds, arms=((REFERENCE, "none"),),
                                      pools={}, arm_options={}, reference_from=args.study)
-    summary = compare_pitch_varied(plain, tuple(args.pitch_range), args.formant_range and tuple(args.formant_range))
+    summary = compare_pitch_varied(plain, tuple(args.pitch_range), args.formant_range)
     print((args.output_dir / "pitch_varied.md").read_text())
     return summary
 

@@ -337,22 +337,25 @@ def _espeak_binary() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def _espeak_version_output() -> str:
+    """``espeak-ng --version``: its version, then ``Data at: <the installed data folder>``."""
+    return subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+
+
 def espeak_version() -> str:
     """The first line of ``espeak-ng --version`` (part of the cache fingerprint), or ``"missing"``."""
     try:
-        out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+        out = _espeak_version_output()
     except (RuntimeError, OSError, subprocess.CalledProcessError):
         return "missing"
     return " ".join(out.split("Data at:")[0].split())
 
 
-_VARIANT_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
 def _espeak_data() -> Path:
-    out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
-    return Path(out.split("Data at:")[-1].strip())
+    return Path(_espeak_version_output().split("Data at:")[-1].strip())
+
+
+_VARIANT_LOCK = threading.Lock()
 
 
 @functools.cache
